@@ -1,0 +1,89 @@
+"""`compressadvise analyze`: the per-layer inventory."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .common import JSON, MODEL_ARG, TRUST_PICKLE, parse_shape, progress_bar
+
+SORTS = ("size", "index", "name", "kurtosis", "macs")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("analyze")(analyze_cmd)
+
+
+def analyze_cmd(
+    model: Optional[str] = MODEL_ARG,
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224: adds MACs and activation sizes."),
+    top: int = typer.Option(20, "--top", help="Rows in the layer table (0 = all)."),
+    sort: str = typer.Option("size", "--sort", help=f"Order of the layer table: {', '.join(SORTS)}."),
+    no_stats: bool = typer.Option(False, "--no-stats", help="Skip weight statistics (faster on huge files)."),
+    trust_pickle: bool = TRUST_PICKLE,
+    json_out: bool = JSON,
+) -> None:
+    """Inventory a model: layers, sizes, weight statistics, structure and findings."""
+    from ..analysis import analyze
+    from ..loading import load_model
+
+    if sort not in SORTS:
+        raise typer.BadParameter(f"--sort must be one of {', '.join(SORTS)}")
+    loaded = load_model(model, trust_pickle=trust_pickle)
+    prog, update = progress_bar("analyzing")
+    with prog:
+        report = analyze(loaded, input_shape=parse_shape(input_shape), stats=not no_stats, progress=update)
+    if json_out:
+        from ..render import emit_json
+
+        emit_json(report.model_dump(mode="json"))
+        return
+    show_report(report, top=top, sort=sort)
+
+
+def show_report(report, *, top: int = 20, sort: str = "size") -> None:
+    from rich.table import Table
+
+    from ..render import bar, human_bytes, human_count, out
+
+    out.print(f"[bold]{report.source}[/]  format: {report.format}  family: [bold]{report.family}[/]"
+              f" ({'; '.join(report.family_evidence)})")
+    out.print(f"parameters: {human_count(report.total_params)}  fp32: {human_bytes(report.total_bytes_fp32)}"
+              f"  fp16: {human_bytes(report.total_bytes_fp16)}"
+              + (f"  MACs: {human_count(report.macs_total)} (input {report.input_shape})" if report.macs_total else ""))
+    for note in report.notes:
+        out.print(f"[yellow]note:[/] {note}")
+    types = Table(title="Layer types", show_edge=False)
+    for col in ("type", "layers", "params", "share", ""):
+        types.add_column(col, justify="right" if col in ("layers", "params", "share") else "left")
+    for name, b in sorted(report.layer_types.items(), key=lambda kv: -kv[1].params):
+        types.add_row(name, str(b.count), human_count(b.params), f"{b.share:.1%}", bar(b.share))
+    out.print(types)
+    key = {
+        "size": lambda x: -x.params, "index": lambda x: x.index, "name": lambda x: x.name,
+        "kurtosis": lambda x: -(x.stats.kurtosis if x.stats else 0), "macs": lambda x: -(x.macs or 0),
+    }[sort]
+    rows = sorted(report.layers, key=key)
+    shown = rows if top == 0 else rows[:top]
+    t = Table(title=f"Layers ({len(shown)} of {len(rows)}, by {sort})", show_edge=False)
+    cols = ["#", "layer", "type", "shape", "params", "share", "", "fp16", "kurt", "pos", "div out/in"]
+    if report.macs_total:
+        cols.insert(8, "MACs")
+    for col in cols:
+        t.add_column(col, justify="right" if col in ("#", "params", "share", "fp16", "kurt", "MACs") else "left",
+                     no_wrap=col != "layer", overflow="fold")
+    for x in shown:
+        pos = ",".join(p for p, f in (("first", x.is_first), ("last", x.is_last), ("boundary", x.is_boundary and not (x.is_first or x.is_last)),
+                                      ("tied", bool(x.tied_to))) if f)
+        kurt = f"{x.stats.kurtosis:.1f}" if x.stats else "-"
+        div = f"{max(x.out_divisible_by, default=1)}/{max(x.in_divisible_by, default=1)}"
+        row = [str(x.index), x.name, x.type, "x".join(map(str, x.weight_shape)), human_count(x.params),
+               f"{x.share:.1%}", bar(x.share, 8), human_bytes(x.bytes_fp16), kurt, pos, div]
+        if report.macs_total:
+            row.insert(8, human_count(x.macs) if x.macs else "-")
+        t.add_row(*row)
+    out.print(t)
+    if len(rows) > len(shown):
+        out.print(f"[dim]{len(rows) - len(shown)} more layer(s): --top 0 shows all[/]")
+    for f in report.findings[:20]:
+        out.print(f"[yellow]finding:[/] {f}")

@@ -1,0 +1,159 @@
+"""`rules`, `explain`, `techniques`, `targets`, `playbooks validate`: read the knowledge base.
+
+These commands must not import torch (they start in well under half a second).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .common import JSON
+
+PLAYBOOKS_OPT = typer.Option(None, "--playbooks", help="Extra playbook folder or file (repeatable), validated like the built-in ones.")
+playbooks_app = typer.Typer(help="Tools for playbook authors.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("rules")(rules_cmd)
+    app.command("explain")(explain_cmd)
+    app.command("techniques")(techniques_cmd)
+    app.command("targets")(targets_cmd)
+    app.add_typer(playbooks_app, name="playbooks")
+
+
+def _knowledge(extra: list[str] | None):
+    from ..knowledge import builtin, load_knowledge
+
+    return load_knowledge(extra) if extra else builtin()
+
+
+def rules_cmd(
+    playbook: Optional[str] = typer.Option(None, "--playbook", help="Only rules of this playbook."),
+    technique: Optional[str] = typer.Option(None, "--technique", help="Only rules acting with this technique."),
+    target: Optional[str] = typer.Option(None, "--target", help="Only rules whose condition mentions this target's name or kind."),
+    playbooks: Optional[List[str]] = PLAYBOOKS_OPT,
+    json_out: bool = JSON,
+) -> None:
+    """List the expert rules (code, title, scope, action)."""
+    k = _knowledge(playbooks)
+    rows = list(k.rules.values())
+    if playbook:
+        if playbook not in k.playbooks:
+            from ..errors import InvalidKnowledge
+
+            raise InvalidKnowledge(f"unknown playbook {playbook!r}", hint=f"known: {', '.join(sorted(k.playbooks))}")
+        rows = [r for r in rows if r.playbook == playbook]
+    if technique:
+        k.technique(technique)
+        rows = [r for r in rows if r.rule.action.technique == technique]
+    if target:
+        t = k.target(target)
+        rows = [r for r in rows if "target." not in r.rule.when or t.name in r.rule.when or t.kind in r.rule.when
+                or t.vendor in r.rule.when or "target.os" in r.rule.when or "target.supports" in r.rule.when
+                or "target.accelerates" in r.rule.when or "target.coreml" in r.rule.when]
+    rows.sort(key=lambda r: r.code)
+    if json_out:
+        from ..render import emit_json
+
+        emit_json([{"code": r.code, "title": r.rule.title, "playbook": r.playbook, "scope": r.rule.scope,
+                    "action": r.rule.action.kind, "technique": r.rule.action.technique,
+                    "priority": r.rule.priority, "when": r.rule.when, "why": r.rule.why} for r in rows])
+        return
+    from rich.table import Table
+
+    from ..render import out
+
+    t = Table(show_edge=False)
+    for col in ("code", "playbook", "scope", "action", "title"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        act = r.rule.action.kind + (f" {r.rule.action.technique}" if r.rule.action.technique else "")
+        t.add_row(r.code, r.playbook, r.rule.scope, act, r.rule.title)
+    out.print(t)
+    out.print(f"[dim]{len(rows)} rule(s); `compressadvise explain CODE` for the full text[/]")
+
+
+def explain_cmd(
+    code: str = typer.Argument(..., help="Rule code, e.g. PAL003 (case-insensitive)."),
+    playbooks: Optional[List[str]] = PLAYBOOKS_OPT,
+    json_out: bool = JSON,
+) -> None:
+    """Explain one rule: what it does, why, when it fires, an example and its sources."""
+    from ..textdocs import rule_markdown
+
+    k = _knowledge(playbooks)
+    cr = k.rule(code)
+    if json_out:
+        from ..render import emit_json
+
+        emit_json({"playbook": cr.playbook, "file": cr.file, "line": cr.line,
+                   **cr.rule.model_dump(mode="json"), "markdown": rule_markdown(k, cr)})
+        return
+    from rich.markdown import Markdown
+
+    from ..render import out
+
+    out.print(Markdown(rule_markdown(k, cr)))
+
+
+def techniques_cmd(json_out: bool = JSON) -> None:
+    """List the compression techniques the knowledge base describes."""
+    k = _knowledge(None)
+    if json_out:
+        from ..render import emit_json
+
+        emit_json([t.model_dump(mode="json") for t in k.techniques.values()])
+        return
+    from rich.table import Table
+
+    from ..render import out
+
+    t = Table(show_edge=False)
+    for col in ("name", "slot", "data", "title"):
+        t.add_column(col, overflow="fold")
+    for tech in sorted(k.techniques.values(), key=lambda x: x.name):
+        t.add_row(tech.name, tech.slot + (" (guidance)" if tech.guidance_only else ""), tech.data, tech.title)
+    out.print(t)
+
+
+def targets_cmd(json_out: bool = JSON) -> None:
+    """List the target profiles (devices and what they accelerate)."""
+    k = _knowledge(None)
+    if json_out:
+        from ..render import emit_json
+
+        emit_json([t.model_dump(mode="json") for t in k.targets.values()])
+        return
+    from rich.table import Table
+
+    from ..render import out
+
+    t = Table(show_edge=False)
+    for col in ("name", "kind", "OS", "accelerated (at default OS)", "title"):
+        t.add_column(col, overflow="fold")
+    for tgt in sorted(k.targets.values(), key=lambda x: x.name):
+        os_txt = f"{tgt.os_family} {tgt.default_os}" if tgt.os_family else "-"
+        t.add_row(tgt.name, tgt.kind, os_txt, ", ".join(tgt.accelerates(tgt.default_os)), tgt.title)
+    out.print(t)
+
+
+@playbooks_app.command("validate")
+def validate_cmd(
+    paths: Optional[List[Path]] = typer.Argument(None, help="Playbook files or folders; none = the built-in knowledge."),
+    json_out: bool = JSON,
+) -> None:
+    """Validate playbooks (schema, conditions, techniques, duplicate codes) with file:line errors."""
+    from ..knowledge import load_knowledge
+
+    k = load_knowledge([str(p) for p in paths or []])
+    user = [c for c in k.rules.values() if k.sources.get("origin:" + c.playbook) == "user"] if paths else list(k.rules.values())
+    if json_out:
+        from ..render import emit_json
+
+        emit_json({"ok": True, "rules": len(user), "playbooks": sorted({c.playbook for c in user})})
+        return
+    from ..render import out
+
+    out.print(f"[green]ok[/]: {len(user)} rule(s) in {len({c.playbook for c in user})} playbook(s) valid")

@@ -1,0 +1,66 @@
+"""Errors with documented exit codes, so the CLI can gate CI pipelines.
+
+Every error the user can cause maps to one line on stderr and one exit code; the table
+below is the single source for the docs' exit-code page.
+"""
+from __future__ import annotations
+
+EXIT_CODES: dict[int, str] = {
+    0: "success (and, for `verify`, every budget met)",
+    1: "a budget was missed (`verify` gate) ",
+    2: "bad command-line usage (unknown option, missing argument)",
+    3: "input not found or not readable",
+    4: "model file corrupt, empty or in an unsupported format",
+    5: "refused to unpickle an untrusted file (pass --trust-pickle to allow code execution)",
+    6: "invalid knowledge, playbook, plan or sample file (schema or expression error)",
+    7: "requested technique or backend is unavailable on this machine",
+    8: "compression failed or was a silent no-op (caught by the read-back check)",
+    9: "output already exists (use --force)",
+    70: "internal error (a bug: please report it, rerun with --debug for the traceback)",
+}
+
+
+class CompressAdviseError(Exception):
+    """Base class: a user-facing problem with a one-line message and an exit code."""
+
+    exit_code = 70
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+    def one_line(self) -> str:
+        msg = str(self)
+        return f"{msg} ({self.hint})" if self.hint else msg
+
+
+class BudgetMissed(CompressAdviseError):
+    exit_code = 1
+
+
+class InputNotFound(CompressAdviseError):
+    exit_code = 3
+
+
+class BadModel(CompressAdviseError):
+    exit_code = 4
+
+
+class UntrustedPickle(CompressAdviseError):
+    exit_code = 5
+
+
+class InvalidKnowledge(CompressAdviseError):
+    exit_code = 6
+
+
+class Unavailable(CompressAdviseError):
+    exit_code = 7
+
+
+class CompressionFailed(CompressAdviseError):
+    exit_code = 8
+
+
+class OutputExists(CompressAdviseError):
+    exit_code = 9

@@ -1,0 +1,272 @@
+"""Load a model from any supported format, detected by content, never unpickling by default.
+
+Formats: TorchScript archives, torch.export programs (.pt2), state dicts (weights_only
+torch.load), .safetensors (lazy, tensor by tensor), a Python factory `module:function`, the
+bundled example, and a full pickled nn.Module only with `trust_pickle=True`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import struct
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from .errors import BadModel, InputNotFound, UntrustedPickle
+from .fsutil import sha256_file
+
+if TYPE_CHECKING:  # torch is imported lazily: `rules`/`explain` must start fast
+    import torch
+
+BUNDLED = "bundled"
+
+FORMAT_NOTES = {
+    "state_dict": "state dict: weight inventory only (no graph): MACs, activation sizes and "
+    "Core ML conversion need the model code (`module:function`) or an exported program",
+    "safetensors": "safetensors: weight inventory only (no graph): MACs, activation sizes and "
+    "Core ML conversion need the model code (`module:function`) or an exported program",
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model plus where it came from. `module` is set when eager PyTorch code is available."""
+
+    source: str
+    format: str
+    sha256: str
+    has_graph: bool
+    module: Any = None  # torch.nn.Module (eager) when available
+    exported: Any = None  # torch.export.ExportedProgram
+    scripted: Any = None  # torch.jit.ScriptModule
+    example_inputs: tuple | None = None
+    notes: list[str] = field(default_factory=list)
+    _tensors: Callable[[], Iterator[tuple[str, "torch.Tensor"]]] | None = None
+
+    def tensors(self) -> Iterator[tuple[str, "torch.Tensor"]]:
+        """Yield (name, tensor) one at a time: large files are never materialised twice."""
+        if self._tensors is not None:
+            yield from self._tensors()
+            return
+        src = self.module or self.scripted
+        if src is None and self.exported is not None:
+            yield from self.exported.state_dict.items()
+            return
+        if src is not None:
+            # remove_duplicate=False keeps tied weights visible; analysis counts them once.
+            # Parameters only: buffers such as BatchNorm running statistics are not weights.
+            for name, t in src.named_parameters(remove_duplicate=False):
+                yield name, t.detach()
+
+    def runnable(self) -> Any:
+        """Something callable on inputs, or None for weight-only formats."""
+        if self.module is not None:
+            return self.module
+        if self.scripted is not None:
+            return self.scripted
+        if self.exported is not None:
+            return self.exported.module()
+        return None
+
+
+def _sniff(path: Path) -> str:
+    """Guess the format from the file's bytes, not its extension."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) == 0:
+        raise BadModel(f"{path} is empty")
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile as e:
+            raise BadModel(f"{path} looks like a zip archive but is corrupt or truncated ({e})") from e
+        if any(n.endswith("/archive_format") or "/models/" in n for n in names):
+            return "exported"
+        if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+            return "torchscript"
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch_pickle"
+        raise BadModel(f"{path} is a zip archive but not a PyTorch model")
+    if len(head) >= 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if 0 < n < 100_000_000 and n + 8 <= path.stat().st_size:
+            return "safetensors"
+    if head[:1] == b"\x80":
+        return "torch_pickle"  # legacy (pre-zip) torch.save format
+    raise BadModel(
+        f"{path} is not a recognised model format",
+        hint="supported: TorchScript, torch.export .pt2, state dict, .safetensors, module:function",
+    )
+
+
+def _import_torch():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch
+    return torch
+
+
+def _tensor_hash(items: Iterator[tuple[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for name, t in items:
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _flatten_state_dict(obj: Any, torch) -> dict[str, Any] | None:
+    """Accept {name: tensor} and the common {"state_dict": {...}} / {"model": {...}} wrappers."""
+    if isinstance(obj, dict):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        for key in ("state_dict", "model", "model_state_dict", "module"):
+            inner = obj.get(key)
+            if isinstance(inner, dict):
+                found = _flatten_state_dict(inner, torch)
+                if found is not None:
+                    return found
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        return tensors or None
+    return None
+
+
+def _load_safetensors(path: Path, digest: str) -> LoadedModel:
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            json.loads(f.read(n))
+    except (ValueError, struct.error) as e:
+        raise BadModel(f"{path}: corrupt safetensors header ({e})") from e
+
+    def iterate() -> Iterator[tuple[str, Any]]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)  # memory-mapped, one tensor at a time
+        except Exception as e:  # safetensors raises its own error type for truncation
+            raise BadModel(f"{path}: corrupt or truncated safetensors file ({e})") from e
+
+    return LoadedModel(str(path), "safetensors", digest, has_graph=False,
+                       notes=[FORMAT_NOTES["safetensors"]], _tensors=iterate)
+
+
+def _load_torch_pickle(path: Path, digest: str, trust_pickle: bool) -> LoadedModel:
+    torch = _import_torch()
+    try:
+        obj = torch.load(str(path), weights_only=True, mmap=True, map_location="cpu")
+    except RuntimeError as e:
+        if "mmap" in str(e):  # legacy (non-zip) files cannot be memory-mapped
+            obj = _weights_only_load(torch, path, trust_pickle)
+        else:
+            raise BadModel(f"{path}: could not read the archive ({str(e).splitlines()[0]})") from e
+    except Exception as e:
+        obj = _refuse_or_unpickle(torch, path, e, trust_pickle)
+    if isinstance(obj, torch.nn.Module):
+        return LoadedModel(str(path), "pickle", digest, has_graph=True, module=obj.eval(),
+                           notes=["full pickle loaded with --trust-pickle (code from the file ran)"])
+    sd = _flatten_state_dict(obj, torch)
+    if not sd:
+        raise BadModel(f"{path} holds no tensors (an empty model or not a state dict)")
+    return LoadedModel(str(path), "state_dict", digest, has_graph=False,
+                       notes=[FORMAT_NOTES["state_dict"]], _tensors=lambda: iter(sd.items()))
+
+
+def _weights_only_load(torch, path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(str(path), weights_only=True, map_location="cpu")
+    except Exception as e:
+        return _refuse_or_unpickle(torch, path, e, trust_pickle)
+
+
+def _refuse_or_unpickle(torch, path: Path, err: Exception, trust_pickle: bool) -> Any:
+    import pickle
+
+    text = str(err)
+    is_code = isinstance(err, pickle.UnpicklingError) or "weights_only" in text or "GLOBAL" in text
+    if not is_code:
+        raise BadModel(f"{path}: corrupt or truncated PyTorch file ({text.splitlines()[0][:200]})") from err
+    if not trust_pickle:
+        raise UntrustedPickle(
+            f"{path} is a full pickle: loading it would run code stored in the file",
+            hint="export it (torch.export.save / torch.jit.save) or save a state dict; "
+            "or pass --trust-pickle if you trust its author",
+        )
+    # Reachable only behind the explicit --trust-pickle flag.
+    return torch.load(str(path), weights_only=False, map_location="cpu")
+
+
+def _load_factory(spec: str) -> LoadedModel:
+    modname, _, fn = spec.partition(":")
+    torch = _import_torch()
+    sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(modname)
+    except Exception as e:
+        raise InputNotFound(f"cannot import module {modname!r} for factory {spec!r}: {e}") from e
+    finally:
+        sys.path.pop(0)
+    factory = getattr(mod, fn, None)
+    if not callable(factory):
+        raise InputNotFound(f"{modname!r} has no callable {fn!r}")
+    try:
+        model = factory()
+    except Exception as e:
+        raise BadModel(f"factory {spec!r} raised {type(e).__name__}: {e}") from e
+    example = None
+    if isinstance(model, tuple):  # a factory may return (module, example_inputs)
+        model, example = model
+    if not isinstance(model, torch.nn.Module):
+        raise BadModel(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
+    model.eval()
+    digest = _tensor_hash(model.state_dict().items())
+    return LoadedModel(spec, "factory", digest, has_graph=True, module=model,
+                       example_inputs=example)
+
+
+def load_model(source: str | os.PathLike | None = None, *, trust_pickle: bool = False) -> LoadedModel:
+    """Load a model. `None` or "bundled" gives the bundled digits example."""
+    if source is None or str(source) == BUNDLED:
+        from .examples import digits
+
+        return digits.load()
+    spec = str(source)
+    path = Path(spec)
+    if not path.exists():
+        if ":" in spec and not spec.startswith(("/", ".")) and "/" not in spec.split(":")[0]:
+            return _load_factory(spec)
+        raise InputNotFound(f"{spec}: no such file")
+    if path.is_dir():
+        raise InputNotFound(f"{spec} is a directory, not a model file")
+    fmt = _sniff(path)
+    digest = sha256_file(path)
+    if fmt == "safetensors":
+        return _load_safetensors(path, digest)
+    if fmt == "torch_pickle":
+        return _load_torch_pickle(path, digest, trust_pickle)
+    torch = _import_torch()
+    if fmt == "torchscript":
+        try:
+            scripted = torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as e:
+            raise BadModel(f"{path}: corrupt TorchScript archive ({str(e).splitlines()[0][:200]})") from e
+        return LoadedModel(str(path), "torchscript", digest, has_graph=True, scripted=scripted)
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:
+        raise BadModel(f"{path}: corrupt torch.export archive ({str(e).splitlines()[0][:200]})") from e
+    example = None
+    if ep.example_inputs is not None:
+        example = tuple(ep.example_inputs[0])
+    return LoadedModel(str(path), "exported", digest, has_graph=True, exported=ep,
+                       example_inputs=example)

@@ -1,0 +1,268 @@
+"""Schemas for techniques, target profiles, playbook rules and plans (pydantic, strict keys).
+
+Unknown keys are errors (a typo such as `prioritty` must not silently drop a setting).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PLAN_VERSION = 1
+SLOTS = ("sparsity", "weights", "activations")
+LAYER_TYPES = ("linear", "conv", "depthwise_conv", "embedding", "norm", "attention", "other")
+COMPRESSIBLE = ["linear", "conv", "depthwise_conv", "embedding", "attention"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Citation(Strict):
+    source: str = Field(description="short name of the source, e.g. 'coremltools optimization guide'")
+    ref: str | None = Field(None, description="section, table or item, e.g. 'C: Hardware'")
+    url: str | None = None
+    note: str | None = None
+
+    def text(self) -> str:
+        parts = [self.source]
+        if self.ref:
+            parts.append(self.ref)
+        if self.url:
+            parts.append(self.url)
+        return ", ".join(parts)
+
+
+# ---------------------------------------------------------------- techniques
+class ParamSpec(Strict):
+    type: Literal["int", "float", "str", "bool"]
+    description: str
+    default: Any = None
+    choices: list[Any] | None = None
+    min: float | None = None
+    max: float | None = None
+
+    def check(self, name: str, value: Any) -> str | None:
+        """Return an error message, or None when the value fits."""
+        py = {"int": int, "float": (int, float), "str": str, "bool": bool}[self.type]
+        if isinstance(value, bool) and self.type != "bool" or not isinstance(value, py):
+            return f"parameter '{name}' must be {self.type}, got {value!r}"
+        if self.choices is not None and value not in self.choices:
+            return f"parameter '{name}'={value!r} not in {self.choices}"
+        if self.min is not None and value < self.min:
+            return f"parameter '{name}'={value!r} below minimum {self.min}"
+        if self.max is not None and value > self.max:
+            return f"parameter '{name}'={value!r} above maximum {self.max}"
+        return None
+
+
+class SizeModel(Strict):
+    formula: str = Field(description="CEL arithmetic over the size variables; bytes of one weight tensor")
+    note: str | None = None
+
+
+class ModeRequirement(Strict):
+    mode: str = Field(description="runtime mode the target must support, e.g. palettize_grouped")
+    when: str | None = Field(None, description="CEL condition over step facts; always when absent")
+
+
+class BackendImpl(Strict):
+    backend: Literal["coremltools.torch", "coremltools.coreml", "torchao", "guidance"]
+    config: str = Field(description="the library's config or function name")
+    note: str | None = None
+
+
+class Technique(Strict):
+    name: str
+    title: str
+    summary: str
+    slot: Literal["sparsity", "weights", "activations", "none"]
+    data: Literal["none", "calibration", "training"]
+    guidance_only: bool = False
+    parameters: dict[str, ParamSpec] = {}
+    size: SizeModel | None = None
+    requires: list[ModeRequirement] = []
+    backends: list[BackendImpl] = []
+    risks: list[str] = []
+    citation: list[Citation] = Field(min_length=1)
+
+    def defaults(self) -> dict[str, Any]:
+        return {k: p.default for k, p in self.parameters.items() if p.default is not None}
+
+
+# ---------------------------------------------------------------- targets
+class Figure(Strict):
+    value: float
+    unit: str
+    source: str
+    note: str | None = None
+
+
+class ModeSupport(Strict):
+    mode: str
+    min_os: int = Field(0, description="minimum OS major (iOS numbering); 0 = any")
+    behaviour: Literal["accelerated", "decompressed", "unsupported"]
+    note: str | None = None
+
+
+class Target(Strict):
+    name: str
+    title: str
+    vendor: Literal["apple", "nvidia", "generic"]
+    kind: Literal["ane", "apple_gpu", "apple_cpu", "x86_cpu", "nvidia_gpu"]
+    coreml: bool
+    compute_units: list[str]
+    backends: list[str]
+    os_family: str | None = None
+    default_os: int = 0
+    min_os: int = 0
+    baseline_bytes_per_param: float = Field(2.0, description="bytes per weight when not compressed")
+    modes: list[ModeSupport]
+    figures: dict[str, Figure]
+    notes: list[str] = []
+    citation: list[Citation] = Field(min_length=1)
+
+    def supports(self, os: int) -> list[str]:
+        return [m.mode for m in self.modes if m.behaviour != "unsupported" and m.min_os <= os]
+
+    def accelerates(self, os: int) -> list[str]:
+        return [m.mode for m in self.modes if m.behaviour == "accelerated" and m.min_os <= os]
+
+    def mode(self, name: str) -> ModeSupport | None:
+        return next((m for m in self.modes if m.mode == name), None)
+
+
+# ---------------------------------------------------------------- playbooks
+class LayerSelect(Strict):
+    types: list[str] | None = Field(None, description="layer types the step covers")
+    names: list[str] | None = Field(None, description="glob patterns of layer names")
+    where: str | None = Field(None, description="CEL condition over layer facts")
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, v: list[str] | None) -> list[str] | None:
+        for t in v or []:
+            if t not in LAYER_TYPES:
+                raise ValueError(f"unknown layer type {t!r} (known: {', '.join(LAYER_TYPES)})")
+        return v
+
+
+class Action(Strict):
+    kind: Literal["compress", "override", "keep", "advise"]
+    technique: str | None = None
+    params: dict[str, Any] = {}
+    layers: LayerSelect | None = None
+    slots: list[Literal["sparsity", "weights", "activations"]] | None = None
+    message: str | None = Field(None, description="for advise: the recommended move, imperative")
+
+
+class Rule(Strict):
+    code: str = Field(pattern=r"^[A-Z]{2,5}[0-9]{3}$")
+    title: str
+    scope: Literal["model", "layer"]
+    when: str
+    action: Action
+    priority: int = Field(50, ge=0, le=100)
+    why: str = Field(description="one line: why this lesson holds")
+    rationale: str
+    example: str | None = None
+    citation: list[Citation] = Field(min_length=1)
+    tags: list[str] = []
+
+
+class Playbook(Strict):
+    playbook: str
+    title: str
+    version: int
+    description: str
+    rules: list[Rule]
+
+
+# ---------------------------------------------------------------- plans
+class Skip(Strict):
+    layer: str
+    reason: str
+    code: str | None = Field(None, description="rule that asked for it, or the backend behaviour")
+
+
+class Step(Strict):
+    technique: str
+    slot: str
+    params: dict[str, Any] = {}
+    layers: list[str] = Field(default_factory=list, description="layers the step compresses")
+    op_type_params: dict[str, dict[str, Any]] = {}
+    op_name_params: dict[str, dict[str, Any]] = {}
+    skipped: list[Skip] = []
+    rules: list[str] = []
+    why: str = ""
+    predicted_bytes_after: int | None = Field(None, description="estimate: model size after this step")
+
+
+class Advisory(Strict):
+    code: str
+    title: str
+    message: str
+    why: str = ""
+    layers: list[str] = []
+
+
+class TraceEntry(Strict):
+    code: str
+    status: Literal["fired", "not_matched", "outranked", "unsupported", "error"]
+    detail: str
+    layers: list[str] = []
+
+
+class LayerPrediction(Strict):
+    name: str
+    setting: str
+    bytes_before: int
+    bytes_after: int
+
+
+class PlanModel(Strict):
+    source: str = ""
+    sha256: str | None = None
+    format: str = ""
+    total_params: int = 0
+
+
+class PlanTarget(Strict):
+    name: str
+    os: int = 0
+
+
+class Constraints(Strict):
+    max_size_mb: float = 0.0
+    max_latency_ms: float = 0.0
+    max_accuracy_drop: float = 0.0
+    data: Literal["none", "calibration", "training"] = "none"
+
+
+class Prediction(Strict):
+    label: Literal["estimate"] = "estimate"
+    bytes_before: int
+    bytes_after: int
+    ratio: float
+    meets_size_budget: bool | None = None
+
+
+class Plan(Strict):
+    plan_version: int = PLAN_VERSION
+    generated_by: str = "compressadvise"
+    model: PlanModel = PlanModel()
+    target: PlanTarget
+    constraints: Constraints = Constraints()
+    playbooks: dict[str, int] = {}
+    steps: list[Step] = []
+    advisories: list[Advisory] = []
+    prediction: Prediction | None = None
+    layers: list[LayerPrediction] = []
+    trace: list[TraceEntry] = []
+
+    @field_validator("plan_version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != PLAN_VERSION:
+            raise ValueError(f"plan_version {v} is not supported (this tool reads {PLAN_VERSION})")
+        return v

@@ -1,0 +1,68 @@
+"""Predicted storage size from the techniques' formulas and the model's real shapes (estimates)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .analysis import LayerInfo
+from .knowledge import Knowledge
+
+
+class NotApplicable(Exception):
+    """The backend would leave this layer alone (too small, indivisible dims...)."""
+
+
+def size_variables(layer: LayerInfo, params: dict[str, Any], baseline: float,
+                   sparsity: float = 0.0) -> dict[str, float]:
+    """Variables of the size formulas for one weight tensor under one setting."""
+    n = layer.weight_elements
+    rows = max(layer.out_channels, 1)
+    cols = n // rows
+    threshold = int(params.get("weight_threshold", 0) or 0)
+    if n < threshold:
+        raise NotApplicable(f"{n} elements < weight_threshold {threshold}: the backend leaves it uncompressed")
+    gran = params.get("granularity", "per_tensor")
+    if gran == "per_grouped_channel":
+        gs = int(params.get("group_size", 0) or 0)
+        if gs <= 0 or rows % gs:
+            raise NotApplicable(f"out_channels {rows} not divisible by group_size {gs}: "
+                                "the backend would skip it silently")
+        groups = rows // gs
+    elif gran == "per_block":
+        bs = int(params.get("block_size", 0) or 0)
+        if bs <= 0 or layer.in_channels % bs:
+            raise NotApplicable(f"input channels {layer.in_channels} not divisible by block_size {bs}: "
+                                "the backend would skip it silently")
+        groups = n // bs
+    elif gran == "per_channel":
+        groups = rows
+    else:
+        groups = 1
+    nbits = int(params.get("nbits", 8) or 8)
+    return {
+        "n": float(n), "rows": float(rows), "cols": float(cols), "nbits": float(nbits),
+        "levels": float(2**nbits), "groups": float(groups),
+        "lut_bytes": 1.0 if params.get("lut_dtype") == "int8" else 2.0,
+        "per_channel_scale": 1.0 if params.get("enable_per_channel_scale") else 0.0,
+        "zero_point": 0.0 if params.get("mode", "linear_symmetric") in ("linear_symmetric", "symmetric_clipped") else 1.0,
+        "sparsity": float(sparsity), "baseline": float(baseline),
+    }
+
+
+def weight_bytes(k: Knowledge, technique: str, layer: LayerInfo, params: dict[str, Any],
+                 baseline: float, sparsity: float = 0.0) -> float:
+    """Bytes of the layer's weight tensor after compression; raises NotApplicable."""
+    program = k.size_programs.get(technique)
+    if program is None:
+        raise NotApplicable(f"technique {technique!r} has no size formula")
+    value = program.execute(size_variables(layer, params, baseline, sparsity))
+    return float(value)
+
+
+def layer_bytes(layer: LayerInfo, weight: float | None, baseline: float) -> int:
+    """Whole layer (weight + bias...) given its weight bytes; None means uncompressed."""
+    if layer.tied_to:  # stored once, at its owner
+        return int(math.ceil((layer.params) * baseline))
+    other = layer.params - layer.weight_elements
+    w = layer.weight_elements * baseline if weight is None else weight
+    return int(math.ceil(w + other * baseline))
