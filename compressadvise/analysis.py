@@ -101,9 +101,7 @@ def weight_stats(t: Any) -> WeightStats:
 
     n = t.numel()
     x = t.reshape(-1)
-    nonfinite = 0
-    if t.is_floating_point():
-        nonfinite = n - int(torch.isfinite(x).sum())
+    nonfinite = _count_nonfinite(x) if t.is_floating_point() else 0
     sampled = n > SAMPLE_MAX
     if sampled:
         x = x[:: n // SAMPLE_MAX][:SAMPLE_MAX]
@@ -132,6 +130,27 @@ def weight_stats(t: Any) -> WeightStats:
     )
 
 
+_EXP_MASK = {"float16": (16, 0x7C00), "bfloat16": (16, 0x7F80), "float32": (32, 0x7F800000)}
+
+
+def _count_nonfinite(x: Any) -> int:
+    """NaN/inf count over the whole tensor; on the bit pattern (all-ones exponent) for half
+    types, which is several times faster than isfinite() on CPUs without native fp16."""
+    import torch
+
+    # Fast path: one float32-accumulated sum is finite iff no element is NaN/inf (fp16/bf16
+    # values cannot overflow a float32 sum at any realistic size).
+    if x.dtype in (torch.float16, torch.bfloat16) and bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        return 0
+    spec = _EXP_MASK.get(str(x.dtype).replace("torch.", ""))
+    if spec is None:
+        return int(x.numel() - torch.isfinite(x).sum())
+    bits, mask = spec
+    ints = x.view(torch.int16 if bits == 16 else torch.int32)
+    m = torch.tensor(mask if bits == 32 or mask < 0x8000 else mask - 0x10000, dtype=ints.dtype)
+    return int(((ints & m) == m).sum())
+
+
 def _split(tensor_name: str) -> tuple[str, str]:
     """'enc.fc.weight' -> ('enc.fc', 'weight'); 'attn.in_proj_weight' -> ('attn.in_proj', 'weight')."""
     for suffix in ("weight", "bias"):
@@ -149,7 +168,8 @@ def _module_types(model: LoadedModel) -> dict[str, tuple[str, int]]:
     if src is not None:
         for name, mod in src.named_modules():
             cls = getattr(mod, "original_name", None) or type(mod).__name__
-            out[name] = (str(cls), int(getattr(mod, "groups", 1) or 1))
+            groups = getattr(mod, "groups", None)  # traced TorchScript keeps no such attribute
+            out[name] = (str(cls), int(groups) if isinstance(groups, int) else 0)
             if cls == "MultiheadAttention":
                 out[f"{name}.in_proj"] = ("MultiheadAttention", 1)
     elif model.exported is not None:
@@ -175,7 +195,7 @@ def _classify(name: str, shape: list[int], cls: str | None, groups: int) -> Laye
             return "embedding"
         if "MultiheadAttention" in cls:
             return "attention"
-        if "Conv" in cls:
+        if "Conv" in cls and groups:  # groups == 0 means unknown: fall through to the shape
             in_per_group = shape[1] if len(shape) > 1 else 1
             return "depthwise_conv" if groups > 1 and in_per_group == 1 else "conv"
         if "Linear" in cls:
@@ -183,6 +203,8 @@ def _classify(name: str, shape: list[int], cls: str | None, groups: int) -> Laye
         if "Norm" in cls:
             return "norm"
     if len(shape) >= 3:
+        # One input channel per filter with a spatial kernel: depthwise (the first layer of a
+        # single-channel model looks the same; _build_layers corrects that case).
         return "depthwise_conv" if shape[1] == 1 and math.prod(shape[2:]) > 1 else "conv"
     if len(shape) == 2:
         return "embedding" if EMBED_NAMES.search(name) else "linear"
@@ -305,10 +327,9 @@ def analyze(
     order: list[str] = []
     tied: dict[str, str] = {}
     total_unique = 0
-    names = None
-    if progress is not None:
-        names = [n for n, _ in model.tensors()] if model.format not in ("safetensors",) else None
-    total_tensors = len(names) if names is not None else 0
+    total_tensors = model.tensor_count or 0
+    if progress is not None and not total_tensors and model.format != "state_dict":
+        total_tensors = sum(1 for _ in model.tensors())  # cheap for in-memory modules
     for i, (tname, t) in enumerate(model.tensors()):
         if progress is not None:
             progress(i + 1, total_tensors)
@@ -359,6 +380,9 @@ def _build_layers(rows: list[str], groups: dict, types: dict, total: int, macs: 
         shape = g["weight"]
         cls, grp = types.get(name, (None, 1))
         ltype = _classify(name, shape, cls, grp)
+        if ltype == "depthwise_conv" and name == first and not grp:
+            ltype = "conv"  # a model's first conv has nothing to be depthwise over
+        grp = grp or (shape[0] if ltype == "depthwise_conv" else 1)
         numel = math.prod(shape)
         out_ch = shape[0] if shape else 1
         in_ch = shape[1] if len(shape) > 1 else 1

@@ -102,3 +102,7 @@ def main(argv: list[str] | None = None) -> None:
 def exit_codes_markdown() -> str:
     rows = "\n".join(f"| {code} | {text.strip()} |" for code, text in EXIT_CODES.items())
     return "| code | meaning |\n| --- | --- |\n" + rows + "\n"
+
+
+if __name__ == "__main__":
+    main()

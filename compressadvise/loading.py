@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # torch is imported lazily: `rules`/`explain` must start fast
     import torch
 
 BUNDLED = "bundled"
+_ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 FORMAT_NOTES = {
     "state_dict": "state dict: weight inventory only (no graph): MACs, activation sizes and "
@@ -47,6 +49,7 @@ class LoadedModel:
     example_inputs: tuple | None = None
     notes: list[str] = field(default_factory=list)
     _tensors: Callable[[], Iterator[tuple[str, "torch.Tensor"]]] | None = None
+    tensor_count: int | None = None  # known without reading, for progress bars
 
     def tensors(self) -> Iterator[tuple[str, "torch.Tensor"]]:
         """Yield (name, tensor) one at a time: large files are never materialised twice."""
@@ -143,22 +146,38 @@ def _load_safetensors(path: Path, digest: str) -> LoadedModel:
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            json.loads(f.read(n))
+            header = json.loads(f.read(n))
     except (ValueError, struct.error) as e:
         raise BadModel(f"{path}: corrupt safetensors header ({e})") from e
+    # The file keeps no module order; the storage order (data offsets) is the best guess.
+    names = sorted((k for k in header if k != "__metadata__"),
+                   key=lambda k: header[k].get("data_offsets", [0])[0])
+
+    data_start = 8 + n
 
     def iterate() -> Iterator[tuple[str, Any]]:
-        from safetensors import safe_open
+        # Plain reads into a fresh buffer per tensor (not one long-lived mmap): resident memory
+        # stays at about the largest tensor instead of growing with the file.
+        torch = _import_torch()
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            for name in names:
+                meta = header[name]
+                dtype = _ST_DTYPES.get(meta.get("dtype"))
+                start, end = meta["data_offsets"]
+                if dtype is None or data_start + end > size:
+                    raise BadModel(f"{path}: corrupt or truncated safetensors file "
+                                   f"(tensor {name} {'has unknown dtype ' + str(meta.get('dtype')) if dtype is None else 'runs past the end'})")
+                f.seek(data_start + start)
+                buf = bytearray(end - start)
+                f.readinto(buf)
+                t = torch.frombuffer(buf, dtype=getattr(torch, dtype)) if buf else torch.empty(0)
+                yield name, t.reshape(meta["shape"])
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)  # memory-mapped, one tensor at a time
-        except Exception as e:  # safetensors raises its own error type for truncation
-            raise BadModel(f"{path}: corrupt or truncated safetensors file ({e})") from e
-
-    return LoadedModel(str(path), "safetensors", digest, has_graph=False,
-                       notes=[FORMAT_NOTES["safetensors"]], _tensors=iterate)
+    notes = [FORMAT_NOTES["safetensors"], "safetensors keeps no module order: layer positions "
+             "(first/last/boundary) follow the file's storage order"]
+    return LoadedModel(str(path), "safetensors", digest, has_graph=False, notes=notes,
+                       _tensors=iterate, tensor_count=len(names))
 
 
 def _load_torch_pickle(path: Path, digest: str, trust_pickle: bool) -> LoadedModel:

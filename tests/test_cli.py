@@ -1,0 +1,84 @@
+"""The CLI as a user meets it: exit codes, one-line errors, no traceback, --json, fast starts."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from models import TinyCNN
+
+EXE = [sys.executable, "-c", "from compressadvise.cli import main; main()"]
+
+
+def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_analyze_bundled_json_schema():
+    r = run("analyze", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["schema_version"] == "1"
+    assert data["family"] == "cnn"
+    assert data["total_params"] == 73930
+    assert {x["name"] for x in data["layers"]} >= {"stem", "dw", "pw", "conv", "fc", "classifier"}
+
+
+def test_analyze_table_and_recommend(tmp_path):
+    r = run("analyze", "--top", "3", "--sort", "macs")
+    assert r.returncode == 0, r.stderr
+    assert "Layers (3 of 7, by macs)" in r.stdout and "conv" in r.stdout
+    plan = tmp_path / "plan.yaml"
+    r = run("recommend", "--out", str(plan))
+    assert r.returncode == 0, r.stderr
+    assert plan.exists() and "estimate" in r.stdout
+    r = run("recommend", "--json")
+    assert json.loads(r.stdout)["prediction"]["label"] == "estimate"
+
+
+@pytest.mark.parametrize("args,code,text", [
+    (["analyze", "/nonexistent/model.pt"], 3, "no such file"),
+    (["recommend", "--target", "toaster"], 6, "unknown target 'toaster'"),
+    (["explain", "ZZZ999"], 6, "no rule with code ZZZ999"),
+    (["analyze", "--sort", "colour"], 2, "--sort"),
+    (["frobnicate"], 2, "No such command"),
+])
+def test_errors_are_one_line_with_exit_codes(args, code, text):
+    r = run(*args)
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert text in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_pickle_refused_then_allowed(tmp_path):
+    torch.save(TinyCNN(), tmp_path / "full.pt")
+    r = run("analyze", str(tmp_path / "full.pt"))
+    assert r.returncode == 5 and "--trust-pickle" in r.stderr and "Traceback" not in r.stderr
+    r = run("analyze", str(tmp_path / "full.pt"), "--trust-pickle", "--json", cwd=os.path.dirname(__file__))
+    assert r.returncode == 0, r.stderr
+
+
+def test_corrupt_file_exit_4(tmp_path):
+    (tmp_path / "bad.pt2").write_bytes(b"PK\x03\x04garbage")
+    r = run("analyze", str(tmp_path / "bad.pt2"))
+    assert r.returncode == 4 and "corrupt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_debug_shows_traceback():
+    r = run("--debug", "analyze", "/nonexistent/model.pt")
+    assert r.returncode == 3 and "Traceback" in r.stderr
+
+
+def test_knowledge_commands_do_not_import_torch():
+    code = ("import sys\nfrom compressadvise.cli import app\n"
+            "for args in (['rules','--json'], ['techniques','--json'], ['targets','--json'], ['playbooks','validate']):\n"
+            "    try:\n        app(args=args, prog_name='compressadvise')\n    except SystemExit as e:\n        assert not e.code, e.code\n"
+            "bad = [m for m in ('torch', 'coremltools', 'torchao') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
