@@ -24,7 +24,7 @@ app = typer.Typer(
 )
 
 # Command modules; a module that is missing (e.g. an optional feature) is skipped.
-COMMAND_MODULES = ["analyze", "recommend", "knowledge", "apply", "verify", "report", "walkthrough"]
+COMMAND_MODULES = ["analyze", "recommend", "knowledge", "apply", "verify", "sensitivity", "report", "walkthrough"]
 STATE = {"debug": False}
 
 

@@ -179,3 +179,13 @@ def test_user_playbooks_add_rules_and_broken_ones_fail(tmp_path, report):
 def test_unknown_target(kb, report):
     with pytest.raises(InvalidKnowledge, match="unknown target 'nope'"):
         recommend(report, target="nope", knowledge=kb)
+
+
+def test_rules_filter_by_target(kb):
+    from compressadvise.commands.knowledge import _possible_on
+
+    tgt = kb.target("test-ane")
+    assert _possible_on(kb.rule("TST001"), tgt)  # target.coreml holds
+    nvidia = tgt.model_copy(update={"name": "gpu", "kind": "nvidia_gpu", "vendor": "nvidia", "coreml": False})
+    assert not _possible_on(kb.rule("TST001"), nvidia)
+    assert _possible_on(kb.rule("TST003"), nvidia)  # reads no target fact

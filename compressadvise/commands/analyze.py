@@ -65,23 +65,36 @@ def show_report(report, *, top: int = 20, sort: str = "size") -> None:
     }[sort]
     rows = sorted(report.layers, key=key)
     shown = rows if top == 0 else rows[:top]
-    t = Table(title=f"Layers ({len(shown)} of {len(rows)}, by {sort})", show_edge=False)
-    cols = ["#", "layer", "type", "shape", "params", "share", "", "fp16", "kurt", "pos", "div out/in"]
-    if report.macs_total:
-        cols.insert(8, "MACs")
-    for col in cols:
-        t.add_column(col, justify="right" if col in ("#", "params", "share", "fp16", "kurt", "MACs") else "left",
-                     no_wrap=col != "layer", overflow="fold")
+    cols: dict[str, list[str]] = {"layer": [], "type": [], "shape": [], "params": [], "share": [],
+                                  "fp16": [], "MACs": [], "kurt": [], "pos": [], "div o/i": []}
     for x in shown:
-        pos = ",".join(p for p, f in (("first", x.is_first), ("last", x.is_last), ("boundary", x.is_boundary and not (x.is_first or x.is_last)),
-                                      ("tied", bool(x.tied_to))) if f)
-        kurt = f"{x.stats.kurtosis:.1f}" if x.stats else "-"
-        div = f"{max(x.out_divisible_by, default=1)}/{max(x.in_divisible_by, default=1)}"
-        row = [str(x.index), x.name, x.type, "x".join(map(str, x.weight_shape)), human_count(x.params),
-               f"{x.share:.1%}", bar(x.share, 8), human_bytes(x.bytes_fp16), kurt, pos, div]
-        if report.macs_total:
-            row.insert(8, human_count(x.macs) if x.macs else "-")
-        t.add_row(*row)
+        cols["layer"].append(x.name)
+        cols["type"].append(x.type)
+        cols["shape"].append("x".join(map(str, x.weight_shape)))
+        cols["params"].append(human_count(x.params))
+        cols["share"].append(f"{bar(x.share, 6)}{x.share:6.1%}")
+        cols["fp16"].append(human_bytes(x.bytes_fp16))
+        cols["MACs"].append(human_count(x.macs) if x.macs else "-")
+        cols["kurt"].append(f"{x.stats.kurtosis:.1f}" if x.stats else "-")
+        cols["pos"].append(",".join(p for p, f in (
+            ("first", x.is_first), ("last", x.is_last),
+            ("edge", x.is_boundary and not (x.is_first or x.is_last)), ("tied", bool(x.tied_to))) if f))
+        cols["div o/i"].append(f"{max(x.out_divisible_by, default=1)}/{max(x.in_divisible_by, default=1)}")
+    if not report.macs_total:
+        del cols["MACs"]
+    # Drop the least essential columns until the table fits the terminal.
+    width = lambda c: max([len(c), *map(len, cols[c])]) + 3  # noqa: E731
+    for optional in ("div o/i", "MACs", "kurt", "shape", "fp16", "pos"):
+        if sum(width(c) for c in cols) <= out.width:
+            break
+        cols.pop(optional, None)
+    t = Table(title=f"Layers ({len(shown)} of {len(rows)}, by {sort})", show_edge=False, pad_edge=False)
+    for c in cols:
+        right = c in ("params", "share", "fp16", "MACs", "kurt")
+        t.add_column(c, justify="right" if right else "left", overflow="fold", no_wrap=c != "layer",
+                     min_width=min(width(c) - 3, 24) if c == "layer" else None)
+    for i in range(len(shown)):
+        t.add_row(*(cols[c][i] for c in cols))
     out.print(t)
     if len(rows) > len(shown):
         out.print(f"[dim]{len(rows) - len(shown)} more layer(s): --top 0 shows all[/]")

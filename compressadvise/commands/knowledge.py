@@ -49,10 +49,7 @@ def rules_cmd(
         k.technique(technique)
         rows = [r for r in rows if r.rule.action.technique == technique]
     if target:
-        t = k.target(target)
-        rows = [r for r in rows if "target." not in r.rule.when or t.name in r.rule.when or t.kind in r.rule.when
-                or t.vendor in r.rule.when or "target.os" in r.rule.when or "target.supports" in r.rule.when
-                or "target.accelerates" in r.rule.when or "target.coreml" in r.rule.when]
+        rows = [r for r in rows if _possible_on(r, k.target(target))]
     rows.sort(key=lambda r: r.code)
     if json_out:
         from ..render import emit_json
@@ -73,6 +70,23 @@ def rules_cmd(
         t.add_row(r.code, r.playbook, r.rule.scope, act, r.rule.title)
     out.print(t)
     out.print(f"[dim]{len(rows)} rule(s); `compressadvise explain CODE` for the full text[/]")
+
+
+def _possible_on(cr, target) -> bool:
+    """False when a condition term that reads only target facts is false for this target
+    (at any OS it supports), i.e. the rule can never fire there."""
+    import re
+
+    from ..engine import target_facts
+
+    oses = sorted({target.default_os, target.min_os, *(m.min_os for m in target.modes)}) or [0]
+    for text, program in cr.condition.conjuncts:
+        spaces = set(re.findall(r"\b(model|layer|target|constraints|step)\.", text))
+        if spaces != {"target"}:
+            continue
+        if not any(program.execute({"target": target_facts(target, os)}) is True for os in oses):
+            return False
+    return True
 
 
 def explain_cmd(
