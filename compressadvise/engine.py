@@ -175,11 +175,21 @@ def recommend(
     fired_on: dict[str, list[str]] = defaultdict(list)
     outranked_on: dict[str, list[str]] = defaultdict(list)
     layer_advice: dict[str, list[str]] = defaultdict(list)
+    # Advice that does not depend on a step runs once over every weight layer, so it is given
+    # even when no compression step fired.
+    stepless = [r for r in layer_rules if r.rule.action.kind == "advise" and not _uses_step(r)]
+    neutral = step_facts({}, "", "")
+    for x in report.layers:
+        ctx = {**base, "layer": lfacts[x.name], "step": neutral}
+        for r in stepless:
+            if r.condition(ctx):
+                layer_advice[r.code].append(x.name)
     for step, cr in steps:
         sf = step_facts(step.params, step.technique, step.slot)
         ctx_for = lambda x, sf=sf: {**base, "layer": lfacts[x.name], "step": sf}  # noqa: E731
         chosen = _selected(cr, report.layers, ctx_for)
-        applicable = [r for r in layer_rules if _applies(r, step)]
+        applicable = [r for r in layer_rules if _applies(r, step) and r not in stepless]
+        decided_here: set[str] = set()
         for x in chosen:
             ctx = ctx_for(x)
             decided: CompiledRule | None = None
@@ -194,6 +204,7 @@ def recommend(
                 if decided is None:
                     decided = r
                     fired_on[r.code].append(x.name)
+                    decided_here.add(r.code)
                 else:
                     outranked_on[r.code].append(x.name)
             if decided is None:
@@ -203,9 +214,7 @@ def recommend(
             else:
                 step.layers.append(x.name)
                 step.op_name_params[x.name] = dict(decided.rule.action.params)
-        for code, names in fired_on.items():
-            if code not in step.rules and any(n in names for n in step.layers + [s.layer for s in step.skipped]):
-                step.rules.append(code)
+        step.rules += sorted(decided_here - set(step.rules))
 
     for r in layer_rules:
         if r.code in fired_on or r.code in layer_advice:
@@ -244,6 +253,10 @@ def _uniq(xs: list[str]) -> list[str]:
 
 def _fmt(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items() if k != "weight_threshold")
+
+
+def _uses_step(r: CompiledRule) -> bool:
+    return any(f.startswith("step.") for f in r.condition.facts_used)
 
 
 def _applies(r: CompiledRule, step: Step) -> bool:

@@ -59,7 +59,7 @@ def test_default_plan_sizes_and_scopes(kb, report):
     assert step.predicted_bytes_after == plan.prediction.bytes_after
     assert status(plan, "TST002") == "not_matched"
     assert "constraints.required_ratio > 3.0" in {e.code: e.detail for e in plan.trace}["TST002"]
-    assert [a.code for a in plan.advisories] == ["TST007"]
+    assert [a.code for a in plan.advisories] == ["TST007", "TST009"]
     assert status(plan, "TST008") == "not_matched"
 
 
@@ -189,3 +189,11 @@ def test_rules_filter_by_target(kb):
     nvidia = tgt.model_copy(update={"name": "gpu", "kind": "nvidia_gpu", "vendor": "nvidia", "coreml": False})
     assert not _possible_on(kb.rule("TST001"), nvidia)
     assert _possible_on(kb.rule("TST003"), nvidia)  # reads no target fact
+
+
+def test_layer_advice_without_any_step(kb, report):
+    plan = recommend(report, target="test-cpu", knowledge=kb)
+    assert plan.steps == []
+    assert plan.prediction.bytes_before == plan.prediction.bytes_after == 22336 * 4
+    advice = {a.code: a.layers for a in plan.advisories}
+    assert advice["TST009"] == ["l4"]
