@@ -40,8 +40,12 @@ def read_yaml(path: str | Path, text: str | None = None) -> tuple[Any, dict[tupl
     except OSError as e:
         raise InvalidKnowledge(f"{where}: cannot read ({e.strerror})") from None
     try:
-        node = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader)
+        loader = _Loader(text)  # one parse: keep the node tree for line numbers, build data from it
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
