@@ -65,7 +65,14 @@ def target_facts(t: Target, os: int) -> dict[str, Any]:
         "name": t.name, "vendor": t.vendor, "kind": t.kind, "os": os, "coreml": t.coreml,
         "supports": t.supports(os), "accelerates": t.accelerates(os),
         "jit_decompression": t.coreml and os >= 17, "has_cuda": t.kind == "nvidia_gpu",
+        "int8_compute": _int8_compute(t),
     }
+
+
+def _int8_compute(t: Target) -> bool:
+    """A real int8 fast path (e.g. A17 Pro/M4 Neural Engine, tensor cores), from the figures."""
+    i8, f16 = t.figures.get("peak_int8_tops"), t.figures.get("peak_fp16_tops")
+    return bool(i8 and f16 and f16.value > 0 and i8.value >= 1.5 * f16.value)
 
 
 def constraint_facts(c: Constraints, r: ModelReport) -> dict[str, Any]:

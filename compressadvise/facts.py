@@ -67,6 +67,7 @@ TARGET = {
     "accelerates": Fact("list(string)", "modes that run faster (not just smaller) at this OS"),
     "jit_decompression": Fact("bool", "weights decompressed just in time (iOS 17+), not at load"),
     "has_cuda": Fact("bool", "an NVIDIA GPU with CUDA kernels"),
+    "int8_compute": Fact("bool", "int8 math is much faster than fp16 here (peak_int8_tops >= 1.5x peak_fp16_tops)"),
 }
 
 CONSTRAINTS = {

@@ -30,7 +30,7 @@ SIZE_VARIABLES = {
     "lut_bytes": "bytes per LUT entry: 2 (fp16) or 1 (int8 LUT)",
     "per_channel_scale": "1 when a per-channel scale is stored beside the LUT, else 0",
     "zero_point": "1 when a zero-point is stored (asymmetric modes), else 0",
-    "sparsity": "fraction of zeros after pruning (0 when no pruning step)",
+    "sparsity": "fraction of zeros after pruning (0 when no pruning step; a joint step's own sparsity)",
     "baseline": "bytes per uncompressed weight on the target (2 for fp16 Core ML)",
 }
 

@@ -19,8 +19,8 @@ def size_variables(layer: LayerInfo, params: dict[str, Any], baseline: float,
     rows = max(layer.out_channels, 1)
     cols = n // rows
     threshold = int(params.get("weight_threshold", 0) or 0)
-    if n < threshold:
-        raise NotApplicable(f"{n} elements < weight_threshold {threshold}: the backend leaves it uncompressed")
+    if threshold and n <= threshold:  # coremltools compresses only tensors with MORE elements
+        raise NotApplicable(f"{n} elements <= weight_threshold {threshold}: the backend leaves it uncompressed")
     gran = params.get("granularity", "per_tensor")
     if gran == "per_grouped_channel":
         gs = int(params.get("group_size", 0) or 0)
@@ -45,7 +45,8 @@ def size_variables(layer: LayerInfo, params: dict[str, Any], baseline: float,
         "lut_bytes": 1.0 if params.get("lut_dtype") == "int8" else 2.0,
         "per_channel_scale": 1.0 if params.get("enable_per_channel_scale") else 0.0,
         "zero_point": 0.0 if params.get("mode", "linear_symmetric") in ("linear_symmetric", "symmetric_clipped") else 1.0,
-        "sparsity": float(sparsity), "baseline": float(baseline),
+        # A joint (prune + palettize/quantize) step carries its own sparsity parameter.
+        "sparsity": float(sparsity or params.get("sparsity", 0.0) or 0.0), "baseline": float(baseline),
     }
 
 
