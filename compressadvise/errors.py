@@ -12,7 +12,7 @@ EXIT_CODES: dict[int, str] = {
     3: "input not found or not readable",
     4: "model file corrupt, empty or in an unsupported format",
     5: "refused to unpickle an untrusted file (pass --trust-pickle to allow code execution)",
-    6: "invalid knowledge, playbook, plan or sample file (schema or expression error)",
+    6: "invalid knowledge, playbook, plan or sample file (schema or expression error), or a failing --eval evaluator",
     7: "requested technique or backend is unavailable on this machine",
     8: "compression failed or was a silent no-op (caught by the read-back check)",
     9: "output already exists (use --force)",

@@ -1,0 +1,271 @@
+"""`compressadvise verify`: compare a compressed model with the original and gate on budgets.
+
+Exit codes: 0 every budget met, 1 a budget missed (errors.BudgetMissed), 3 input not found or
+evaluator not importable, 4 model unusable or output structures differ, 6 invalid sample file,
+samples that do not fit the model, or an evaluator that fails.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import typer
+
+from .common import JSON, TRUST_PICKLE
+
+
+def register(app: typer.Typer) -> None:
+    app.command("verify")(verify_cmd)
+
+
+def verify_cmd(
+    original: str = typer.Argument(..., help="Original model (file, module:function, or 'bundled')."),
+    compressed: str = typer.Argument(..., help="Compressed model: a model file, module:function, or an `apply` output folder."),
+    samples: Optional[str] = typer.Option(None, "--samples", help="Sample file (.npz/.pt/.safetensors with 'inputs', optional 'labels' and 'slices'), a folder of them, or 'bundled'."),
+    evaluator: Optional[str] = typer.Option(None, "--eval", help="Your evaluator module:function: receives the model, returns a dict of metrics ('accuracy' feeds the budget)."),
+    metric: Optional[List[str]] = typer.Option(None, "--metric", help="OUTPUT=METRIC override (logits, dense, mask; or psnr, iou, kl...). Repeatable."),
+    max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Budget: accuracy drop in points."),
+    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Budget: latency in ms (target estimate with --target, else measured here)."),
+    max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb", help="Budget: size in MB (10^6 bytes)."),
+    target: Optional[str] = typer.Option(None, "--target", help="Target profile for the roofline estimate (see `compressadvise targets`)."),
+    os_version: Optional[int] = typer.Option(None, "--os", help="OS major version (iOS numbering) for the estimate; default from the profile."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="YAML of latencies measured on a device, to scale the estimate."),
+    plan: Optional[str] = typer.Option(None, "--plan", help="Plan file: per-layer compressed sizes for the estimate."),
+    compute_units: str = typer.Option("ALL", "--compute-units", help="Core ML compute units on a Mac: CPU_ONLY, CPU_AND_GPU, CPU_AND_NE, ALL."),
+    compile_: bool = typer.Option(False, "--compile", help="Also time torch.compile versions."),
+    reps: int = typer.Option(30, "--reps", min=1, help="Timed repetitions per model (interleaved)."),
+    warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed warm-up calls per model."),
+    no_latency: bool = typer.Option(False, "--no-latency", help="Skip latency measurement."),
+    no_drift: bool = typer.Option(False, "--no-drift", help="Skip the per-layer drift comparison."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Batch size for the accuracy pass."),
+    trust_pickle: bool = TRUST_PICKLE,
+    json_out: bool = JSON,
+) -> None:
+    """Verify a compressed model: accuracy, fidelity, slices, drift, latency and size vs budgets.
+
+    Exits 1 when a budget is missed (a CI gate), 0 when all are met; 3 input not found, 4 model
+    unusable or outputs that differ in structure, 6 bad sample file or failing evaluator.
+    A calibration YAML holds `model: original|compressed`, `total_ms` and/or `layers: {name: ms}`.
+    """
+    from ..errors import BudgetMissed
+    from ..latency import COMPUTE_UNITS
+    from ..verify import Budgets, verify
+
+    if compute_units not in COMPUTE_UNITS:
+        raise typer.BadParameter(f"--compute-units must be one of {', '.join(COMPUTE_UNITS)}")
+    plan_obj = None
+    if plan:
+        from ..plan import load_plan
+
+        plan_obj = load_plan(plan)
+    from ..render import err
+
+    with err.status("verifying") as status:
+        result = verify(
+            original, compressed, samples=samples, evaluator=evaluator, target=target, os=os_version,
+            budgets=Budgets(max_accuracy_drop=max_accuracy_drop, max_latency_ms=max_latency_ms,
+                            max_size_mb=max_size_mb),
+            latency=not no_latency, compile=compile_, reps=reps, warmup=warmup, metrics=metric,
+            plan=plan_obj, calibration=calibration, compute_units=compute_units, batch_size=batch_size,
+            drift=not no_drift, trust_pickle=trust_pickle, progress=lambda m: status.update(m))
+    if json_out:
+        import sys
+
+        sys.stdout.write(result.to_json() + "\n")
+    else:
+        show_result(result)
+    if not result.passed:
+        missed = "; ".join(f"{b.name} {_num(b.value)} {b.unit} > {_num(b.limit)}" if b.value is not None
+                           else f"{b.name}: {b.basis}" for b in result.missed())
+        raise BudgetMissed(f"budget missed: {missed}")
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "identical" if x > 0 else "-inf"
+    if isinstance(x, float) and math.isnan(x):
+        return "NaN"
+    return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:,.0f}"
+
+
+def _ratio(before: float, after: float, better: str, worse: str) -> str:
+    """'2.00x smaller' when after < before, '1.25x larger' otherwise (never '0.8x smaller')."""
+    if not before or not after:
+        return ""
+    return f"{before / after:.2f}x {better}" if after <= before else f"{after / before:.2f}x {worse}"
+
+
+def _pct(x: float) -> str:
+    return f"{x:.2f}%"
+
+
+def show_result(r) -> None:  # noqa: ANN001 - VerifyResult
+    from ..render import out
+
+    out.print(f"[bold]original[/]   {r.original.source} ({r.original.format})")
+    out.print(f"[bold]compressed[/] {r.compressed.source} ({r.compressed.format})")
+    out.print(f"[bold]samples[/]    {r.samples.count} from {r.samples.source}"
+              + (" with labels" if r.samples.has_labels else "") + (" and slices" if r.samples.has_slices else ""))
+    for w in r.warnings:
+        out.print(f"[yellow]warning:[/] {w}")
+    _before_after(r)
+    _slices(r)
+    _drift(r)
+    _estimate(r)
+    _budgets(r)
+
+
+def _before_after(r) -> None:  # noqa: ANN001
+    from rich.table import Table
+
+    from ..render import human_bytes, out
+
+    t = Table(title="Before / after", show_edge=False)
+    for col, j in (("metric", "left"), ("original", "right"), ("compressed", "right"), ("change", "right"), ("basis", "left")):
+        t.add_column(col, justify=j, overflow="fold")
+    for a in r.accuracy:
+        fmt = _pct if a.unit == "%" else _num
+        t.add_row(a.name, fmt(a.original), fmt(a.compressed), f"{a.delta:+.3g}", "measured (labels)")
+    for a in r.evaluator:
+        t.add_row(a.name, _num(a.original), _num(a.compressed), f"{a.delta:+.3g}", "measured (evaluator)")
+    for f in r.fidelity:
+        for k, v in f.metrics.items():
+            shown = _pct(100 * v) if k in ("top1_agreement", "pixel_agreement") else _num(v)
+            t.add_row(f"{f.name}: {k}", "", shown, "", f"measured, {f.kind} ({f.kind_source})")
+        if f.nonfinite:
+            t.add_row(f"{f.name}: NaN/inf values", "0", str(f.nonfinite), "", "[red]measured[/]")
+    if r.latency is not None:
+        lat = r.latency
+        for mode in ("eager", "compile"):
+            a, b = lat.get("original", mode), lat.get("compressed", mode)
+            if a is None or b is None:
+                continue
+            basis = f"measured here ({lat.device}, {lat.threads} threads, {a.reps} reps interleaved)"
+            t.add_row(f"latency median ({mode})", f"{a.median_ms:.3f} ms", f"{b.median_ms:.3f} ms",
+                      _ratio(a.median_ms, b.median_ms, "faster", "slower"), basis)
+            t.add_row(f"latency p90 ({mode})", f"{a.p90_ms:.3f} ms", f"{b.p90_ms:.3f} ms", "", basis)
+            if a.peak_rss_delta_mb is not None and b.peak_rss_delta_mb is not None:
+                t.add_row(f"peak memory during inference ({mode})", f"+{a.peak_rss_delta_mb:.2f} MB",
+                          f"+{b.peak_rss_delta_mb:.2f} MB", "", "measured (RSS growth)")
+    if r.original.size_bytes is not None and r.compressed.size_bytes is not None:
+        t.add_row("size", human_bytes(r.original.size_bytes), human_bytes(r.compressed.size_bytes),
+                  _ratio(r.original.size_bytes, r.compressed.size_bytes, "smaller", "larger"),
+                  r.compressed.size_basis)
+    if r.target_size_bytes:
+        o, c = r.target_size_bytes["original"], r.target_size_bytes["compressed"]
+        t.add_row("size on target (weights)", human_bytes(o), human_bytes(c), _ratio(o, c, "smaller", "larger"),
+                  "[cyan]estimate[/]")
+    if r.estimate:
+        o, c = r.estimate["original"], r.estimate["compressed"]
+        t.add_row(f"latency on {o.target} (iOS {o.os})", f"{o.total_ms:.4f} ms", f"{c.total_ms:.4f} ms",
+                  _ratio(o.total_ms, c.total_ms, "faster", "slower"),
+                  "[cyan]estimate[/]" + (" (calibrated)" if o.calibrated else " (roofline)"))
+    if r.coreml is not None:
+        if r.coreml.timing is not None:
+            tm = r.coreml.timing
+            t.add_row(f"Core ML latency ({r.coreml.compute_units})", "", f"{tm.median_ms:.3f} ms", "",
+                      "measured on this Mac")
+    out.print(t)
+    if r.coreml is not None and r.coreml.timing is None and r.coreml.note:
+        out.print(f"[dim]{r.coreml.note}[/]")
+    if r.latency is not None:
+        for n in r.latency.notes:
+            out.print(f"[dim]{n}[/]")
+
+
+def _slices(r) -> None:  # noqa: ANN001
+    from rich.table import Table
+
+    from ..render import out
+
+    for s in r.slices:
+        t = Table(title=f"Per {s.by}: {s.metric}", show_edge=False)
+        for col in (s.by, "n", "original", "compressed", "change"):
+            t.add_column(col, justify="left" if col == s.by else "right")
+        for row in s.rows[:10]:
+            style = "red" if row.change < 0 else ""
+            t.add_row(row.name, str(row.count), _pct(row.original), _pct(row.compressed),
+                      f"[{style}]{row.change:+.2f}[/]" if style else f"{row.change:+.2f}")
+        out.print(t)
+        if len(s.rows) > 10:
+            out.print(f"[dim]{len(s.rows) - 10} more {s.by}(es) in --json[/]")
+        if s.worst is not None:
+            out.print(f"worst {s.by}: [bold]{s.worst}[/] ({s.worst_change:+.2f} points)")
+        else:
+            out.print(f"no {s.by} lost accuracy")
+
+
+def _drift(r) -> None:  # noqa: ANN001
+    from rich.table import Table
+
+    from ..render import bar, out
+
+    d = r.drift
+    if d is None:
+        return
+    if not d.layers:
+        if d.note:
+            out.print(f"[dim]drift: {d.note}[/]")
+        return
+    t = Table(title=f"Per-layer drift (outputs vs the original, {d.samples} samples, execution order)", show_edge=False)
+    for col in ("layer", "module", "SNR dB", "cosine", "rel. error", ""):
+        t.add_column(col, justify="left" if col in ("layer", "module", "") else "right")
+    worst_rows = sorted(d.layers, key=lambda x: x.snr_db)[:8]
+    keep = {x.name for x in worst_rows} | {d.first_error, d.first_degraded, d.layers[-1].name}
+    top = max((x.rel_error for x in d.layers), default=1.0) or 1.0
+    for x in d.layers:
+        if x.name in keep:
+            t.add_row(x.name, x.module, _num(x.snr_db), f"{x.cosine:.4f}", f"{x.rel_error:.3g}", bar(x.rel_error / top, 10))
+    out.print(t)
+    if d.first_error:
+        out.print(f"error starts at [bold]{d.first_error}[/]"
+                  + (f"; first below {d.threshold_db:.0f} dB: [bold]{d.first_degraded}[/]" if d.first_degraded else "")
+                  + f"; worst: [bold]{d.worst}[/]; at the output: {_num(d.layers[-1].snr_db)} dB")
+    else:
+        out.print("no layer output differs from the original")
+
+
+def _estimate(r) -> None:  # noqa: ANN001
+    from rich.table import Table
+
+    from ..render import bar, human_bytes, human_count, out
+
+    if not r.estimate:
+        return
+    o, c = r.estimate["original"], r.estimate["compressed"]
+    by = {x.name: x for x in o.layers}
+    total = c.total_ms or 1.0
+    t = Table(title=f"Estimate per layer on {c.target} (iOS {c.os}), roofline, sorted by compressed time",
+              show_edge=False)
+    for col in ("layer", "type", "setting", "MACs", "weights moved", "bound", "orig ms", "comp ms", "share", ""):
+        t.add_column(col, justify="right" if col in ("MACs", "weights moved", "orig ms", "comp ms", "share") else "left",
+                     overflow="fold")
+    for x in sorted(c.layers, key=lambda x: -x.ms)[:15]:
+        before = by.get(x.name)
+        t.add_row(x.name, x.type, x.setting, human_count(x.macs), human_bytes(x.weight_bytes_moved), x.bound,
+                  f"{before.ms:.5f}" if before else "-", f"{x.ms:.5f}", f"{x.ms / total:.0%}", bar(x.ms / total, 10))
+    out.print(t)
+    out.print(f"[dim]estimate: {c.decompression}; figures {', '.join(f'{k}={v:g}' for k, v in c.figures.items())}[/]")
+    for n in dict.fromkeys([*o.notes, *c.notes]):
+        out.print(f"[dim]estimate note: {n}[/]")
+
+
+def _budgets(r) -> None:  # noqa: ANN001
+    from rich.table import Table
+
+    from ..render import out
+
+    if not r.budgets:
+        out.print("[dim]no budgets given: nothing to gate (--max-accuracy-drop, --max-latency-ms, --max-size-mb)[/]")
+        return
+    t = Table(title="Budgets", show_edge=False)
+    for col in ("budget", "value", "limit", "verdict", "basis"):
+        t.add_column(col, overflow="fold")
+    for b in r.budgets:
+        verdict = "[green]PASS[/]" if b.passed else "[red]MISS[/]"
+        t.add_row(b.name, f"{_num(b.value)} {b.unit}", f"{_num(b.limit)} {b.unit}" if b.limit is not None else "-",
+                  verdict, b.basis + (f" ({b.detail})" if b.detail else ""))
+    out.print(t)
+    out.print("[green]all budgets met[/]" if r.passed else "[red]budget missed[/]")
