@@ -1,0 +1,82 @@
+"""`compressadvise report`: one self-contained HTML page (and PNG charts) for a model or a run."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from .common import JSON, TRUST_PICKLE, parse_shape
+from .knowledge import PLAYBOOKS_OPT
+
+
+def register(app: typer.Typer) -> None:
+    app.command("report")(report_cmd)
+
+
+def report_cmd(
+    source: Optional[str] = typer.Argument(
+        None, metavar="[RUN_DIR_OR_MODEL]",
+        help="An `apply` output folder (reads its plan, verify.json and sensitivity.json), or a model "
+        "(analyzed and planned now); omit for the bundled example."),
+    out: str = typer.Option("report.html", "--out", "-o", help="The HTML file to write."),
+    png: Optional[str] = typer.Option(None, "--png", help="Also write each chart as DIR/<chart>.png."),
+    target: Optional[str] = typer.Option(None, "--target", help="Target profile when planning now (default ane-a17)."),
+    os: Optional[int] = typer.Option(None, "--os", help="Minimum OS major version when planning now."),
+    plan: Optional[str] = typer.Option(None, "--plan", help="Use this plan file instead of recommending one."),
+    verify: Optional[str] = typer.Option(None, "--verify", help="A `compressadvise verify --json` result."),
+    sensitivity: Optional[str] = typer.Option(
+        None, "--sensitivity", help="Sensitivity or search results (JSON): per-layer sensitivity, size-vs-fidelity points."),
+    max_size_mb: float = typer.Option(0.0, "--max-size-mb", help="Size budget in MB when planning now."),
+    max_latency_ms: float = typer.Option(0.0, "--max-latency-ms", help="Latency budget in ms when planning now."),
+    max_accuracy_drop: float = typer.Option(0.0, "--max-accuracy-drop",
+                                            help="Tolerated drop in points when planning now."),
+    data: str = typer.Option("none", "--data", help="Data you have when planning now: none | calibration | training."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape",
+                                              help="e.g. 1,3,224,224 (MACs for the latency estimate)."),
+    docs_base: str = typer.Option("docs/reference/rules/", "--docs-base",
+                                  help="Where rule pages live (a URL or a path relative to the HTML file): "
+                                  "links go to <docs-base><CODE>.md."),
+    title: Optional[str] = typer.Option(None, "--title", help="Page title."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    playbooks: Optional[List[str]] = PLAYBOOKS_OPT,
+    trust_pickle: bool = TRUST_PICKLE,
+    json_out: bool = JSON,
+) -> None:
+    """Write a self-contained HTML report: layer table, hot-spot charts, the plan and its reasons."""
+    from ..knowledge import builtin, load_knowledge
+    from ..render import err
+    from ..report import write_report
+
+    if data not in ("none", "calibration", "training"):
+        raise typer.BadParameter("--data must be none, calibration or training")
+    k = load_knowledge(playbooks) if playbooks else builtin()
+    with err.status("building the report"):
+        result = write_report(
+            source, out, png_dir=png, force=force, docs_base=docs_base, title=title, target=target,
+            os_version=os, plan=plan, verify=verify, sensitivity=sensitivity, knowledge=k,
+            input_shape=parse_shape(input_shape), trust_pickle=trust_pickle,
+            constraints={"max_size_mb": max_size_mb, "max_latency_ms": max_latency_ms,
+                         "max_accuracy_drop": max_accuracy_drop, "data": data})
+    if json_out:
+        from ..render import emit_json
+
+        emit_json(result.model_dump(mode="json"))
+        return
+    show_result(result)
+
+
+def show_result(result) -> None:
+    from ..render import human_bytes, out
+
+    out.print(f"report written to [bold]{result.html}[/] ({human_bytes(result.bytes)}, {result.layers} layers, "
+              f"charts: {', '.join(result.charts) or 'none'})")
+    for row in result.summary:
+        if row.before is None and row.after is None:
+            continue
+        before = f"{row.before:.4g}" if row.before is not None else "-"
+        after = f"{row.after:.4g}" if row.after is not None else "-"
+        out.print(f"  {row.metric}: {before} -> {after} {row.unit} [dim]({row.basis})[/]")
+    for chart, why in result.omitted.items():
+        out.print(f"[dim]not shown: {chart}: {why}[/]")
+    if result.png:
+        out.print(f"PNG charts: {', '.join(result.png)}")
