@@ -1,0 +1,129 @@
+"""torchao: `quantize_` with the config that fits the step, layer by layer via a filter.
+
+CPU-capable here: int8 weight-only, int8 dynamic activation + int8 weight, intx weight-only
+(stored unpacked: one int8 per weight whatever the bit width). Int4 weight-only, float8 and
+torchao sparsity need CUDA kernels: they are refused before any work on a machine without them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from . import Context, LayerJob, StepJob, import_quietly, quiet
+from ..errors import Unavailable
+
+GPU_ONLY = {
+    "int4_weight_only": "torchao's Int4WeightOnlyConfig packs weights for CUDA int4 kernels (tinygemm)",
+    "float8": "torchao's float8 configs need a CUDA GPU with float8 support (compute capability 8.9+)",
+    "pruning": "torchao's sparsify_ (2:4 semi-structured) needs CUDA sparse kernels",
+    "semi_sparse": "torchao's sparsify_ (2:4 semi-structured) needs CUDA sparse kernels",
+}
+
+
+class Torchao:
+    id = "torchao"
+    side = "torch"
+    techniques = {
+        "int8_weight_only": "torchao.quantization.Int8WeightOnlyConfig",
+        "int8_dynamic": "torchao.quantization.Int8DynamicActivationInt8WeightConfig",
+        "intx_weight_only": "torchao.quantization.IntxWeightOnlyConfig",
+        "linear_quantization": "torchao.quantization.Int8WeightOnlyConfig / IntxWeightOnlyConfig",
+        "int4_weight_only": "torchao.quantization.Int4WeightOnlyConfig",
+        "float8": "torchao.quantization.Float8WeightOnlyConfig / Float8DynamicActivationFloat8WeightConfig",
+        "pruning": "torchao.sparsity.sparsify_",
+        "semi_sparse": "torchao.sparsity.sparsify_ (semi_sparse_weight)",
+    }
+
+    def unavailable(self, job: StepJob, ctx: Context) -> str | None:
+        if job.technique not in self.techniques:
+            return f"torchao has no implementation of {job.technique}"
+        try:
+            import_quietly("torchao.quantization")
+        except Unavailable as e:
+            return str(e)
+        if job.technique in GPU_ONLY:
+            import torch
+
+            if not torch.cuda.is_available():
+                return f"{GPU_ONLY[job.technique]}; this machine has no CUDA GPU"
+            if job.technique == "float8" and torch.cuda.get_device_capability() < (8, 9):
+                return GPU_ONLY["float8"]
+        return None
+
+    def layer_support(self, job: StepJob, lj: LayerJob, module: Any) -> str | None:
+        import torch
+
+        if lj.param != "weight":
+            return f"torchao quantizes module weights only, not {lj.tensor}"
+        if type(module) is torch.nn.Linear:
+            return None
+        if isinstance(module, torch.nn.Embedding) and self._intx(job, lj.params):
+            return None
+        kind = type(module).__name__ if module is not None else "no module"
+        if isinstance(module, torch.nn.Linear):  # e.g. MultiheadAttention's out_proj, used functionally
+            return f"{kind} is called functionally by its parent; torchao's quantize_ cannot replace it"
+        return f"{kind}: torchao's {job.technique} handles nn.Linear only"
+
+    @staticmethod
+    def _intx(job: StepJob, p: dict[str, Any]) -> bool:
+        return job.technique == "intx_weight_only" or (job.technique == "linear_quantization"
+                                                       and int(p.get("nbits", 8)) < 8)
+
+    def config(self, job: StepJob, p: dict[str, Any]) -> Any:
+        """The torchao config object for one layer's parameters."""
+        import torch
+        from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
+                                          IntxWeightOnlyConfig)
+        from torchao.quantization.granularity import PerAxis, PerGroup, PerRow, PerTensor
+        from torchao.quantization.quant_primitives import MappingType
+
+        gran = p.get("granularity", "per_channel")
+        block = int(p.get("block_size", p.get("group_size", 32)) or 32)
+        if self._intx(job, p):
+            mapping = MappingType.ASYMMETRIC if p.get("mode") == "linear" else MappingType.SYMMETRIC
+            return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{int(p.get('nbits', 4))}"),
+                                        granularity=PerGroup(block) if gran == "per_block" else PerAxis(0),
+                                        mapping_type=mapping)
+        if job.technique == "int8_dynamic":
+            return Int8DynamicActivationInt8WeightConfig(
+                granularity=PerTensor() if gran == "per_tensor" else PerRow())
+        if job.technique in ("int8_weight_only", "linear_quantization"):
+            g = PerTensor() if gran == "per_tensor" else PerGroup(block) if gran == "per_block" else PerRow()
+            return Int8WeightOnlyConfig(granularity=g)
+        if job.technique == "int4_weight_only":
+            from torchao.quantization import Int4WeightOnlyConfig
+
+            return Int4WeightOnlyConfig(group_size=int(p.get("group_size", p.get("block_size", 128)) or 128))
+        if job.technique == "float8":
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig
+
+            return (Float8WeightOnlyConfig() if p.get("mode", "weight_only") == "weight_only"
+                    else Float8DynamicActivationFloat8WeightConfig())
+        raise Unavailable(f"torchao backend cannot map technique {job.technique}")
+
+    def run(self, model: Any, job: StepJob, ctx: Context) -> Any:
+        if job.technique in ("pruning", "semi_sparse"):
+            return self._sparsify(model, job)
+        from torchao.quantization import quantize_
+
+        if job.technique in GPU_ONLY:  # CUDA kernels: quantize on the GPU (untested without one)
+            model = model.cuda()
+        groups: dict[str, tuple[Any, set[str]]] = {}
+        for lj in job.layers:
+            cfg = self.config(job, lj.params)
+            groups.setdefault(repr(cfg), (cfg, set()))[1].add(lj.module)
+        with quiet():
+            for cfg, names in groups.values():
+                quantize_(model, cfg, filter_fn=lambda mod, fqn, names=names: fqn in names)
+        return model
+
+    def _sparsify(self, model: Any, job: StepJob) -> Any:  # reached only with CUDA (see unavailable)
+        from torchao.sparsity import semi_sparse_weight, sparsify_
+
+        names = {lj.module for lj in job.layers}
+        model = model.cuda()  # semi-structured sparse kernels are CUDA-only (untested without a GPU)
+        with quiet():
+            sparsify_(model, semi_sparse_weight(), filter_fn=lambda mod, fqn: fqn in names)
+        return model
+
+
+BACKEND = Torchao()

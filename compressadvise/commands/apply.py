@@ -1,0 +1,100 @@
+"""`compressadvise apply`: carry out a plan through coremltools / torchao, with read-back checks."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .common import JSON, MODEL_ARG, TRUST_PICKLE, parse_shape
+
+
+def register(app: typer.Typer) -> None:
+    app.command("apply")(apply_cmd)
+
+
+def apply_cmd(
+    model: Optional[str] = MODEL_ARG,
+    plan: str = typer.Option(..., "--plan", help="Plan file from `compressadvise recommend --out` (or hand-written)."),
+    out: str = typer.Option(..., "--out", help="Output folder (written atomically): model.pt2, model.mlpackage, manifest.json."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    samples: Optional[str] = typer.Option(None, "--samples", help="Calibration data: .npz with 'inputs' (and optional 'labels'), or 'bundled'."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape for export/conversion, e.g. 1,3,224,224."),
+    trust_pickle: bool = TRUST_PICKLE,
+    json_out: bool = JSON,
+) -> None:
+    """Apply a compression plan: compressed torch model, .mlpackage for Apple targets, and a manifest."""
+    from .. import backends
+    from ..apply import apply
+    from ..cli import STATE
+
+    backends.DEBUG["on"] = bool(STATE.get("debug"))
+    prog, progress = _progress()
+    with prog:
+        result = apply(model, plan, out, force=force, samples=samples, progress=progress,
+                       input_shape=parse_shape(input_shape), trust_pickle=trust_pickle)
+    if json_out:
+        from ..render import emit_json
+
+        emit_json({"out_dir": str(result.out_dir), "torch_artifact": str(result.torch_artifact) if result.torch_artifact else None,
+                   "mlpackage": str(result.mlpackage) if result.mlpackage else None, "manifest": result.manifest})
+        return
+    show_result(result)
+
+
+def _progress():
+    """A Rich progress bar per stage on stderr, bound to the real stderr: library calls run with
+    stderr redirected (to swallow their own progress bars) and must not swallow ours."""
+    import sys
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(file=sys.stderr, highlight=False)
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+    task = prog.add_task("applying", total=None)
+
+    def progress(label: str, done: int, total: int) -> None:
+        prog.update(task, description=label, completed=done, total=total or None)
+
+    return prog, progress
+
+
+def show_result(result) -> None:
+    from rich.table import Table
+
+    from ..render import human_bytes, out
+
+    m = result.manifest
+    out.print(f"[bold]applied[/] {len(m['steps'])} step(s) to {m['input']['source']} for {m['target']['name']} "
+              f"in {result.seconds:.1f} s -> [bold]{result.out_dir}[/]")
+    for s in m["steps"]:
+        sides = ", ".join(x for x in (s["torch_backend"], s["coreml_backend"]) if x)
+        out.print(f"  step {s['step']}: {s['technique']} via {sides or 'no backend'}: "
+                  f"{len(s['layers_applied'])} layer(s) compressed, {s['layers_skipped']} skipped")
+    t = Table(show_edge=False)
+    for col in ("layer", "status", "evidence / reason"):
+        t.add_column(col, overflow="fold")
+    for layer in m["layers"]:
+        if not layer["steps"]:
+            continue
+        detail = []
+        for e in layer["steps"]:
+            if e.get("status") == "skipped":
+                detail.append(f"skip: {e['reason']}")
+            for side in ("torch", "coreml"):
+                rec = e.get(side)
+                if rec:
+                    detail.append(f"{side}: {rec.get('evidence') or rec.get('reason') or rec['status']}")
+        style = {"applied": "green", "skipped": "yellow"}.get(layer["status"], "")
+        t.add_row(layer["name"], f"[{style}]{layer['status']}[/]" if style else layer["status"], "\n".join(detail))
+    out.print(t)
+    sizes = m["sizes"]
+    for key, entry in sizes.items():
+        if isinstance(entry.get("value"), int):
+            out.print(f"  {key.replace('_', ' ')}: {human_bytes(entry['value'])} [dim]({entry['label']})[/]")
+    if "weight_file_error" in sizes:
+        out.print(f"  weight file vs estimate: {sizes['weight_file_error']['value']:+.2%}")
+    for note in m.get("notes", []):
+        out.print(f"[yellow]note:[/] {note}")
+    out.print(f"[dim]manifest: {result.out_dir / 'manifest.json'}[/]")
