@@ -25,7 +25,7 @@ from .facts import step_facts
 from .knowledge import CompiledRule, Knowledge, builtin, load_knowledge
 from .schema import (COMPRESSIBLE, SLOTS, Advisory, Constraints, LayerPrediction, Plan, PlanModel,
                      PlanTarget, Prediction, Skip, Step, Target, TraceEntry)
-from .sizing import NotApplicable, layer_bytes, weight_bytes
+from .sizing import NotApplicable, layer_bytes, pruned_fraction, weight_bytes
 
 MB = 1e6
 
@@ -311,7 +311,7 @@ def _predict(k: Knowledge, report: ModelReport, steps: list[Step], baseline: flo
             params = effective_params(step, name)
             try:
                 if step.slot == "sparsity":
-                    s = float(params.get("sparsity", 0.0))
+                    s = pruned_fraction(params)
                     w = weight_bytes(k, step.technique, x, params, baseline, s)
                     sparsity[name] = s
                 elif step.slot == "activations" and name in weight:
@@ -350,5 +350,7 @@ def _describe(step: Step, p: dict[str, Any]) -> str:
     elif gran == "per_block":
         extra = f" bs={p.get('block_size')}"
     if step.slot == "sparsity":
-        return f"{step.technique} {p.get('sparsity', 0):.0%}"
+        if p.get("pattern") == "n_m":
+            return f"{step.technique} {p.get('n', 2)}:{p.get('m', 4)}"
+        return f"{step.technique} {pruned_fraction(p):.0%}"
     return f"{bits}{step.technique} {gran}{extra}".strip()

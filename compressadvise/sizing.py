@@ -46,8 +46,15 @@ def size_variables(layer: LayerInfo, params: dict[str, Any], baseline: float,
         "per_channel_scale": 1.0 if params.get("enable_per_channel_scale") else 0.0,
         "zero_point": 0.0 if params.get("mode", "linear_symmetric") in ("linear_symmetric", "symmetric_clipped") else 1.0,
         # A joint (prune + palettize/quantize) step carries its own sparsity parameter.
-        "sparsity": float(sparsity or params.get("sparsity", 0.0) or 0.0), "baseline": float(baseline),
+        "sparsity": float(sparsity or pruned_fraction(params)), "baseline": float(baseline),
     }
+
+
+def pruned_fraction(params: dict[str, Any]) -> float:
+    """Fraction of zeros a pruning setting leaves: n/m for n:m (n of every m set to zero)."""
+    if params.get("pattern") == "n_m":
+        return int(params.get("n", 2)) / max(int(params.get("m", 4)), 1)
+    return float(params.get("sparsity", 0.0) or 0.0)
 
 
 def weight_bytes(k: Knowledge, technique: str, layer: LayerInfo, params: dict[str, Any],

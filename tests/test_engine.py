@@ -197,3 +197,12 @@ def test_layer_advice_without_any_step(kb, report):
     assert plan.prediction.bytes_before == plan.prediction.bytes_after == 22336 * 4
     advice = {a.code: a.layers for a in plan.advisories}
     assert advice["TST009"] == ["l4"]
+
+
+def test_n_m_pruning_sized_from_n_and_m(kb, report):
+    from compressadvise.sizing import pruned_fraction, size_variables
+
+    params = {"pattern": "n_m", "n": 2, "m": 4, "sparsity": 0.75, "weight_threshold": 0}
+    assert pruned_fraction(params) == 0.5
+    assert size_variables(report.layer("l1"), params, 2.0)["sparsity"] == 0.5
+    assert pruned_fraction({"pattern": "unstructured", "sparsity": 0.75}) == 0.75
