@@ -109,6 +109,19 @@ def _check_names(text: str, namespaces: tuple[str, ...]) -> list[str]:
     return sorted(set(used))
 
 
+_PROTO_CONTEXTS: dict[tuple, Any] = {}
+
+
+def _prototype_context(namespaces: tuple[str, ...], variant: int) -> Any:
+    """Stand-in facts converted to CEL once and shared by every condition of that scope."""
+    key = (namespaces, variant)
+    if key not in _PROTO_CONTEXTS:
+        ctx = cel.Context()
+        ctx.update(prototypes(namespaces, variant))
+        _PROTO_CONTEXTS[key] = ctx
+    return _PROTO_CONTEXTS[key]
+
+
 def compile_condition(text: str, namespaces: tuple[str, ...]) -> Condition:
     """Compile and type-check a condition once; raise ExpressionError with a clear message."""
     if not isinstance(text, str) or not text.strip():
@@ -124,7 +137,7 @@ def compile_condition(text: str, namespaces: tuple[str, ...]) -> Condition:
         if var not in namespaces:
             raise ExpressionError(f"unknown name '{var}' (conditions may use: {', '.join(namespaces)})")
     for variant in (0, 1):
-        ctx = prototypes(namespaces, variant)
+        ctx = _prototype_context(namespaces, variant)
         try:
             result = program.execute(ctx)
         except TypeError as e:
