@@ -336,7 +336,8 @@ def analyze(
         if not t.is_floating_point():
             continue  # integer buffers (e.g. BatchNorm's num_batches_tracked) are not weights
         layer_name, kind = _split(tname)
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
+        key = (None if not t.numel() else (i, 0, ()) if model.streamed
+               else (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)))
         first_owner = seen_storage.get(key) if key else None
         if key and first_owner is None:
             seen_storage[key] = tname

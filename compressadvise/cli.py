@@ -23,7 +23,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-# Command modules; a module that is missing (e.g. an optional feature) is skipped.
+# Command modules, in the order `--help` lists them; each has register(app).
 COMMAND_MODULES = ["analyze", "recommend", "knowledge", "apply", "verify", "sensitivity", "report", "walkthrough"]
 STATE = {"debug": False}
 
@@ -43,13 +43,7 @@ def _root(
 
 def _register() -> None:
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f".commands.{name}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.endswith(f"commands.{name}"):
-                continue
-            raise
-        mod.register(app)
+        importlib.import_module(f".commands.{name}", __package__).register(app)
 
 
 _register()

@@ -50,6 +50,9 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     _tensors: Callable[[], Iterator[tuple[str, "torch.Tensor"]]] | None = None
     tensor_count: int | None = None  # known without reading, for progress bars
+    # Streamed tensors live in fresh buffers that are freed one by one, so a later tensor may
+    # reuse a freed address: storage identity means nothing (and safetensors cannot tie anyway).
+    streamed: bool = False
 
     def tensors(self) -> Iterator[tuple[str, "torch.Tensor"]]:
         """Yield (name, tensor) one at a time: large files are never materialised twice."""
@@ -177,7 +180,7 @@ def _load_safetensors(path: Path, digest: str) -> LoadedModel:
     notes = [FORMAT_NOTES["safetensors"], "safetensors keeps no module order: layer positions "
              "(first/last/boundary) follow the file's storage order"]
     return LoadedModel(str(path), "safetensors", digest, has_graph=False, notes=notes,
-                       _tensors=iterate, tensor_count=len(names))
+                       _tensors=iterate, tensor_count=len(names), streamed=True)
 
 
 def _load_torch_pickle(path: Path, digest: str, trust_pickle: bool) -> LoadedModel:
