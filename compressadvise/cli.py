@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     if not debug:
         _quiet_libraries()
-    signal.signal(signal.SIGINT, _interrupt)
+    previous = signal.signal(signal.SIGINT, _interrupt)
     try:
         # Standalone mode: click prints usage errors itself (exit 2) and handles --help.
         app(args=argv, prog_name="compressadvise")
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         sys.stderr.write(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)\n")
         sys.exit(70)
+    finally:
+        signal.signal(signal.SIGINT, previous)  # main() may be called in-process (tests, notebooks)
 
 
 def exit_codes_markdown() -> str:

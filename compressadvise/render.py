@@ -29,6 +29,13 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} GB"
 
 
+def human_ms(ms: float) -> str:
+    """A duration given in ms, in the unit that keeps 3 significant digits readable."""
+    if ms < 1:
+        return f"{ms * 1000:.3g} µs"
+    return f"{ms:.3g} ms" if ms < 1000 else f"{ms / 1000:.3g} s"
+
+
 def human_count(n: float) -> str:
     for unit in ("", "K", "M", "B"):
         if abs(n) < 1000 or unit == "B":

@@ -575,6 +575,11 @@ def _human(n: float) -> str:
     return human_bytes(n)
 
 
+def _times(x: float) -> str:
+    """A ratio as people say it: 1.4x, 14x, over 1,000x (beyond that the digits are noise)."""
+    return f"{x:.1f}x" if x < 10 else f"{x:.0f}x" if x < 1000 else "over 1,000x"
+
+
 def _pct(share: float) -> str:
     return "<1%" if 0 < share < 0.005 else f"{share:.0%}"
 
@@ -621,8 +626,8 @@ def _explain(space: _Space, picks: list[int], ranks: dict[str, float], lesson_no
     for i, (name, j) in enumerate(zip(names, picks)):
         o = groups[i][j]
         r = ranks.get(name)
-        rel = "" if r is None else (f"{r:.1f}x more sensitive than the median layer" if r >= 1
-                                    else f"{1 / r:.1f}x less sensitive than the median layer" if r > 0 else "insensitive")
+        rel = "" if r is None else (f"{_times(r)} more sensitive than the median layer" if r >= 1
+                                    else f"{_times(1 / r)} less sensitive than the median layer" if r > 0 else "insensitive")
         cheaper = [(jj, c) for jj, c in enumerate(groups[i]) if c.bytes < o.bytes]
         nxt_j, nxt = min(cheaper, key=lambda t: t[1].mse) if cheaper else (None, None)
         codes = [c for c, _ in lesson_notes.get(name, [])]
@@ -633,12 +638,17 @@ def _explain(space: _Space, picks: list[int], ranks: dict[str, float], lesson_no
             cf = _forced_psnr(space, budget, i, nxt_j, buckets) if counterfactual else None
             if cf is not None:
                 alt += f"; the best plan with it predicts {cf:.2f} dB vs {plan_psnr:.2f} dB"
+        rules = ", ".join(dict.fromkeys(codes))
+        if rel:
+            rel += "; "
+        elif r is None and lessons == "apply" and codes:
+            rel = f"candidates restricted by playbook rule(s) {rules}; "
         if o.setting.is_fp16 and lessons == "apply" and len(groups[i]) == 1 and codes:
-            why = f"kept at fp16: playbook rule(s) {', '.join(dict.fromkeys(codes))} leave no candidate setting"
+            why = f"kept at fp16: playbook rule(s) {rules} leave no candidate setting"
         elif o.setting.is_fp16:
-            why = f"kept at fp16: {rel}; " + (alt or "no candidate setting is smaller")
+            why = f"kept at fp16: {rel}" + (alt or "no candidate setting is smaller")
         else:
-            why = (f"{o.setting.label}: {rel}; {_pct(o.mse / total if total > 0 else 0.0)} of the plan's predicted "
+            why = (f"{o.setting.label}: {rel}{_pct(o.mse / total if total > 0 else 0.0)} of the plan's predicted "
                    f"output noise, saves {_human(groups[i][0].bytes - o.bytes)} vs fp16; "
                    + (alt or "the smallest candidate for this layer"))
         if lessons == "advise" and codes:

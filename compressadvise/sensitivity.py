@@ -603,7 +603,8 @@ class LayerRank(ResultModel):
     layer: str
     type: str
     params: int
-    score: float = Field(description="geometric mean of the measured output MSE over the shared settings")
+    score: float = Field(description="geometric mean over its settings of the measured output MSE / the median "
+                               "layer's at the same setting")
     vs_median: float = Field(description="score / median layer score")
     rank: int
 
@@ -872,6 +873,10 @@ def sensitivity(
                                 bytes=setting_bytes(k, by_layer[layer], s, baseline), metrics=res["metrics"],
                                 proxies=res["proxies"], seconds=res.get("seconds", 0.0), cached=res["cached"]))
     ranking = rank_layers(meas, prep.report)
+    unranked = sorted({m.layer for m in meas} - {r.layer for r in ranking})
+    if unranked:
+        notes.append(f"{len(unranked)} layer(s) not ranked (e.g. {unranked[0]}): measured only at settings "
+                     "no other layer was, so nothing to compare with")
     if prep.samples.kind == "random":
         notes.extend(prep.samples.warnings)
     notes.extend(prep.notes)
@@ -904,28 +909,35 @@ def supported_settings(k: Knowledge, grid: list[Setting], target: str, os: int |
 
 
 # ------------------------------------------------------------------ ranking and proxy quality
-def _shared_settings(meas: list[Measurement]) -> set[str]:
-    by_layer: dict[str, set[str]] = {}
+def layer_scores(meas: list[Measurement], value: Callable[[Measurement], float]) -> dict[str, float]:
+    """Per-layer sensitivity relative to the other layers, comparable when layers were measured
+    with different settings (a playbook can allow 8 bits only on one layer, 4 on another).
+
+    For each setting measured on 2+ layers, a layer's `value` is divided by the median layer's
+    at that setting; a layer's score is the geometric mean of those ratios. Comparing raw
+    values across different settings would call a layer insensitive just because it was only
+    tried at 8 bits. When every layer shares every setting, the order is that of the geometric
+    mean of the raw values.
+    """
+    by_setting: dict[str, list[Measurement]] = {}
     for m in meas:
-        by_layer.setdefault(m.layer, set()).add(m.setting)
-    sets = list(by_layer.values())
-    shared = set.intersection(*sets) if sets else set()
-    return shared or (set.union(*sets) if sets else set())
+        v = value(m)
+        if v == v:  # NaN: not computed for this pair
+            by_setting.setdefault(m.setting, []).append(m)
+    ratios: dict[str, list[float]] = {}
+    for group in by_setting.values():
+        if len({m.layer for m in group}) < 2:
+            continue
+        med = _median([max(value(m), 1e-30) for m in group])
+        for m in group:
+            ratios.setdefault(m.layer, []).append(max(value(m), 1e-30) / med)
+    # A layer measured only at settings no other layer was has nothing to be compared with: left out.
+    return {layer: _geomean(v) for layer, v in ratios.items()}
 
 
 def _geomean(xs: list[float]) -> float:
     xs = [max(x, 1e-30) for x in xs if x == x]
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else 0.0
-
-
-def layer_scores(meas: list[Measurement], value: Callable[[Measurement], float]) -> dict[str, float]:
-    """Per-layer geometric mean of `value` over the settings every layer was measured with."""
-    shared = _shared_settings(meas)
-    vals: dict[str, list[float]] = {}
-    for m in meas:
-        if m.setting in shared:
-            vals.setdefault(m.layer, []).append(value(m))
-    return {layer: _geomean(v) for layer, v in vals.items()}
 
 
 def rank_layers(meas: list[Measurement], report: ModelReport) -> list[LayerRank]:

@@ -236,7 +236,7 @@ def search_cmd(
 def show_search(res) -> None:  # noqa: ANN001 - SearchResult
     from rich.table import Table
 
-    from ..render import human_bytes, out
+    from ..render import human_bytes, human_ms, out
     from ..search import _pct
 
     p = res.plan.prediction
@@ -269,7 +269,7 @@ def show_search(res) -> None:  # noqa: ANN001 - SearchResult
     for col in ("size", "latency", "PSNR (estimate)", "PSNR (measured)", "compressed layers"):
         ft.add_column(col, justify="right")
     for f in res.frontier_size:
-        ft.add_row(human_bytes(f.bytes), "-" if f.latency_ms is None else f"{f.latency_ms:.4g} ms",
+        ft.add_row(human_bytes(f.bytes), "-" if f.latency_ms is None else human_ms(f.latency_ms),
                    _db(f.predicted_psnr_db), _db(f.measured_psnr_db), str(f.compressed_layers))
     out.print(ft)
     if res.frontier_latency:
@@ -277,7 +277,7 @@ def show_search(res) -> None:  # noqa: ANN001 - SearchResult
         for col in ("latency", "size", "PSNR (estimate)"):
             lt.add_column(col, justify="right")
         for f in res.frontier_latency:
-            lt.add_row(f"{f.latency_ms:.4g} ms", human_bytes(f.bytes), _db(f.predicted_psnr_db))
+            lt.add_row(human_ms(f.latency_ms), human_bytes(f.bytes), _db(f.predicted_psnr_db))
         out.print(lt)
     if p:
         verdict = "" if p.meets_size_budget is None else (" [green]meets the size budget[/]" if p.meets_size_budget
