@@ -8,6 +8,8 @@ The library API (the CLI is a thin layer over it)::
     plan = ca.recommend(report, target="ane-a17", constraints={"max_size_mb": 2})
     result = ca.apply(model, plan, out="out/")  # torchao / coremltools
     verdict = ca.verify(model, result.torch_model_path, samples=...)
+    sens = ca.sensitivity(model, samples=...)  # each layer compressed alone, measured
+    found = ca.search(model, samples=..., size_fraction=0.25, target="ane-a17")  # found.plan
 
 Heavy libraries (torch, torchao, coremltools) are imported only by the calls that need them.
 """
@@ -17,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["load_model", "analyze", "recommend", "apply", "verify", "load_knowledge",
-           "load_plan", "save_plan", "__version__"]
+__all__ = ["load_model", "analyze", "recommend", "apply", "verify", "sensitivity", "search",
+           "load_knowledge", "load_plan", "save_plan", "__version__"]
 
 _LAZY = {
     "load_model": ("loading", "load_model"),
@@ -26,6 +28,8 @@ _LAZY = {
     "recommend": ("engine", "recommend"),
     "apply": ("apply", "apply"),
     "verify": ("verify", "verify"),
+    "sensitivity": ("sensitivity", "sensitivity"),
+    "search": ("search", "search"),
     "load_knowledge": ("knowledge", "load_knowledge"),
     "load_plan": ("plan", "load_plan"),
     "save_plan": ("plan", "save_plan"),

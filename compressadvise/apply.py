@@ -21,15 +21,14 @@ import copy
 import difflib
 import json
 import platform
-import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from . import backends as B
 from .analysis import LayerInfo, ModelReport, _split, analyze
+from ._callable import callable_module
 from .errors import BadModel, CompressionFailed, InputNotFound, InvalidKnowledge, OutputExists, Unavailable
 from .fsutil import atomic_dir, write_text_atomic
 from .knowledge import Knowledge, builtin
@@ -902,12 +901,4 @@ def _layer_status(entries: list[dict[str, Any]]) -> str:
     return "skipped"
 
 
-# `import compressadvise.apply` (done by any `from .apply import ...`) binds the package
-# attribute `compressadvise.apply` to this module, shadowing the lazily exported function.
-# Making the module callable keeps `compressadvise.apply(model, plan, out)` working either way.
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args: Any, **kwargs: Any) -> ApplyResult:
-        return apply(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_module(__name__)  # `compressadvise.apply(...)` works even once this module is imported

@@ -228,19 +228,29 @@ def _refuse_or_unpickle(torch, path: Path, err: Exception, trust_pickle: bool) -
     return torch.load(str(path), weights_only=False, map_location="cpu")
 
 
-def _load_factory(spec: str) -> LoadedModel:
-    modname, _, fn = spec.partition(":")
-    torch = _import_torch()
+def import_callable(spec: str, what: str) -> Callable[..., Any]:
+    """`module:function` -> the function, importing from the current folder too (user code).
+    `what` names it in errors, e.g. "factory" or "evaluator"."""
+    modname, sep, fn = str(spec).partition(":")
+    if not sep or not modname or not fn:
+        raise InputNotFound(f"{what} {spec!r} must look like module:function")
     sys.path.insert(0, os.getcwd())
     try:
         mod = importlib.import_module(modname)
     except Exception as e:
-        raise InputNotFound(f"cannot import module {modname!r} for factory {spec!r}: {e}") from e
+        first = (str(e).splitlines() or [""])[0]
+        raise InputNotFound(f"cannot import {what} module {modname!r}: {type(e).__name__}: {first}") from e
     finally:
         sys.path.pop(0)
-    factory = getattr(mod, fn, None)
-    if not callable(factory):
-        raise InputNotFound(f"{modname!r} has no callable {fn!r}")
+    func = getattr(mod, fn, None)
+    if not callable(func):
+        raise InputNotFound(f"{what} module {modname!r} has no callable {fn!r}")
+    return func
+
+
+def _load_factory(spec: str) -> LoadedModel:
+    torch = _import_torch()
+    factory = import_callable(spec, "factory")
     try:
         model = factory()
     except Exception as e:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence
 
 from pydantic import Field
 
+from ._callable import callable_module
 from .analysis import LayerInfo, ModelReport
 from .errors import BudgetMissed, InvalidKnowledge
 from .knowledge import Knowledge
@@ -724,3 +725,4 @@ def _build_plan(k: Knowledge, report: ModelReport, prep: Prepared, target: str, 
         layers=pred_layers, trace=trace)
 
 
+callable_module(__name__)  # `compressadvise.search(...)` works even once this module is imported

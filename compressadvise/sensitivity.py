@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from pydantic import Field
 
+from ._callable import callable_module
 from .analysis import LayerInfo, ModelReport
 from .errors import BadModel, CompressionFailed, InvalidKnowledge
 from .fsutil import write_text_atomic
@@ -1010,3 +1011,6 @@ def proxy_quality(meas: list[Measurement], ranking: list[LayerRank]) -> list[Pro
                                 per_setting_spearman=sum(per) / len(per) if per else None,
                                 top1_match=top, pairs_spearman=pairs))
     return out
+
+
+callable_module(__name__)  # `compressadvise.sensitivity(...)` works even once this module is imported

@@ -6,23 +6,22 @@ budget gets a verdict saying what it was checked against ("measured" or "estimat
 """
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import Field
 
+from ._callable import callable_module
 from . import metrics as M
 from .errors import BadModel, CompressAdviseError, InputNotFound
 from .estimate import LayerCompression, ModelEstimate
 from .latency import LatencyReport, Timing
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel, import_callable, load_model
 from .metrics import ResultModel
 from .samples import InvalidSamples, Samples, load_samples, random_samples
 
@@ -456,22 +455,7 @@ def _slices(samples: Samples, ref: dict, test: dict, labels: "torch.Tensor | Non
 
 # ------------------------------------------------------------------ user evaluator
 def load_evaluator(spec: str | Callable) -> Callable:
-    if callable(spec):
-        return spec
-    modname, sep, fn = str(spec).partition(":")
-    if not sep or not modname or not fn:
-        raise InputNotFound(f"--eval {spec!r} must look like module:function")
-    sys.path.insert(0, os.getcwd())
-    try:
-        mod = importlib.import_module(modname)
-    except Exception as e:
-        raise InputNotFound(f"cannot import evaluator module {modname!r}: {type(e).__name__}: {_first_line(e)}") from e
-    finally:
-        sys.path.pop(0)
-    func = getattr(mod, fn, None)
-    if not callable(func):
-        raise InputNotFound(f"evaluator module {modname!r} has no callable {fn!r}")
-    return func
+    return spec if callable(spec) else import_callable(str(spec), "evaluator")
 
 
 def run_evaluator(func: Callable, model: Any, which: str) -> dict[str, float]:
@@ -831,3 +815,6 @@ def _coreml(comp: _Side, smp: Samples, target: str | None, compute_units: str) -
     timing = coreml_timing(comp.mlpackage, feed, compute_units=compute_units)
     return CoreMLInfo(available=True, compute_units=compute_units, timing=timing,
                       note=f"measured on this Mac with compute units {compute_units}")
+
+
+callable_module(__name__)  # `compressadvise.verify(...)` works even once this module is imported

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
-import shutil
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from safetensors.torch import save_file
 
 import compressadvise as ca
 from compressadvise.errors import BadModel, InputNotFound, UntrustedPickle
-from models import TinyCNN, TinyLM, cnn_factory, unique_params
+from models import TinyCNN, TinyLM, unique_params
 
 
 @pytest.fixture

@@ -31,3 +31,16 @@ def test_wheel_ships_knowledge_and_example(tmp_path):
                        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert int(r.stdout.strip()) > 0
+
+
+def test_api_functions_stay_callable_after_their_modules_load(monkeypatch):
+    """`ca.verify` etc. are functions and modules of the same name: importing the module binds
+    the package attribute to it, so the module must forward calls (it once returned a module)."""
+    import importlib
+
+    import compressadvise as ca
+
+    for name in ("apply", "verify", "sensitivity", "search"):
+        mod = importlib.import_module(f"compressadvise.{name}")
+        monkeypatch.setattr(mod, name, lambda *a, **kw: ("called", a, kw))
+        assert getattr(ca, name)(1, x=2) == ("called", (1,), {"x": 2}), name
