@@ -12,10 +12,10 @@ import types
 from typing import Any
 
 
-def callable_module(module_name: str, function_name: str | None = None) -> None:
+def callable_module(module_name: str) -> None:
     """Make `sys.modules[module_name]` callable: calls go to its function of the same name."""
     module = sys.modules[module_name]
-    name = function_name or module_name.rsplit(".", 1)[-1]
+    name = module_name.rsplit(".", 1)[-1]
 
     class _CallableModule(types.ModuleType):
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
