@@ -34,6 +34,7 @@ from .fsutil import atomic_dir, write_text_atomic
 from .knowledge import Knowledge, builtin
 from .loading import LoadedModel, load_model
 from .schema import COMPRESSIBLE, LAYER_TYPES, SLOTS, Plan, Step, Target, Technique
+from .sizing import backend_leaves_alone
 
 MANIFEST_VERSION = 1
 TORCH_FILE = "model.pt2"
@@ -249,25 +250,15 @@ def _backend_skip(x: LayerInfo, p: dict[str, Any]) -> str | None:
         return f"shares its weight with {x.tied_to}: compress it there (stored once)"
     if len(x.weight_shape) < 2 or x.type not in COMPRESSIBLE:
         return f"{x.type} layer with a {len(x.weight_shape)}-d weight: not compressible by these backends"
-    threshold = int(p.get("weight_threshold", 0) or 0)
-    if threshold and x.weight_elements <= threshold:  # coremltools compresses only size > threshold
-        return f"{x.weight_elements} elements <= weight_threshold {threshold}: the backend leaves it uncompressed"
-    gran = p.get("granularity")
-    if gran == "per_grouped_channel":
-        gs = int(p.get("group_size", 0) or 0)
-        if gs <= 0 or x.out_channels % gs:
-            raise CompressionFailed(
-                f"layer {x.name}: {x.out_channels} output channels are not divisible by group_size {gs}; "
-                "coremltools would skip it silently", hint=f"choose a group_size dividing {x.out_channels}, "
-                "or list the layer under skipped (recommend does this)")
-    if gran == "per_block":
-        bs = int(p.get("block_size", 0) or 0)
-        if bs <= 0 or x.in_channels % bs:
-            raise CompressionFailed(
-                f"layer {x.name}: {x.in_channels} input channels are not divisible by block_size {bs}; "
-                "the backend would skip it silently", hint=f"choose a block_size dividing {x.in_channels}, "
-                "or list the layer under skipped")
-    return None
+    left = backend_leaves_alone(x, p)
+    if left is None:
+        return None
+    kind, reason = left
+    if kind == "threshold":
+        return reason
+    size = "group_size" if p.get("granularity") == "per_grouped_channel" else "block_size"
+    raise CompressionFailed(f"layer {x.name}: {reason}",
+                            hint=f"choose a {size} dividing it, or list the layer under skipped (recommend does this)")
 
 
 def _choose(tech: Technique, target: Target, side: str) -> str | None:

@@ -366,23 +366,34 @@ def _worker_state(ctx: EvalContext) -> dict[str, Any]:
     return _STATE
 
 
-def flat_outputs(out: Any) -> "torch.Tensor":
-    """All floating outputs of one batch as (B, D) float64 (tuples, lists and dicts concatenated)."""
+def _float_outputs(out: Any) -> list["torch.Tensor"]:
+    """The floating tensors a model returned (a tensor, tuple, list, dict or `.logits` object)."""
     import torch
 
     if isinstance(out, torch.Tensor):
         parts = [out]
     elif isinstance(out, dict):
-        parts = [v for v in out.values() if isinstance(v, torch.Tensor)]
+        parts = list(out.values())
     elif isinstance(out, (tuple, list)):
-        parts = [v for v in out if isinstance(v, torch.Tensor)]
+        parts = list(out)
     else:
         parts = [getattr(out, "logits")] if hasattr(out, "logits") else []
-    parts = [p for p in parts if p.is_floating_point()]
+    parts = [p for p in parts if isinstance(p, torch.Tensor) and p.is_floating_point()]
     if not parts:
         raise BadModel(f"the model returned {type(out).__name__} with no floating tensor to compare")
+    return parts
+
+
+def _flatten(parts: list["torch.Tensor"]) -> "torch.Tensor":
+    import torch
+
     b = parts[0].shape[0] if parts[0].dim() else 1
-    return torch.cat([p.detach().reshape(b, -1).double() for p in parts], 1)
+    return torch.cat([p.reshape(b, -1) for p in parts], 1)
+
+
+def flat_outputs(out: Any) -> "torch.Tensor":
+    """All floating outputs of one batch as (B, D) float64 (tuples, lists and dicts concatenated)."""
+    return _flatten([p.detach().double() for p in _float_outputs(out)])
 
 
 def run_model(model: Any, inputs: list["torch.Tensor"], batch_size: int) -> "torch.Tensor":
@@ -486,7 +497,7 @@ def gradient_proxies(model: Any, inputs: list["torch.Tensor"], weights: dict[str
         for i in range(0, n, batch):
             xb = tuple(t[i:i + batch] for t in sub)
             for _ in range(probes):
-                out = _flat_grad_outputs(model(*xb))
+                out = _flatten(_float_outputs(model(*xb)))
                 r = torch.randn(out.shape, generator=gen, dtype=out.dtype)
                 grads = torch.autograd.grad((out * r).sum(), list(targets.values()), allow_unused=True)
                 for layer, g in zip(targets, grads):
@@ -499,7 +510,7 @@ def gradient_proxies(model: Any, inputs: list["torch.Tensor"], weights: dict[str
             m = min(FISHER_SAMPLES, n)
             fisher = {layer: torch.zeros_like(p, dtype=torch.float64) for layer, p in targets.items()}
             for i in range(m):
-                out = _flat_grad_outputs(model(*(t[i:i + 1] for t in sub)))
+                out = _flatten(_float_outputs(model(*(t[i:i + 1] for t in sub))))
                 loss = torch.nn.functional.cross_entropy(out, labels[i:i + 1])
                 grads = torch.autograd.grad(loss, list(targets.values()), allow_unused=True)
                 for layer, g in zip(targets, grads):
@@ -509,22 +520,6 @@ def gradient_proxies(model: Any, inputs: list["torch.Tensor"], weights: dict[str
         for layer, p in targets.items():
             p.requires_grad_(flags[layer])
     return ({k: v.float() for k, v in hess.items()}, {k: v.float() for k, v in fisher.items()})
-
-
-def _flat_grad_outputs(out: Any) -> "torch.Tensor":
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        parts = [out]
-    elif isinstance(out, dict):
-        parts = list(out.values())
-    elif isinstance(out, (tuple, list)):
-        parts = list(out)
-    else:
-        parts = [out.logits]
-    parts = [p for p in parts if isinstance(p, torch.Tensor) and p.is_floating_point()]
-    b = parts[0].shape[0]
-    return torch.cat([p.reshape(b, -1) for p in parts], 1)
 
 
 # ------------------------------------------------------------------ cache

@@ -12,28 +12,42 @@ class NotApplicable(Exception):
     """The backend would leave this layer alone (too small, indivisible dims...)."""
 
 
-def size_variables(layer: LayerInfo, params: dict[str, Any], baseline: float,
-                   sparsity: float = 0.0) -> dict[str, float]:
-    """Variables of the size formulas for one weight tensor under one setting."""
+def backend_leaves_alone(layer: LayerInfo, params: dict[str, Any]) -> tuple[str, str] | None:
+    """Why coremltools would leave this weight uncompressed without an error, if it would:
+    ("threshold", reason) for a tensor too small, ("divisibility", reason) for a group or block
+    size that does not divide its dimension. The one copy of these rules: sizing, recommend and
+    apply all ask here."""
     n = layer.weight_elements
-    rows = max(layer.out_channels, 1)
-    cols = n // rows
     threshold = int(params.get("weight_threshold", 0) or 0)
     if threshold and n <= threshold:  # coremltools compresses only tensors with MORE elements
-        raise NotApplicable(f"{n} elements <= weight_threshold {threshold}: the backend leaves it uncompressed")
+        return "threshold", f"{n} elements <= weight_threshold {threshold}: the backend leaves it uncompressed"
     gran = params.get("granularity", "per_tensor")
     if gran == "per_grouped_channel":
-        gs = int(params.get("group_size", 0) or 0)
+        gs, rows = int(params.get("group_size", 0) or 0), max(layer.out_channels, 1)
         if gs <= 0 or rows % gs:
-            raise NotApplicable(f"out_channels {rows} not divisible by group_size {gs}: "
-                                "the backend would skip it silently")
-        groups = rows // gs
+            return "divisibility", (f"out_channels {rows} not divisible by group_size {gs}: "
+                                    "the backend would skip it silently")
     elif gran == "per_block":
         bs = int(params.get("block_size", 0) or 0)
         if bs <= 0 or layer.in_channels % bs:
-            raise NotApplicable(f"input channels {layer.in_channels} not divisible by block_size {bs}: "
-                                "the backend would skip it silently")
-        groups = n // bs
+            return "divisibility", (f"input channels {layer.in_channels} not divisible by block_size {bs}: "
+                                    "the backend would skip it silently")
+    return None
+
+
+def size_variables(layer: LayerInfo, params: dict[str, Any], baseline: float,
+                   sparsity: float = 0.0) -> dict[str, float]:
+    """Variables of the size formulas for one weight tensor under one setting."""
+    if left := backend_leaves_alone(layer, params):
+        raise NotApplicable(left[1])
+    n = layer.weight_elements
+    rows = max(layer.out_channels, 1)
+    cols = n // rows
+    gran = params.get("granularity", "per_tensor")
+    if gran == "per_grouped_channel":
+        groups = rows // int(params["group_size"])
+    elif gran == "per_block":
+        groups = n // int(params["block_size"])
     elif gran == "per_channel":
         groups = rows
     else:
