@@ -30,7 +30,7 @@ from . import backends as B
 from .analysis import LayerInfo, ModelReport, _split, analyze
 from ._callable import callable_module
 from .errors import BadModel, CompressionFailed, InputNotFound, InvalidKnowledge, OutputExists, Unavailable
-from .fsutil import atomic_dir, write_text_atomic
+from .fsutil import atomic_dir, check_output, temp_files_in, write_text_atomic, writing
 from .knowledge import Knowledge, builtin
 from .loading import LoadedModel, load_model
 from .schema import COMPRESSIBLE, LAYER_TYPES, SLOTS, Plan, Step, Target, Technique
@@ -86,9 +86,7 @@ def apply(
         from .plan import load_plan
 
         plan = load_plan(plan)
-    out = Path(out)
-    if out.exists() and not force:  # fail fast; atomic_dir checks again when it starts
-        raise OutputExists(f"{out} already exists", hint="pass --force to replace it")
+    out = check_out(out, model, force=force)  # fail fast; atomic_dir checks again when it starts
     k = knowledge or builtin()
     target = k.target(plan.target.name)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_pickle=trust_pickle)
@@ -106,7 +104,8 @@ def apply(
         raise BadModel("Core ML conversion needs an example input and the model carries none",
                        hint="pass --input-shape 1,3,224,224 or --samples FILE")
     with atomic_dir(out, force=force) as tmp:
-        manifest = _execute(plan, k, loaded, report, jobs, ctx, route, tmp)
+        with temp_files_in(tmp / ".scratch"):  # coremltools' temp .mlpackages: swept if we are killed
+            manifest = _execute(plan, k, loaded, report, jobs, ctx, route, tmp)
         manifest["seconds"] = round(time.perf_counter() - started, 2)
         write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
     return ApplyResult(out_dir=out, torch_artifact=out / manifest["torch_artifact"] if manifest["torch_artifact"] else None,
@@ -114,8 +113,23 @@ def apply(
                        manifest=manifest, seconds=manifest["seconds"])
 
 
-def load_artifact(out_dir: str | Path) -> LoadedModel:
-    """The torch side's compressed model from an `apply` output folder, ready to run."""
+def check_out(out: str | Path, model: LoadedModel | str | Path | None, *, force: bool) -> Path:
+    """`out` is a folder that never holds the input model; --force replaces only an earlier
+    output (or an empty folder), never a folder of other files (`--out . --force`)."""
+    out = Path(out)
+    source = model.source if isinstance(model, LoadedModel) else model
+    check_output(out, force=force, inputs={"model": source}, kind="folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise OutputExists(f"--out {out} is a folder that is not an `apply` output (no manifest.json): "
+                           "--force only replaces those", hint="choose a new or empty --out folder")
+    return out
+
+
+def load_artifact(out_dir: str | Path, *, factory: str | None = None) -> LoadedModel:
+    """The torch side's compressed model from an `apply` output folder, ready to run.
+
+    A state-dict artefact needs its model code: only `factory`, the `module:function` the caller
+    named itself, is imported for it; the manifest (a file we wrote, or anyone did) never chooses it."""
     out_dir = Path(out_dir)
     path = out_dir / "manifest.json"
     if not path.is_file():
@@ -131,7 +145,7 @@ def load_artifact(out_dir: str | Path) -> LoadedModel:
         B.import_quietly("torchao")  # registers the tensor subclasses the artefact holds
     fmt = manifest.get("torch_format", "exported")
     if fmt == "state_dict":
-        return _load_state_dict_artifact(out_dir, manifest)
+        return _load_state_dict_artifact(out_dir, manifest, factory)
     with B.quiet():
         loaded = load_model(out_dir / artifact)
     loaded.notes.append(f"compressed by compressadvise apply ({', '.join(s['technique'] for s in manifest.get('steps', []))})")
@@ -510,13 +524,17 @@ def _save_torch(model: Any, example: tuple | None, tmp: Path) -> dict[str, Any]:
             "note": "state dict; load_artifact rebuilds the model from its factory (" + "; ".join(errors) + ")"}
 
 
-def _load_state_dict_artifact(out_dir: Path, manifest: dict[str, Any]) -> LoadedModel:
+def _load_state_dict_artifact(out_dir: Path, manifest: dict[str, Any], factory: str | None) -> LoadedModel:
     import torch
 
-    source = manifest.get("input", {}).get("source", "")
-    fmt = manifest.get("input", {}).get("format", "")
+    given = manifest.get("input") if isinstance(manifest.get("input"), dict) else {}
+    source, fmt = str(given.get("source", "")), given.get("format", "")
     if fmt not in ("factory", "bundled"):
         raise BadModel(f"{out_dir}: the torch artefact is a state dict and the input ({source}) has no factory to rebuild it")
+    if fmt == "factory" and source != factory:
+        raise BadModel(f"{out_dir}: its torch artefact is a state dict rebuilt by the Python factory {source} "
+                       "that manifest.json names; a file the tool wrote never chooses code to import",
+                       hint="pass that factory yourself (e.g. `compressadvise verify MODULE:FUNCTION DIR`)")
     base = load_model(None if fmt == "bundled" else source)
     module = base.module
     if "torchao" in manifest.get("backends_used", []):
@@ -682,7 +700,8 @@ def _coreml_side(loaded: LoadedModel, compressed: Any, jobs: list[B.StepJob], ct
                         "matched_by": lj.match, **({} if status == "applied" else {"reason": "not compressed on the torch side"})}
     path = tmp / MLPACKAGE
     stage("Core ML: save")
-    C.save(mlmodel, path)
+    with writing(path):  # a full disk shows here: one line with the path, not coremltools' error list
+        C.save(mlmodel, path)
     stage("Core ML: read back")
     return _check_coreml(path, jobs, outcome, how)
 

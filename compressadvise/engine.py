@@ -18,6 +18,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from pydantic import ValidationError
+
 from .analysis import LayerInfo, ModelReport, analyze
 from .errors import InvalidKnowledge
 from .expressions import cel
@@ -84,6 +86,16 @@ def constraint_facts(c: Constraints, r: ModelReport) -> dict[str, Any]:
     }
 
 
+def _constraints(values: dict[str, Any]) -> Constraints:
+    """Budgets as given by a caller; NaN or inf (refused by the schema) is a one-line error."""
+    try:
+        return Constraints(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        raise InvalidKnowledge(f"constraints: '{key}': {err['msg']} (got {err.get('input')!r})") from None
+
+
 def _rank(cr: CompiledRule) -> tuple:
     return (-cr.rule.priority, -cr.specificity(), cr.code)
 
@@ -131,7 +143,7 @@ def recommend(
     os_major = tgt.default_os if os is None else int(os)
     if tgt.coreml and os_major and os_major < tgt.min_os:
         raise InvalidKnowledge(f"target {tgt.name} needs OS {tgt.min_os} or later (got {os_major})")
-    c = constraints if isinstance(constraints, Constraints) else Constraints(**(constraints or {}))
+    c = constraints if isinstance(constraints, Constraints) else _constraints(constraints or {})
     base = {"model": model_facts(report), "target": target_facts(tgt, os_major),
             "constraints": constraint_facts(c, report)}
     trace: list[TraceEntry] = []

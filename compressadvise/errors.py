@@ -9,7 +9,7 @@ EXIT_CODES: dict[int, str] = {
     0: "success (and, for `verify`, every budget met)",
     1: "a budget was missed (`verify` gate) ",
     2: "bad command-line usage (unknown option, missing argument)",
-    3: "input not found or not readable",
+    3: "input not found or not readable, or output location not writable",
     4: "model file corrupt, empty or in an unsupported format",
     5: "refused to unpickle an untrusted file (pass --trust-pickle to allow code execution)",
     6: "invalid knowledge, playbook, plan or sample file (schema or expression error), or a failing --eval evaluator",
@@ -64,3 +64,10 @@ class CompressionFailed(CompressAdviseError):
 
 class OutputExists(CompressAdviseError):
     exit_code = 9
+
+
+class OutputNotWritable(CompressAdviseError, OSError):
+    """The output location cannot be written (read-only, full, under a file). Also an OSError,
+    so code that tolerates a failed write (caches) keeps doing so."""
+
+    exit_code = 3

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Protocol
@@ -59,12 +61,49 @@ class SerialExecutor:
 
 # ------------------------------------------------------------------ process pool
 _CONTEXT: dict[str, Any] = {}
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_ENV = "COMPRESSADVISE_PARENT_PID"  # the fork server's parent: the process that started it
+_SERVER_PID = 0  # in the fork server: its own pid, the parent of every worker it forks
 
 
-def _init_worker(payload: bytes, path: list[str]) -> None:
+def _pdeathsig() -> bool:
+    """Ask Linux to SIGKILL this process when its parent dies; False where that is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        import signal
+
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)  # orphaned: nobody reads our results, and we hold the caller's pipes open
+
+
+def die_with_parent(parent: int, *, watchdog: bool = True, pdeathsig: bool = True) -> None:
+    """End this process as soon as `parent` dies (even by SIGKILL, which runs no clean-up), so
+    that a killed caller leaves no fork server or workers behind holding ~1 GB and its stdout/
+    stderr pipes. PR_SET_PDEATHSIG on Linux, plus a thread polling getppid() as the portable
+    fallback; the check after prctl covers a parent that died before it was set."""
+    armed = pdeathsig and _pdeathsig()
+    if os.getppid() != parent:
+        os._exit(1)
+    if watchdog or not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), name="compressadvise-parent-watch",
+                         daemon=True).start()
+
+
+def _init_worker(payload: bytes, path: list[str], owner: int = 0) -> None:
     import pickle
     import signal
 
+    # A worker's parent is the fork server (or, under spawn, the caller: `owner`).
+    die_with_parent(_SERVER_PID or owner or os.getppid())
     # Ctrl-C goes to the whole process group: the parent decides (it stops the workers), so
     # workers ignore it instead of printing their own tracebacks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -93,15 +132,20 @@ def _mp_context() -> Any:
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
-    previous = os.environ.get(WORKER_ENV)
-    os.environ[WORKER_ENV] = "1"  # the server quiets library chatter as it preloads (see below)
+    # The server quiets library chatter as it preloads, and dies with this process (see below).
+    # PR_SET_PDEATHSIG fires when the parent *thread* ends: only the main thread may arm it.
+    main_thread = threading.current_thread() is threading.main_thread()
+    env = {WORKER_ENV: "1", PARENT_ENV: f"{os.getpid()}:{'thread' if main_thread else 'watch'}"}
+    previous = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         forkserver.ensure_running()
     finally:
-        if previous is None:
-            os.environ.pop(WORKER_ENV, None)
-        else:
-            os.environ[WORKER_ENV] = previous
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return ctx
 
 
@@ -123,7 +167,7 @@ class ProcessExecutor:
         # shared memory, and workers swapping weights in place would then see each other's swaps.
         payload = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
         pool = ProcessPoolExecutor(max_workers=min(self.workers, len(items)), mp_context=_mp_context(),
-                                   initializer=_init_worker, initargs=(payload, list(sys.path)))
+                                   initializer=_init_worker, initargs=(payload, list(sys.path), os.getpid()))
         pending: set[Future] = set()
         queue = iter(items)
         try:
@@ -275,4 +319,9 @@ def make_executor(kind: str = "process", *, workers: int | None = None, address:
 
 
 if os.environ.get(WORKER_ENV) == "1":  # imported by the fork server: keep its preloads quiet
+    _pid, _, _how = os.environ.pop(PARENT_ENV, "").partition(":")
+    if _pid.isdigit():
+        _SERVER_PID = os.getpid()
+        # No watchdog thread where prctl works: the server forks every worker, best done single-threaded.
+        die_with_parent(int(_pid), watchdog=False, pdeathsig=_how == "thread")
     _quiet_worker()

@@ -113,10 +113,11 @@ def _load_technique(k: Knowledge, path: Path) -> None:
     for i, req in enumerate(t.requires):
         cond = None
         if req.when:
+            where = f"{path}:{line_of(lines, ('requires', i, 'when'))}"
             try:
-                cond = compile_condition(req.when, ("step",))
+                cond = compile_condition(req.when, ("step",), origin=f"{where}: technique {t.name}: requires.when")
             except ExpressionError as e:
-                raise InvalidKnowledge(f"{path}:{line_of(lines, ('requires', i, 'when'))}: {e}") from None
+                raise InvalidKnowledge(f"{where}: {e}") from None
         reqs.append((req.mode, cond))
     k.requirement_programs[t.name] = reqs
     k.techniques[t.name] = t
@@ -179,17 +180,19 @@ def _load_playbook(k: Knowledge, path: Path, origin: str) -> None:
             raise InvalidKnowledge(f"{where}: duplicate rule code (first defined at {prev.file}:{prev.line})")
         _check_action(k, rule, where)
         scope = MODEL_SCOPE if rule.scope == "model" else LAYER_SCOPE
-        try:
-            cond = compile_condition(rule.when, scope)
+        when_at = f"{path}:{line_of(lines, ('rules', i, 'when'))}: rule {rule.code}"
+        try:  # origin: a runtime failure (division by zero...) names the rule and its line too
+            cond = compile_condition(rule.when, scope, origin=when_at)
         except ExpressionError as e:
-            raise InvalidKnowledge(f"{path}:{line_of(lines, ('rules', i, 'when'))}: rule {rule.code}: {e}") from None
+            raise InvalidKnowledge(f"{when_at}: {e}") from None
         sel = None
         if rule.action.layers and rule.action.layers.where:
+            ln = line_of(lines, ("rules", i, "action", "layers", "where"))
+            sel_at = f"{path}:{ln}: rule {rule.code}: layers.where"
             try:
-                sel = compile_condition(rule.action.layers.where, LAYER_SCOPE)
+                sel = compile_condition(rule.action.layers.where, LAYER_SCOPE, origin=sel_at)
             except ExpressionError as e:
-                ln = line_of(lines, ("rules", i, "action", "layers", "where"))
-                raise InvalidKnowledge(f"{path}:{ln}: rule {rule.code}: layers.where: {e}") from None
+                raise InvalidKnowledge(f"{sel_at}: {e}") from None
         k.rules[rule.code] = CompiledRule(rule, data["playbook"], str(path), line_of(lines, ("rules", i)), cond, sel)
         rules.append(rule)
     pb = Playbook(**header, rules=rules)

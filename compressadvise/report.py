@@ -3,7 +3,9 @@ spots and the trade-offs of the plan, before anyone commits to it.
 
 Inputs, all optional but the model or run folder:
 - a model (analyze + recommend for a target, or a saved plan with `plan=`), or an `apply`
-  output folder (manifest.json naming the plan; the original model from the plan/manifest);
+  output folder (manifest.json naming the plan; the original model from `model=`, else from the
+  plan/manifest when it names an existing file or the bundled example: a module:function there
+  is never imported, since files the tool writes are data, never code references);
 - a `verify` result (`verify.json` in the run folder, or `verify=`): measured accuracy per
   class/slice, per-layer drift, latency on this machine, budget verdicts;
 - sensitivity results (`sensitivity.json` in the run folder, or `sensitivity=`), read by
@@ -40,6 +42,7 @@ from .render import human_bytes
 DOCS_BASE = "docs/reference/rules/"
 RUN_FILES = {"manifest": "manifest.json", "verify": "verify.json", "sensitivity": "sensitivity.json"}
 TOP_BARS = 25  # layers per bar chart; the table always lists every layer
+MISSING_WITHOUT_MODEL = "layer types and latency estimates are missing"
 FP16_BYTES = 2.0
 Basis = Literal["measured", "estimate"]
 
@@ -274,9 +277,11 @@ def gather(
     input_shape: list[int] | None = None,
     knowledge: Any = None,
     trust_pickle: bool = False,
+    model: Any = None,
 ) -> Inputs:
     """Collect what the report shows. `source`: an `apply` output folder, a model path or spec,
-    a LoadedModel, an analysis.ModelReport, or None for the bundled example."""
+    a LoadedModel, an analysis.ModelReport, or None for the bundled example. `model`: the
+    original model of an `apply` folder, given by the user (else read from its manifest)."""
     from .knowledge import builtin
 
     k = knowledge or builtin()
@@ -288,7 +293,9 @@ def gather(
     if sensitivity is not None:
         sens = sensitivity if isinstance(sensitivity, Sensitivity) else load_sensitivity(sensitivity)
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        inp = _from_run_dir(Path(source), trust_pickle, input_shape)
+        inp = _from_run_dir(Path(source), trust_pickle, input_shape, model)
+    elif model is not None:
+        raise ValueError("`model` names the original model of an `apply` output folder; pass a model as `source`")
     else:
         inp = Inputs(source="bundled example" if source is None else str(getattr(source, "source", source)))
         inp.report = _analyze(source, trust_pickle, input_shape)
@@ -350,8 +357,9 @@ def _load_verify(verify: Any) -> Any:
         raise InvalidKnowledge(f"{verify}: not a `compressadvise verify --json` result: {_first_error(e)}") from None
 
 
-def _from_run_dir(run: Path, trust_pickle: bool, input_shape: list[int] | None) -> Inputs:
-    """An `apply` output folder: its plan, the original model it names, verify/sensitivity beside it."""
+def _from_run_dir(run: Path, trust_pickle: bool, input_shape: list[int] | None, model: Any = None) -> Inputs:
+    """An `apply` output folder: its plan, the original model (`model`, else the file it names),
+    verify/sensitivity beside it."""
     mpath = run / RUN_FILES["manifest"]
     if not mpath.is_file():
         raise InputNotFound(f"{run} is a directory without manifest.json (not an `apply` output)",
@@ -359,13 +367,16 @@ def _from_run_dir(run: Path, trust_pickle: bool, input_shape: list[int] | None) 
     manifest = _read_json(mpath, "apply manifest")
     inp = Inputs(source=str(run), manifest=manifest, run_dir=run, read={"manifest": str(mpath)})
     inp.plan = _manifest_plan(run, manifest, inp)
-    original = _original_source(manifest, inp.plan)
-    try:
-        inp.report = _analyze(original, trust_pickle, input_shape)
-        inp.read["model"] = str(original or "bundled example")
-    except CompressAdviseError as e:
-        inp.notes.append(f"the original model ({original}) could not be analyzed ({e.one_line()}): "
-                         "layer types and latency estimates are missing")
+    original, refused = (model, None) if model is not None else _original_source(manifest, inp.plan)
+    if refused:
+        inp.notes.append(refused)
+    else:
+        try:
+            inp.report = _analyze(original, trust_pickle, input_shape)
+            inp.read["model"] = str(getattr(original, "source", original) or "bundled example")
+        except CompressAdviseError as e:
+            inp.notes.append(f"the original model ({original}) could not be analyzed ({e.one_line()}): "
+                             f"{MISSING_WITHOUT_MODEL}")
     for key in ("verify", "sensitivity"):
         p = run / RUN_FILES[key]
         if p.is_file():
@@ -395,8 +406,19 @@ def _manifest_plan(run: Path, manifest: dict[str, Any], inp: Inputs) -> Any:
     return None
 
 
-def _original_source(manifest: dict[str, Any], plan: Any) -> str | None:
-    """The model the run started from; None (the bundled example) when it was that."""
+def _original_source(manifest: dict[str, Any], plan: Any) -> tuple[str | None, str | None]:
+    """(the model the run started from, None) with None for the bundled example; or (spec, why
+    not) when the manifest or plan names a Python factory: written files choose no code to run."""
+    spec = _named_original(manifest, plan)
+    if spec is None:
+        return None, None
+    if _names_code(spec):
+        return spec, (f"the original model is not analyzed: the manifest names a Python factory ({spec}); "
+                      f"pass the model on the command line (--model {spec}) to import it. {MISSING_WITHOUT_MODEL}")
+    return spec, None  # a path: loading a file runs no code (pickles need --trust-pickle)
+
+
+def _named_original(manifest: dict[str, Any], plan: Any) -> str | None:
     for key in ("input", "original", "model", "source"):
         v = manifest.get(key)
         if isinstance(v, dict):
@@ -405,6 +427,12 @@ def _original_source(manifest: dict[str, Any], plan: Any) -> str | None:
             return None if v.startswith("bundled") else v
     src = plan.model.source if plan is not None else ""
     return None if not src or src.startswith("bundled") else src
+
+
+def _names_code(spec: str) -> bool:
+    """A module:function spec, which loading imports (the rule of loading.load_model), not a file."""
+    return (not Path(spec).exists() and ":" in spec and not spec.startswith(("/", "."))
+            and "/" not in spec.split(":")[0])
 
 
 # ------------------------------------------------------------------ building the report
@@ -1255,6 +1283,7 @@ class ReportResult(BaseModel):
     omitted: dict[str, str]
     png: list[str] = []
     summary: list[SummaryRow] = []
+    notes: list[str] = []  # about the inputs: what could not be read or analyzed, and why
 
 
 def write_report(
@@ -1272,10 +1301,11 @@ def write_report(
     if out.exists() and not force:
         raise OutputExists(f"{out} already exists", hint="pass --force to replace it")
     inp = gather(source, **gather_args)
+    notes = list(inp.notes)
     data = build(inp, docs_base=docs_base, knowledge=gather_args.get("knowledge"), title=title)
     page = render_html(data)
     write_text_atomic(out, page)
     pngs = [str(p) for p in write_pngs(data, png_dir)] if png_dir is not None else []
     return ReportResult(html=str(out), bytes=len(page.encode("utf-8")), layers=len(data.layers),
                         charts=[c.id for c in data.charts], omitted={o.id: o.reason for o in data.omitted},
-                        png=pngs, summary=data.summary)
+                        png=pngs, summary=data.summary, notes=notes)

@@ -4,9 +4,10 @@ Unknown keys are errors (a typo such as `prioritty` must not silently drop a set
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 PLAN_VERSION = 1
 SLOTS = ("sparsity", "weights", "activations")
@@ -14,8 +15,27 @@ LAYER_TYPES = ("linear", "conv", "depthwise_conv", "embedding", "norm", "attenti
 COMPRESSIBLE = ["linear", "conv", "depthwise_conv", "embedding", "attention"]
 
 
+def _finite(value: Any) -> Any:
+    """NaN passes every range check (`nan < min` is false) and inf breaks the size sums, so no
+    free-form parameter may hold either, however deep in a list or mapping."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number, not NaN or infinity")
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _finite(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _finite(v)
+    return value
+
+
+FiniteAny = Annotated[Any, AfterValidator(_finite)]
+Params = dict[str, FiniteAny]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: every float field refuses .nan and .inf, with the key's file:line.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Citation(Strict):
@@ -37,8 +57,8 @@ class Citation(Strict):
 class ParamSpec(Strict):
     type: Literal["int", "float", "str", "bool"]
     description: str
-    default: Any = None
-    choices: list[Any] | None = None
+    default: FiniteAny = None
+    choices: list[FiniteAny] | None = None
     min: float | None = None
     max: float | None = None
 
@@ -47,6 +67,8 @@ class ParamSpec(Strict):
         py = {"int": int, "float": (int, float), "str": str, "bool": bool}[self.type]
         if isinstance(value, bool) and self.type != "bool" or not isinstance(value, py):
             return f"parameter '{name}' must be {self.type}, got {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):  # would pass min/max below
+            return f"parameter '{name}' must be a finite number, got {value!r}"
         if self.choices is not None and value not in self.choices:
             return f"parameter '{name}'={value!r} not in {self.choices}"
         if self.min is not None and value < self.min:
@@ -150,7 +172,7 @@ class LayerSelect(Strict):
 class Action(Strict):
     kind: Literal["compress", "override", "keep", "advise"]
     technique: str | None = None
-    params: dict[str, Any] = {}
+    params: Params = {}
     layers: LayerSelect | None = None
     slots: list[Literal["sparsity", "weights", "activations"]] | None = None
     message: str | None = Field(None, description="for advise: the recommended move, imperative")
@@ -188,10 +210,10 @@ class Skip(Strict):
 class Step(Strict):
     technique: str
     slot: str
-    params: dict[str, Any] = {}
+    params: Params = {}
     layers: list[str] = Field(default_factory=list, description="layers the step compresses")
-    op_type_params: dict[str, dict[str, Any]] = {}
-    op_name_params: dict[str, dict[str, Any]] = {}
+    op_type_params: dict[str, Params] = {}
+    op_name_params: dict[str, Params] = {}
     skipped: list[Skip] = []
     rules: list[str] = []
     why: str = ""

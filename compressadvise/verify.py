@@ -6,13 +6,15 @@ budget gets a verdict saying what it was checked against ("measured" or "estimat
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 from pydantic import Field
 
@@ -200,8 +202,9 @@ def _from_module(module: Any) -> LoadedModel:
                        has_graph=True, module=module.eval())
 
 
-def _apply_dir(path: Path, trust_pickle: bool) -> tuple[LoadedModel, str | None, Any, Path]:
-    """An `apply` output folder: manifest.json names the torch artifact and the .mlpackage."""
+def _apply_dir(path: Path, trust_pickle: bool, named: str | None = None) -> tuple[LoadedModel, str | None, Any, Path]:
+    """An `apply` output folder: manifest.json names the torch artifact and the .mlpackage.
+    `named`: the model spec the caller gave, the only factory a state-dict artefact may import."""
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise InputNotFound(f"{path} is a directory without manifest.json (not an `apply` output)",
@@ -210,6 +213,9 @@ def _apply_dir(path: Path, trust_pickle: bool) -> tuple[LoadedModel, str | None,
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as e:
         raise BadModel(f"{manifest_path}: unreadable manifest ({e})") from e
+    if not isinstance(manifest, dict):
+        raise BadModel(f"{manifest_path}: unreadable manifest (not a JSON object)")
+    _refuse_manifest_code(manifest, path, named)
     artifact = manifest.get("torch_artifact")
     loaded = None
     try:
@@ -217,7 +223,7 @@ def _apply_dir(path: Path, trust_pickle: bool) -> tuple[LoadedModel, str | None,
     except ImportError:
         load_artifact = None
     if load_artifact is not None:
-        loaded = load_artifact(path)
+        loaded = load_artifact(path, factory=named)
     elif artifact:
         loaded = load_model(path / artifact, trust_pickle=trust_pickle)
     if loaded is None:
@@ -237,7 +243,33 @@ def _apply_dir(path: Path, trust_pickle: bool) -> tuple[LoadedModel, str | None,
     return loaded, mlpath, plan, file
 
 
-def _resolve(model: Any, trust_pickle: bool) -> _Side:
+def _refuse_manifest_code(manifest: dict[str, Any], path: Path, named: str | None) -> None:
+    """A state-dict artefact is rebuilt by the factory its manifest names (apply.load_artifact):
+    import it only when the user named that same factory; a written file never chooses code."""
+    if manifest.get("torch_format") != "state_dict":
+        return
+    given = manifest.get("input")
+    if not isinstance(given, dict):
+        raise BadModel(f"{path / 'manifest.json'}: the torch artefact is a state dict and 'input' does not "
+                       "say which model to rebuild it into")
+    source = str(given.get("source") or "")
+    if given.get("format") == "factory" and source != named:
+        import shlex
+
+        raise BadModel(f"{path}: its torch artefact is a state dict rebuilt by the Python factory {source} "
+                       "that manifest.json names; a file the tool wrote never chooses code to import",
+                       hint=f"pass the model on the command line: `compressadvise verify {shlex.quote(source)} "
+                       f"{shlex.quote(str(path))}`")
+
+
+def _named_spec(model: Any) -> str | None:
+    """The spec of a model the caller gave (a string, or a factory it loaded itself)."""
+    if isinstance(model, LoadedModel):
+        return model.source if model.format == "factory" else None
+    return str(model) if isinstance(model, (str, os.PathLike)) else None
+
+
+def _resolve(model: Any, trust_pickle: bool, named: str | None = None) -> _Side:
     import torch
 
     mlpackage = plan = None
@@ -248,7 +280,7 @@ def _resolve(model: Any, trust_pickle: bool) -> _Side:
     elif isinstance(model, torch.nn.Module):
         loaded = _from_module(model)
     elif model is not None and str(model) != "bundled" and Path(str(model)).is_dir():
-        loaded, mlpackage, plan, file = _apply_dir(Path(str(model)), trust_pickle)
+        loaded, mlpackage, plan, file = _apply_dir(Path(str(model)), trust_pickle, named)
         if file.is_file():
             size, basis = disk_size(file), "torch artifact on disk (measured)"
     else:
@@ -391,6 +423,25 @@ def _logits_output(outs: dict[str, "torch.Tensor"], labels: "torch.Tensor") -> s
     return None
 
 
+def check_labels(labels: "torch.Tensor | None", outputs: dict[str, "torch.Tensor"], source: str) -> None:
+    """Class labels must index the model's classes: one outside 0..C-1 is never predicted, so
+    accuracy would read 0% before and after and an accuracy budget would pass on nothing."""
+    import torch
+
+    if labels is None or labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        return
+    name = _logits_output(outputs, labels)
+    if name is None:
+        return  # the output width is unknown: nothing to check against
+    classes = int(outputs[name].shape[1])
+    bad = ((labels < 0) | (labels >= classes)).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise InvalidSamples(f"{source}: label {int(labels[i])} at sample {i} is not one of the model's {classes} "
+                             f"classes (output {name!r} has {classes} columns; {bad.numel()} label(s) out of range)",
+                             hint=f"labels must be class indices 0..{classes - 1}")
+
+
 def accuracy_rows(ref: dict[str, "torch.Tensor"], test: dict[str, "torch.Tensor"],
                   labels: "torch.Tensor") -> tuple[list[MetricRow], str | None]:
     """Top-1/top-5 for class labels, MSE for float targets; (rows, output used)."""
@@ -454,24 +505,64 @@ def _slices(samples: Samples, ref: dict, test: dict, labels: "torch.Tensor | Non
 
 
 # ------------------------------------------------------------------ user evaluator
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """User code's prints go to stderr while it runs: stdout carries --json and must stay
+    parseable. Both sys.stdout and file descriptor 1 (C extensions, subprocesses) move."""
+    real = sys.stdout
+    if real is not None:
+        real.flush()
+    try:
+        saved: int | None = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no fd 1 to move (closed)
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if real is not None:
+            real.flush()  # what it wrote to sys.__stdout__ directly still goes to stderr
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _evaluator_name(func: Callable) -> str:
+    mod, name = getattr(func, "__module__", None), getattr(func, "__qualname__", None)
+    return f"{mod}:{name}" if mod and name else repr(func)
+
+
 def load_evaluator(spec: str | Callable) -> Callable:
-    return spec if callable(spec) else import_callable(str(spec), "evaluator")
+    if callable(spec):
+        return spec
+    try:
+        with _stdout_to_stderr():  # a module that prints as it imports
+            return import_callable(str(spec), "evaluator")
+    except SystemExit as e:  # its exit code is not ours to report
+        raise EvaluatorFailed(f"evaluator {spec} called exit({e.code!r}) while being imported") from e
 
 
 def run_evaluator(func: Callable, model: Any, which: str) -> dict[str, float]:
+    name = _evaluator_name(func)
     try:
-        result = func(model)
+        with _stdout_to_stderr():
+            result = func(model)
+    except SystemExit as e:  # sys.exit() inside the evaluator: its failure (exit 6), not our exit code
+        raise EvaluatorFailed(f"evaluator {name} called exit({e.code!r}) on the {which} model",
+                              hint="return a dict of metrics instead of exiting") from e
     except Exception as e:
-        raise EvaluatorFailed(f"evaluator raised {type(e).__name__} on the {which} model: {_first_line(e)}") from e
+        raise EvaluatorFailed(f"evaluator {name} raised {type(e).__name__} on the {which} model: "
+                              f"{_first_line(e)}") from e
     if not isinstance(result, dict) or not result:
-        raise EvaluatorFailed(f"evaluator returned {type(result).__name__} for the {which} model; "
+        raise EvaluatorFailed(f"evaluator {name} returned {type(result).__name__} for the {which} model; "
                               "it must return a non-empty dict of metric name -> number")
     out = {}
     for k, v in result.items():
         try:
             out[str(k)] = float(v)
         except (TypeError, ValueError):
-            raise EvaluatorFailed(f"evaluator metric {k!r} is {type(v).__name__}, not a number") from None
+            raise EvaluatorFailed(f"evaluator {name} metric {k!r} is {type(v).__name__}, not a number") from None
     return out
 
 
@@ -734,10 +825,12 @@ def verify(
     """Compare `compressed` with `original` on samples and judge the budgets.
 
     original/compressed: LoadedModel, nn.Module, model path, `apply` output folder, or
-    None/"bundled" for the bundled example. samples: Samples, a sample file or folder,
-    "bundled", or None (bundled samples for the bundled model, else random inputs with a
-    warning). evaluator: `module:function` (or a callable) receiving the model and returning
-    a dict of metrics; its `accuracy` key (else the first) feeds the accuracy budget, in points.
+    None/"bundled" for the bundled example (an `apply` folder holding a state dict is rebuilt
+    by the factory its manifest names only when `original` is that same factory).
+    samples: Samples, a sample file or folder, "bundled", or None (bundled samples for the
+    bundled model, else random inputs with a warning). evaluator: `module:function` (or a
+    callable) receiving the model and returning a dict of metrics; its `accuracy` key (else
+    the first) feeds the accuracy budget, in points.
     """
     say = progress or (lambda _msg: None)
     budget = _budgets(budgets)
@@ -746,7 +839,7 @@ def verify(
         raise InputNotFound("no compressed model given", hint="verify ORIGINAL COMPRESSED")
     say("loading models")
     orig = _resolve(original, trust_pickle)
-    comp = _resolve(compressed, trust_pickle)
+    comp = _resolve(compressed, trust_pickle, named=_named_spec(original))  # its factory, if any, is the user's
     smp = _samples(samples, orig)
     lab = _labels(labels, smp)
     warnings = list(smp.warnings)
@@ -762,6 +855,7 @@ def verify(
     if bad:
         raise BadModel(f"the original model outputs {bad} NaN/inf value(s) on these samples: "
                        "fidelity cannot be measured against it", hint="check the samples' scaling and dtype")
+    check_labels(lab, ref, smp.source if labels is None else "labels")
     test = run_model(comp.fn, smp, batch_size, "the compressed model")
     _check_structure(ref, test)
     fid = fidelity_report(ref, test, overrides)

@@ -7,6 +7,9 @@ Ctrl-C is an ordinary KeyboardInterrupt. The answers are saved atomically to OUT
 after every stage (and after every reviewed plan step), so an interrupted session leaves only
 complete files and `compressadvise walkthrough --resume OUT` continues where it stopped.
 `--yes` (UI.interactive False) answers every question with its default.
+
+session.json is data the tool wrote, never a grant: on resume, --trust-pickle, a module:function
+model and the evaluator count only when given on the command line again (`resolve_grants`).
 """
 from __future__ import annotations
 
@@ -53,6 +56,12 @@ class NotInteractive(CompressAdviseError):
     exit_code = 2
 
 
+class ResumeRefused(CompressAdviseError):
+    """The saved session names code that the command line does not name again (usage, exit 2)."""
+
+    exit_code = 2
+
+
 class Interrupted(Exception):
     """Ctrl-C or end of input during the session; the session file stays valid."""
 
@@ -70,7 +79,7 @@ class Session(BaseModel):
 
     session_version: int = SESSION_VERSION
     model: str | None = None  # None = the bundled example
-    trust_pickle: bool = False
+    trust_pickle: bool = False  # the latest run's --trust-pickle; never read back as a grant
     input_shape: list[int] | None = None  # for models that carry no example input
     done: list[str] = []
     target: str | None = None
@@ -262,7 +271,7 @@ def reproduce_commands(session: Session, out: Path, *, steps: bool = True) -> li
         ("target", session.target), ("os", session.os), ("data", session.data),
         ("samples", session.samples), ("eval", session.evaluator)) if v]
     cmds = [_cmd("compressadvise recommend", model, *tgt, *budgets, f"--data {session.data}", *shape,
-                 f"--out {q(out / 'recommended-plan.yaml')}", *trust,
+                 f"--out {q(out / 'recommended-plan.yaml')} --force", *trust,
                  "  # the plan before your review; plan.yaml holds your reviewed version")]
     if steps:
         cmds += [
@@ -270,8 +279,9 @@ def reproduce_commands(session: Session, out: Path, *, steps: bool = True) -> li
             _cmd("compressadvise verify", model or "bundled", comp, *samples, *evaluator, *tgt, *budgets,
                  f"--plan {plan}", *trust, f"--json > {ver}",
                  "  # verify has no --input-shape: give it --samples" if shape and not samples else ""),
-            _cmd("compressadvise report", comp, f"--plan {plan} --verify {ver} --out {q(out / REPORT_FILE)} --force",
-                 *trust),
+            # --model: the report never imports a module:function read from the apply manifest.
+            _cmd("compressadvise report", comp, f"--model {model}" if model else "",
+                 f"--plan {plan} --verify {ver} --out {q(out / REPORT_FILE)} --force", *trust),
         ]
     else:
         cmds.append(_cmd("compressadvise report", model, f"--plan {plan} --out {q(out / REPORT_FILE)} --force",
@@ -409,6 +419,9 @@ def prepare_out(out: Path, *, resume: bool, force: bool) -> None:
     if resume:
         return
     has_session = session_path(out).exists()
+    if has_session and _never_loaded(out):
+        session_path(out).unlink()  # a session that failed loading its model: nothing to resume
+        has_session = False
     if has_session and not force:
         raise OutputExists(f"{out} already holds a walkthrough session",
                            hint=f"continue it with --resume {out}, or pass --force to start over")
@@ -423,18 +436,77 @@ def prepare_out(out: Path, *, resume: bool, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _never_loaded(out: Path) -> bool:
+    """The folder holds only a session that failed before its model loaded (older versions left one)."""
+    if [p.name for p in out.iterdir()] != [SESSION_FILE]:
+        return False
+    try:
+        s = Session.model_validate_json(session_path(out).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return not s.done and s.interrupted_at is None  # an interrupted one says "resume": keep it
+
+
+def _discard(out: Path, created: bool) -> None:
+    """Remove a new session that never got past loading its model, so the folder can be reused."""
+    session_path(out).unlink(missing_ok=True)
+    if created:
+        try:
+            out.rmdir()  # only when empty: never anything but our own file
+        except OSError:
+            pass
+
+
+def names_code(spec: str) -> bool:
+    """A module:function spec, which loading imports (the rule of loading.load_model), not a file."""
+    return (not Path(spec).exists() and ":" in spec and not spec.startswith(("/", "."))
+            and "/" not in spec.split(":")[0])
+
+
+def resolve_grants(session: Session, out: Path, *, model: str | None, trust_pickle: bool,
+                   evaluator: str | None) -> list[str]:
+    """On resume, what may run comes from the command line now, never from session.json: returns
+    notes to show; raises ResumeRefused when the session names code the command line does not."""
+    notes = []
+    if session.trust_pickle and not trust_pickle:
+        notes.append("the session's saved trust_pickle is ignored: a saved file never grants trust "
+                     "(pass --trust-pickle again to allow unpickling)")
+    session.trust_pickle = trust_pickle
+    where = session_path(out)
+    if session.model and names_code(session.model) and model != session.model:
+        raise ResumeRefused(f"{where} names the Python factory {session.model}: a saved session never "
+                            "chooses code to import",
+                            hint=f"resume with `compressadvise walkthrough {shlex.quote(session.model)} "
+                            f"--resume {shlex.quote(str(out))}` to import it again")
+    if session.evaluator and evaluator != session.evaluator:
+        if "evaluation" not in session.done:
+            session.evaluator = None  # the evaluation stage asks again, defaulting to --eval
+        elif evaluator == "none":
+            notes.append(f"continuing without the evaluator {session.evaluator} (--eval none)")
+            session.evaluator = None
+        else:
+            raise ResumeRefused(f"{where} names the evaluator {session.evaluator}: a saved session never "
+                                "chooses code to import",
+                                hint=f"resume with --eval {shlex.quote(session.evaluator)} to run it again, "
+                                "or --eval none to go on without it")
+    return notes
+
+
 def run(out: str | Path, *, model: str | None = None, resume: bool = False, force: bool = False,
         interactive: bool = True, console: "Console | None" = None, trust_pickle: bool = False,
         defaults: dict[str, Any] | None = None) -> Session:
     """Run (or resume) a walkthrough session writing into `out`; returns the final session.
 
     Raises Interrupted on Ctrl-C / end of input after saving the session; everything already
-    written stays complete and valid.
+    written stays complete and valid. On resume, `trust_pickle`, `model` and `defaults["eval"]`
+    decide what may run (see `resolve_grants`); a new session that fails before its model is
+    loaded leaves no session behind.
     """
     from .knowledge import builtin
     from .render import out as stdout_console
 
     out = Path(out)
+    created = not out.exists()
     prepare_out(out, resume=resume, force=force)
     session = load_session(out) if resume else Session(model=model, trust_pickle=trust_pickle)
     if resume and model and session.model != model:
@@ -453,6 +525,10 @@ def run(out: str | Path, *, model: str | None = None, resume: bool = False, forc
         if session.next_stage() is None:
             ctx.ui.say("this session is complete; its commands are in " + str(out / COMMANDS_FILE))
             return session
+        for note in resolve_grants(session, out, model=model, trust_pickle=trust_pickle,
+                                   evaluator=ctx.defaults.get("eval")):
+            ctx.ui.say(f"[yellow]note:[/] {_esc(note)}")
+        ctx.save()  # the grants of this run, not the file's
     try:
         for name in STAGES:
             ctx.stage = name
@@ -466,6 +542,10 @@ def run(out: str | Path, *, model: str | None = None, resume: bool = False, forc
         session.interrupted_at = ctx.stage
         ctx.save()
         raise Interrupted(ctx.stage) from None
+    except Exception:
+        if not resume and "model" not in session.done:
+            _discard(out, created)  # else the next walkthrough here exits 9 over a session holding nothing
+        raise
     return session
 
 
@@ -1014,11 +1094,16 @@ def _write_report(ctx: Context) -> None:
     from .report import write_report
 
     s, out = ctx.session, ctx.out
-    source = s.apply_dir if s.apply_dir and Path(s.apply_dir, "manifest.json").is_file() else s.model
+    # This session's own apply folder (not a path read back from session.json); the original is the
+    # model analyzed here, so the report never resolves it from the manifest.
+    applied = out / APPLY_DIR
+    source = applied if s.apply_dir and (applied / "manifest.json").is_file() else None
+    original = ctx.report if ctx.report is not None else s.model
     verify = out / VERIFY_FILE if (out / VERIFY_FILE).is_file() else None
     try:
         with ctx.ui.console.status("writing the HTML report"):
-            write_report(source, out / REPORT_FILE, force=True, plan=ctx.plan, verify=verify,
+            write_report(source if source is not None else original, out / REPORT_FILE, force=True,
+                         model=original if source is not None else None, plan=ctx.plan, verify=verify,
                          target=s.target, os_version=s.os, knowledge=ctx.knowledge, trust_pickle=s.trust_pickle)
         s.report_file = str(out / REPORT_FILE)
     except CompressAdviseError as e:

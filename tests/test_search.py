@@ -196,6 +196,6 @@ def test_cli_search(tmp_path, cache_dir):
     data = json.loads(r.stdout)
     assert data["chosen"]["fits"] and data["plan"]["prediction"]["label"] == "estimate"
     assert load_plan(tmp_path / "plan.yaml").steps[0].technique == "palettization"
-    r = subprocess.run([*exe, *args], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([*exe, *args, "--force"], capture_output=True, text=True, env=env, timeout=300)  # --out exists now
     assert r.returncode == 0, r.stderr
     assert "Pareto frontier" in r.stdout and "<- chosen" in r.stdout and "0 single-layer evaluation(s) run" in r.stdout

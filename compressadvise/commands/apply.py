@@ -16,7 +16,7 @@ def apply_cmd(
     model: Optional[str] = MODEL_ARG,
     plan: str = typer.Option(..., "--plan", help="Plan file from `compressadvise recommend --out` (or hand-written)."),
     out: str = typer.Option(..., "--out", help="Output folder (written atomically): model.pt2, model.mlpackage, manifest.json."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out (never the input model)."),
     samples: Optional[str] = typer.Option(None, "--samples", help="Calibration data: .npz with 'inputs' (and optional 'labels'), or 'bundled'."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape for export/conversion, e.g. 1,3,224,224."),
     trust_pickle: bool = TRUST_PICKLE,
@@ -24,10 +24,11 @@ def apply_cmd(
 ) -> None:
     """Apply a compression plan: compressed torch model, .mlpackage for Apple targets, and a manifest."""
     from .. import backends
-    from ..apply import apply
+    from ..apply import apply, check_out
     from ..cli import STATE
 
     backends.DEBUG["on"] = bool(STATE.get("debug"))
+    check_out(out, model, force=force)  # before the progress bar: a refusal stays one line
     prog, progress = _progress()
     with prog:
         result = apply(model, plan, out, force=force, samples=samples, progress=progress,

@@ -22,6 +22,7 @@ def recommend_cmd(
     max_accuracy_drop: float = typer.Option(0.0, "--max-accuracy-drop", help="Tolerated accuracy drop in points (0 = none given)."),
     data: str = typer.Option("none", "--data", help="Data you have: none | calibration | training."),
     out: Optional[str] = typer.Option(None, "--out", help="Write the plan file (YAML) here."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out (never the input model)."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224 (adds MACs to the facts)."),
     trace: bool = typer.Option(False, "--trace", help="Also list the rules that did not fire, and why."),
     playbooks: Optional[List[str]] = PLAYBOOKS_OPT,
@@ -31,11 +32,14 @@ def recommend_cmd(
     """Recommend an ordered, explained compression plan for a target and budgets."""
     from ..analysis import analyze
     from ..engine import recommend
+    from ..fsutil import check_output
     from ..knowledge import builtin, load_knowledge
     from ..loading import load_model
 
     if data not in ("none", "calibration", "training"):
         raise typer.BadParameter("--data must be none, calibration or training")
+    if out:  # before any work: never the model, never an existing file without --force
+        check_output(out, force=force, inputs={"model": model})
     k = load_knowledge(playbooks) if playbooks else builtin()
     k.target(target)  # fail fast on a bad name, before loading the model
     report = analyze(load_model(model, trust_pickle=trust_pickle), input_shape=parse_shape(input_shape))

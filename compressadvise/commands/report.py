@@ -18,6 +18,10 @@ def report_cmd(
         None, metavar="[RUN_DIR_OR_MODEL]",
         help="An `apply` output folder (reads its plan, verify.json and sensitivity.json), or a model "
         "(analyzed and planned now); omit for the bundled example."),
+    model: Optional[str] = typer.Option(
+        None, "--model", metavar="MODEL",
+        help="The original model of an `apply` output folder (file, module:function or 'bundled'). "
+        "Without it the folder's manifest is read for a model file; a module:function it names is never imported."),
     out: str = typer.Option("report.html", "--out", "-o", help="The HTML file to write."),
     png: Optional[str] = typer.Option(None, "--png", help="Also write each chart as DIR/<chart>.png."),
     target: Optional[str] = typer.Option(None, "--target", help="Target profile when planning now (default ane-a17)."),
@@ -37,24 +41,33 @@ def report_cmd(
                                   help="Where rule pages live (a URL or a path relative to the HTML file): "
                                   "links go to <docs-base><CODE>.md."),
     title: Optional[str] = typer.Option(None, "--title", help="Page title."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out (never the input model)."),
     playbooks: Optional[List[str]] = PLAYBOOKS_OPT,
     trust_pickle: bool = TRUST_PICKLE,
     json_out: bool = JSON,
 ) -> None:
     """Write a self-contained HTML report: layer table, hot-spot charts, the plan and its reasons."""
+    from pathlib import Path
+
+    from ..fsutil import check_output
     from ..knowledge import builtin, load_knowledge
     from ..render import err
     from ..report import write_report
 
     if data not in ("none", "calibration", "training"):
         raise typer.BadParameter("--data must be none, calibration or training")
+    if model is not None and not (source and Path(source).is_dir()):
+        raise typer.BadParameter("--model names the original model of an `apply` output folder; "
+                                 "to report on a model, pass it as the argument")
+    check_output(out, force=force, inputs={"model or run folder": source, "plan": plan, "verify result": verify,
+                                           "sensitivity result": sensitivity, "original model": model})
     k = load_knowledge(playbooks) if playbooks else builtin()
     with err.status("building the report"):
         result = write_report(
             source, out, png_dir=png, force=force, docs_base=docs_base, title=title, target=target,
             os_version=os, plan=plan, verify=verify, sensitivity=sensitivity, knowledge=k,
             input_shape=parse_shape(input_shape), trust_pickle=trust_pickle,
+            model=model,
             constraints={"max_size_mb": max_size_mb, "max_latency_ms": max_latency_ms,
                          "max_accuracy_drop": max_accuracy_drop, "data": data})
     if json_out:
@@ -76,6 +89,10 @@ def show_result(result) -> None:
         before = f"{row.before:.4g}" if row.before is not None else "-"
         after = f"{row.after:.4g}" if row.after is not None else "-"
         out.print(f"  {row.metric}: {before} -> {after} {row.unit} [dim]({row.basis})[/]")
+    from rich.markup import escape
+
+    for note in result.notes:
+        out.print(f"[yellow]note:[/] {escape(note)}")
     for chart, why in result.omitted.items():
         out.print(f"[dim]not shown: {chart}: {why}[/]")
     if result.png:

@@ -186,6 +186,7 @@ def search_cmd(
                                 "advise: measure everything and report where a rule disagrees."),
     confirm: int = typer.Option(3, "--confirm", min=1, help="Candidate plans applied and measured before choosing."),
     out: Optional[str] = typer.Option(None, "--out", help="Write the chosen plan file (YAML) here."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out (never the input model)."),
     workers: Optional[int] = WORKERS_OPT,
     executor: str = EXECUTOR_OPT,
     address: Optional[str] = ADDRESS_OPT,
@@ -197,6 +198,10 @@ def search_cmd(
     json_out: bool = JSON,
 ) -> None:
     """Choose a setting per layer that meets a size or latency budget with the least measured damage."""
+    for option, value, most in (("--max-size-mb", max_size_mb, None), ("--bits-per-weight", bits_per_weight, 32.0),
+                                ("--size-fraction", size_fraction, 1.0), ("--max-latency-ms", max_latency_ms, None)):
+        _check_budget(option, value, most)  # before anything is loaded or measured
+    from ..fsutil import check_output
     from ..knowledge import builtin, load_knowledge
     from ..search import search
     from ..sensitivity import parse_settings, prepare
@@ -205,6 +210,8 @@ def search_cmd(
         raise typer.BadParameter("--lessons must be apply or advise")
     if not any((max_size_mb, bits_per_weight, size_fraction, max_latency_ms)):
         raise typer.BadParameter("give a budget: --max-size-mb, --bits-per-weight, --size-fraction or --max-latency-ms")
+    if out:  # before the measuring, which takes minutes
+        check_output(out, force=force, inputs={"model": model, "samples": samples})
     k = load_knowledge(playbooks) if playbooks else builtin()
     k.target(target)
     grid = parse_settings(techniques, k) if techniques else None
@@ -231,6 +238,16 @@ def search_cmd(
 
         console.print(f"plan written to [bold]{out}[/]: replay with `compressadvise apply {model or ''} --plan {out}`"
                       .replace("  ", " "))
+
+
+def _check_budget(option: str, value: Optional[float], most: Optional[float]) -> None:
+    """A budget is a finite number > 0 (and at most `most`): 7 as a size fraction, -1 or nan
+    would otherwise run minutes of measurement towards a budget that means nothing."""
+    if value is None:
+        return
+    if not math.isfinite(value) or value <= 0 or (most is not None and value > most):
+        span = f"in (0, {most:g}]" if most is not None else "a finite number > 0"
+        raise typer.BadParameter(f"{option} must be {span} (got {value:g})")
 
 
 def show_search(res) -> None:  # noqa: ANN001 - SearchResult

@@ -44,7 +44,8 @@ def verify_cmd(
     """Verify a compressed model: accuracy, fidelity, slices, drift, latency and size vs budgets.
 
     Exits 1 when a budget is missed (a CI gate), 0 when all are met; 3 input not found, 4 model
-    unusable or outputs that differ in structure, 6 bad sample file or failing evaluator.
+    unusable or outputs that differ in structure (or an apply folder whose state dict needs the
+    factory its manifest names: give that factory as ORIGINAL), 6 bad sample file or failing evaluator.
     A calibration YAML holds `model: original|compressed`, `total_ms` and/or `layers: {name: ms}`.
     """
     from ..errors import BudgetMissed

@@ -40,7 +40,11 @@ def _ui_console(json_out: bool):
 def walkthrough_cmd(
     model: Optional[str] = MODEL_ARG,
     out: str = typer.Option("compressadvise-session", "--out", help="Folder for the session, plan, compressed model and report."),
-    resume: Optional[str] = typer.Option(None, "--resume", metavar="OUT", help="Continue an interrupted session in this folder."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", metavar="OUT",
+        help="Continue an interrupted session in this folder. The saved session grants nothing: give "
+        "--trust-pickle, a module:function MODEL and the session's --eval again (--eval none goes on "
+        "without the evaluator); otherwise it stops with exit 2 before importing anything."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Accept every default without asking (scripted use, CI)."),
     force: bool = typer.Option(False, "--force", help="Start over in a folder that already holds a session."),
     target: Optional[str] = typer.Option(None, "--target", help="Default answer: target profile (see `compressadvise targets`)."),
@@ -50,12 +54,18 @@ def walkthrough_cmd(
     max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Default answer: tolerated accuracy drop in points."),
     data: Optional[str] = typer.Option(None, "--data", help="Default answer: none | calibration | training."),
     samples: Optional[str] = typer.Option(None, "--samples", help="Default answer: evaluation samples (file, folder or 'bundled')."),
-    evaluator: Optional[str] = typer.Option(None, "--eval", help="Default answer: your evaluator module:function."),
+    evaluator: Optional[str] = typer.Option(
+        None, "--eval", help="Default answer: your evaluator module:function. With --resume: the session's "
+        "evaluator again to run it, or 'none' to continue without it."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Default answer: input shape, e.g. 1,3,224,224 (for models without an example input)."),
     trust_pickle: bool = TRUST_PICKLE,
     json_out: bool = JSON,
 ) -> None:
-    """A guided session: pick a model, target and budgets, review the plan, apply, verify, report."""
+    """A guided session: pick a model, target and budgets, review the plan, apply, verify, report.
+
+    session.json keeps the answers, never trust: on --resume, unpickling and any code to import
+    (a module:function model, the evaluator) must be named on the command line again.
+    """
     from pathlib import Path
 
     from .. import walkthrough as W
@@ -67,6 +77,10 @@ def walkthrough_cmd(
     if not yes:
         W.require_terminal(console.file)
     folder = Path(resume or out)
+    if resume is None:  # --out a file, or an unwritable place: one line before any question is asked
+        from ..fsutil import check_output
+
+        check_output(folder, force=True, kind="folder")
     defaults = {k: v for k, v in dict(target=target, os=os, max_size_mb=max_size_mb, max_latency_ms=max_latency_ms,
                                       max_accuracy_drop=max_accuracy_drop, data=data, samples=samples,
                                       eval=evaluator, input_shape=parse_shape(input_shape)).items() if v is not None}
