@@ -305,9 +305,21 @@ def _macs_from_graph(model: LoadedModel) -> dict[str, tuple[int, int]]:
         if not stack or w is None or out is None:
             continue
         path = list(stack.values())[-1][0]
-        per_out = w.numel() // w.shape[0]
-        found[path] = (int(out.numel() * per_out), int(out.numel()))
+        w_numel, rows, out_numel = (_concrete(v) for v in (w.numel(), w.shape[0], out.numel()))
+        if None in (w_numel, rows, out_numel) or not rows:
+            continue  # a dynamic size without an example value: MACs unknown, not a guess
+        found[path] = (out_numel * (w_numel // rows), out_numel)
     return found
+
+
+def _concrete(n: Any) -> int | None:
+    """An int from a size that may be symbolic (a program exported with dynamic shapes): its
+    example value (the hint torch recorded) when there is one. int() on an unbacked symbol
+    would raise a data-dependent guard error."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
 
 
 def analyze(

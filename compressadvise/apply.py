@@ -39,14 +39,6 @@ from .sizing import backend_leaves_alone
 MANIFEST_VERSION = 1
 TORCH_FILE = "model.pt2"
 MLPACKAGE = "model.mlpackage"
-KIND = {
-    "palettization": "palettize", "sensitive_kmeans": "palettize",
-    "linear_quantization": "quantize", "gptq": "quantize", "int8_weight_only": "quantize",
-    "int8_dynamic": "quantize", "intx_weight_only": "quantize", "int4_weight_only": "quantize",
-    "float8": "quantize", "pruning": "prune", "sparsegpt": "prune",
-    "activation_quantization": "activations", "semi_sparse": "prune",
-    "joint_compression": "sparse_palettize", "joint_sparse_quantization": "sparse_quantize",
-}
 SPARSE_KINDS = ("prune", "sparse_palettize", "sparse_quantize")
 SPARSITY_TOLERANCE = 0.01  # achieved sparsity may fall this far short of the target (ties, rounding)
 SIZE_TOLERANCE = 0.02  # measured weight file vs estimate; beyond it the manifest carries a note
@@ -172,12 +164,9 @@ def weight_tensor(x: LayerInfo) -> str:
 
 
 def effective(tech: Technique, step: Step, x: LayerInfo) -> dict[str, Any]:
-    """Technique defaults < step params < per-type override < per-name override."""
-    p = {**tech.defaults(), **step.params}
-    for key in (x.type, x.module_type or ""):
-        p.update(step.op_type_params.get(key, {}))
-    p.update(step.op_name_params.get(x.name, {}))
-    return p
+    """Technique defaults < step params < per-type override < per-name override: the one
+    resolver (`Step.setting_for`, which sizing uses too), plus backend parameters."""
+    return step.setting_for(x, tech).all_params
 
 
 def _check_params(tech: Technique, params: dict[str, Any], where: str) -> None:
@@ -224,7 +213,8 @@ def resolve(plan: Plan, k: Knowledge, report: ModelReport, target: Target) -> li
             _check_params(tech, ov, f"{where}, op_name_params[{name}]")
         if not step.layers:
             raise InvalidKnowledge(f"{where}: the step lists no layers to compress")
-        job = B.StepJob(index=index, technique=tech.name, slot=step.slot, kind=KIND.get(tech.name, "quantize"),
+        kind = tech.form or "quantize"  # the form comes from the technique YAML (absent: as before)
+        job = B.StepJob(index=index, technique=tech.name, slot=step.slot, kind=kind,
                         params={**tech.defaults(), **step.params}, layers=[], data=tech.data)
         for s in step.skipped:
             job.skipped.append({"layer": s.layer, "reason": s.reason, "code": s.code or "plan"})
@@ -277,14 +267,15 @@ def _backend_skip(x: LayerInfo, p: dict[str, Any]) -> str | None:
 
 def _choose(tech: Technique, target: Target, side: str) -> str | None:
     """The YAML's backends first (in order), then any registered backend implementing the technique."""
-    listed = [b.backend for b in tech.backends if b.backend in B.REGISTRY]
-    candidates = listed + [b for b in B.REGISTRY if b not in listed]
-    for bid in candidates:
-        if B.side_of(bid) != side:
+    names = B.names()
+    listed = [b.backend for b in tech.backends if b.backend in names]
+    for bid in listed + [b for b in names if b not in listed]:
+        spec = B.REGISTRY[bid]
+        if spec.side != side:
             continue
-        if target.backends and bid not in target.backends and bid.split(".")[0] not in target.backends:
+        if target.backends and bid not in target.backends and spec.family not in target.backends:
             continue
-        if tech.name in B.get(bid).techniques:
+        if B.implements(bid, tech.name):
             return bid
     return None
 

@@ -10,6 +10,9 @@ Semantics (documented in docs/guides/writing-playbooks.md):
   On one layer the highest priority wins, with the same tie-breaks.
 - the backend's own behaviour (weight_threshold, indivisible group/block sizes) is applied
   last and every such skip is listed, so nothing is skipped silently.
+- `outcome` rules are not part of a plan: `next_moves` evaluates them after a verify run
+  missed a budget (the walkthrough's next moves); `LayerRules` answers the layer-rule decision
+  for one layer and candidate setting, so search restricts candidates as `recommend` decides.
 """
 from __future__ import annotations
 
@@ -23,67 +26,33 @@ from pydantic import ValidationError
 from .analysis import LayerInfo, ModelReport, analyze
 from .errors import InvalidKnowledge
 from .expressions import cel
-from .facts import step_facts
-from .knowledge import CompiledRule, Knowledge, builtin, load_knowledge
+from .deployment import Deployment
+from .facts import extract, step_facts
+from .knowledge import PLACEHOLDER, CompiledRule, Knowledge, builtin, load_knowledge
 from .schema import (COMPRESSIBLE, SLOTS, Advisory, Constraints, LayerPrediction, Plan, PlanModel,
                      PlanTarget, Prediction, Skip, Step, Target, TraceEntry)
-from .sizing import NotApplicable, layer_bytes, pruned_fraction, weight_bytes
+from .setting import Setting, stacked_label
+from .sizing import NotApplicable, layer_bytes, pruned_fraction
 
 MB = 1e6
 
 
 def model_facts(r: ModelReport) -> dict[str, Any]:
-    share = lambda *types: sum(r.layer_types[t].share for t in types if t in r.layer_types)  # noqa: E731
-    kurts = [x.stats.kurtosis for x in r.layers if x.stats and x.stats.kurtosis == x.stats.kurtosis]
-    return {
-        "params": r.total_params, "size_mb": r.total_bytes_fp16 / MB, "family": r.family,
-        "format": r.format, "has_graph": r.has_graph, "num_layers": len(r.layers),
-        "depthwise_layers": sum(1 for x in r.layers if x.type == "depthwise_conv"),
-        "conv_share": share("conv", "depthwise_conv"), "linear_share": share("linear", "attention"),
-        "embedding_share": r.embedding_share,
-        "largest_layer_share": max((x.share for x in r.layers), default=0.0),
-        "tied": bool(r.tied_groups), "max_kurtosis": max(kurts, default=0.0),
-        "nonfinite_layers": sum(1 for x in r.layers if x.stats and x.stats.nonfinite),
-        "macs": r.macs_total or 0,
-    }
+    return extract("model", r)
 
 
 def layer_facts(x: LayerInfo, n_layers: int) -> dict[str, Any]:
-    s = x.stats
-    return {
-        "name": x.name, "type": x.type, "params": x.params, "share": x.share,
-        "elements": x.weight_elements, "out_channels": x.out_channels, "in_channels": x.in_channels,
-        "groups": x.groups, "depth": x.index / max(n_layers - 1, 1), "is_first": x.is_first,
-        "is_last": x.is_last, "is_boundary": x.is_boundary, "is_classifier": x.is_classifier,
-        "is_embedding": x.is_embedding, "is_tied": x.tied_to is not None,
-        "kurtosis": s.kurtosis if s and s.kurtosis == s.kurtosis else 0.0,
-        "outlier_fraction": s.outlier_fraction if s else 0.0,
-        "absmax_over_std": s.absmax_over_std if s and s.absmax_over_std == s.absmax_over_std else 0.0,
-        "zero_fraction": s.zero_fraction if s else 0.0, "nonfinite": s.nonfinite if s else 0,
-    }
+    return extract("layer", x, n_layers)
 
 
-def target_facts(t: Target, os: int) -> dict[str, Any]:
-    return {
-        "name": t.name, "vendor": t.vendor, "kind": t.kind, "os": os, "coreml": t.coreml,
-        "supports": t.supports(os), "accelerates": t.accelerates(os),
-        "jit_decompression": t.coreml and os >= 17, "has_cuda": t.kind == "nvidia_gpu",
-        "int8_compute": _int8_compute(t),
-    }
-
-
-def _int8_compute(t: Target) -> bool:
-    """A real int8 fast path (e.g. A17 Pro/M4 Neural Engine, tensor cores), from the figures."""
-    i8, f16 = t.figures.get("peak_int8_tops"), t.figures.get("peak_fp16_tops")
-    return bool(i8 and f16 and f16.value > 0 and i8.value >= 1.5 * f16.value)
+def target_facts(t: Target | Deployment, os: int | None = None) -> dict[str, Any]:
+    """Target facts of a deployment (or of a profile at an OS, resolved without the min-OS check)."""
+    d = t if isinstance(t, Deployment) else Deployment.resolve(None, t, os, check=False)
+    return extract("target", d)
 
 
 def constraint_facts(c: Constraints, r: ModelReport) -> dict[str, Any]:
-    return {
-        "max_size_mb": float(c.max_size_mb), "max_latency_ms": float(c.max_latency_ms),
-        "max_accuracy_drop": float(c.max_accuracy_drop), "data": c.data,
-        "required_ratio": (r.total_bytes_fp16 / MB) / c.max_size_mb if c.max_size_mb else 0.0,
-    }
+    return extract("constraints", c, r)
 
 
 def _constraints(values: dict[str, Any]) -> Constraints:
@@ -139,12 +108,10 @@ def recommend(
     """Evaluate the playbooks against a model's facts and return an explained plan."""
     k = knowledge or (load_knowledge(playbooks) if playbooks else builtin())
     report = model if isinstance(model, ModelReport) else analyze(model)
-    tgt = k.target(target)
-    os_major = tgt.default_os if os is None else int(os)
-    if tgt.coreml and os_major and os_major < tgt.min_os:
-        raise InvalidKnowledge(f"target {tgt.name} needs OS {tgt.min_os} or later (got {os_major})")
+    dep = Deployment.resolve(k, target, os)  # default OS and min-OS check, once
+    tgt, os_major = dep.target, dep.os
     c = constraints if isinstance(constraints, Constraints) else _constraints(constraints or {})
-    base = {"model": model_facts(report), "target": target_facts(tgt, os_major),
+    base = {"model": model_facts(report), "target": target_facts(dep),
             "constraints": constraint_facts(c, report)}
     trace: list[TraceEntry] = []
     advisories: list[Advisory] = []
@@ -184,7 +151,7 @@ def recommend(
                 continue
             winner = cand
             trace.append(TraceEntry(code=cand.rule.code, status="fired",
-                                    detail=f"{slot} step: {tech} {_fmt(cand.params)}"))
+                                    detail=f"{slot} step: {tech} {_fmt(_shown(k, tech, cand.params))}"))
         if winner:
             a = winner.rule.rule.action
             steps.append((Step(technique=a.technique, slot=slot, params=winner.params,
@@ -278,6 +245,12 @@ def _uniq(xs: list[str]) -> list[str]:
     return list(dict.fromkeys(xs))
 
 
+def _shown(k: Knowledge, technique: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Only the parameters that matter (no group_size on a per-tensor step), in the step's order."""
+    keep = Setting.resolve(k.techniques[technique], params).p
+    return {name: v for name, v in params.items() if name in keep}
+
+
 def _fmt(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items() if k != "weight_threshold")
 
@@ -303,14 +276,15 @@ def _applies(r: CompiledRule, step: Step) -> bool:
     return True
 
 
-def effective_params(step: Step, layer: str) -> dict[str, Any]:
-    return {**step.params, **step.op_name_params.get(layer, {})}
+def effective_params(k: Knowledge, step: Step, layer: LayerInfo) -> dict[str, Any]:
+    """What the backend gets on this layer: the resolved setting plus backend parameters."""
+    return step.setting_for(layer, k.techniques[step.technique]).all_params
 
 
 def _predict(k: Knowledge, report: ModelReport, steps: list[Step], baseline: float
              ) -> tuple[list[LayerPrediction], int, int]:
     """Per-layer bytes after all steps; fills each step's cumulative estimate and backend skips."""
-    settings: dict[str, list[str]] = defaultdict(list)
+    settings: dict[str, list[Setting]] = defaultdict(list)
     weight: dict[str, float] = {}
     sparsity: dict[str, float] = {}
     before = int(round(report.total_params * baseline))
@@ -318,19 +292,20 @@ def _predict(k: Knowledge, report: ModelReport, steps: list[Step], baseline: flo
     by_name = {x.name: x for x in report.layers}
     for step in steps:
         kept = []
+        tech = k.techniques[step.technique]
         for name in step.layers:
             x = by_name[name]
-            params = effective_params(step, name)
+            s = step.setting_for(x, tech)
             try:
                 if step.slot == "sparsity":
-                    s = pruned_fraction(params)
-                    w = weight_bytes(k, step.technique, x, params, baseline, s)
-                    sparsity[name] = s
+                    frac = pruned_fraction(s.p)
+                    w = s.weight_bytes(k, x, baseline, frac)
+                    sparsity[name] = frac
                 elif step.slot == "activations" and name in weight:
                     kept.append(name)  # weights already compressed by an earlier step
                     continue
                 else:
-                    w = weight_bytes(k, step.technique, x, params, baseline, sparsity.get(name, 0.0))
+                    w = s.weight_bytes(k, x, baseline, sparsity.get(name, 0.0))
             except NotApplicable as e:
                 step.skipped.append(Skip(layer=name, reason=str(e), code="backend"))
                 step.op_name_params.pop(name, None)
@@ -340,12 +315,13 @@ def _predict(k: Knowledge, report: ModelReport, steps: list[Step], baseline: flo
             old = layer_bytes(x, prev, baseline)
             new = layer_bytes(x, w, baseline)
             after += new - old
-            settings[name].append(_describe(step, params))
+            settings[name].append(s)
             kept.append(name)
         step.layers = kept
         step.predicted_bytes_after = after
     preds = [
-        LayerPrediction(name=x.name, setting=" + ".join(settings[x.name]) or "fp16 (unchanged)",
+        LayerPrediction(name=x.name, setting=stacked_label(settings[x.name]),
+                        settings=[s.to_dict() for s in settings[x.name]],
                         bytes_before=layer_bytes(x, None, baseline),
                         bytes_after=layer_bytes(x, weight.get(x.name), baseline))
         for x in report.layers
@@ -353,16 +329,118 @@ def _predict(k: Knowledge, report: ModelReport, steps: list[Step], baseline: flo
     return preds, before, after
 
 
-def _describe(step: Step, p: dict[str, Any]) -> str:
-    bits = f"{p['nbits']}-bit " if "nbits" in p else ""
-    gran = p.get("granularity", "")
-    extra = ""
-    if gran == "per_grouped_channel":
-        extra = f" gs={p.get('group_size')}"
-    elif gran == "per_block":
-        extra = f" bs={p.get('block_size')}"
-    if step.slot == "sparsity":
-        if p.get("pattern") == "n_m":
-            return f"{step.technique} {p.get('n', 2)}:{p.get('m', 4)}"
-        return f"{step.technique} {pruned_fraction(p):.0%}"
-    return f"{bits}{step.technique} {gran}{extra}".strip()
+def _describe(k: Knowledge, step: Step, layer: LayerInfo) -> str:
+    """A step's label on one layer: the resolved Setting's (the one label builder)."""
+    return step.setting_for(layer, k.techniques[step.technique]).label
+
+
+# ---------------------------------------------------------------- next moves after a miss
+@dataclass(frozen=True)
+class Move:
+    """One recommended next move, from an `outcome` rule (cited like any other rule)."""
+    code: str
+    message: str
+    step: int = 0  # 1-based plan step it changes; 0: the plan as a whole
+
+
+@dataclass(frozen=True)
+class NextMoves:
+    moves: tuple[Move, ...]
+    trace: tuple[TraceEntry, ...]
+
+    def messages(self) -> list[str]:
+        return [m.message for m in self.moves]
+
+
+def next_moves(plan: Plan, report: ModelReport, missed: Iterable[str], knowledge: Knowledge | None = None,
+               *, data: str = "none", worst_layer: str | None = None) -> NextMoves:
+    """Evaluate the `outcome` rules for the budgets a verify run missed, in code order; a rule
+    whose condition reads step facts runs once per plan step (its message names the step)."""
+    k = knowledge or builtin()
+    tgt = k.target(plan.target.name)
+    missed = list(missed)
+    rules = sorted((r for r in k.rules.values() if r.rule.scope == "outcome"), key=lambda r: r.code)
+    if not missed:
+        return NextMoves((), tuple(TraceEntry(code=r.code, status="not_matched", detail="no budget was missed")
+                                   for r in rules))
+    base = {"model": model_facts(report), "target": target_facts(tgt, plan.target.os),
+            "constraints": constraint_facts(plan.constraints, report)}
+    outcome = _outcome_facts(plan, report, missed, data, worst_layer)
+    moves: list[Move] = []
+    trace: list[TraceEntry] = []
+    for r in rules:
+        views = ([(i, s) for i, s in enumerate(plan.steps, 1)] if _uses_step(r) else [(0, None)])
+        fired = [m for i, s in views if (m := _move(k, r, base, outcome, i, s))]
+        moves += fired
+        trace.append(TraceEntry(code=r.code, status="fired", detail=f"{len(fired)} move(s)") if fired else
+                     TraceEntry(code=r.code, status="not_matched", detail="false: " + r.rule.when))
+    return NextMoves(tuple(moves), tuple(trace))
+
+
+def _move(k: Knowledge, r: CompiledRule, base: dict[str, Any], outcome: dict[str, Any], number: int,
+          step: Step | None) -> Move | None:
+    sf = step_facts(step.params, step.technique, step.slot) if step else step_facts({}, "", "")
+    facts = {**base, "step": sf, "outcome": {**outcome, "step": number, **_nbits_ladder(k, step)}}
+    if not r.condition(_context(facts)):
+        return None
+    text = PLACEHOLDER.sub(lambda m: str(facts[m.group(1)][m.group(2)]), r.rule.action.message or "")
+    return Move(code=r.code, message=" ".join(text.split()), step=number)
+
+
+def _nbits_ladder(k: Knowledge, step: Step | None) -> dict[str, int]:
+    """The neighbouring nbits the step's technique accepts (its YAML choices; 0 when none)."""
+    spec = k.techniques[step.technique].parameters.get("nbits") if step and step.technique in k.techniques else None
+    nbits = int(step.params.get("nbits", 0) or 0) if step else 0
+    choices = sorted(spec.choices or []) if spec and nbits else []
+    lower = [c for c in choices if c < nbits]
+    higher = [c for c in choices if c > nbits]
+    return {"nbits_lower": lower[-1] if lower else 0, "nbits_higher": higher[0] if higher else 0}
+
+
+def _outcome_facts(plan: Plan, report: ModelReport, missed: list[str], data: str,
+                   worst_layer: str | None) -> dict[str, Any]:
+    kept = sorted({sk.layer for s in plan.steps for sk in s.skipped})
+    return {
+        "missed": missed, "data": data, "step": 0,
+        "weight_steps": sum(1 for s in plan.steps if s.slot == "weights"),
+        "activation_steps": sum(1 for s in plan.steps if s.slot == "activations"),
+        "sensitive_layer": worst_layer or _most_kurtotic(plan, report) or "",
+        "kept_layers": len(kept), "kept_preview": ", ".join(kept[:4]),
+        "nbits_lower": 0, "nbits_higher": 0,
+    }
+
+
+def _most_kurtotic(plan: Plan, report: ModelReport) -> str | None:
+    """Without a measurement, the compressed layer with the heaviest tails looks most sensitive."""
+    compressed = {n for s in plan.steps for n in s.layers}
+    ranked = sorted((x for x in report.layers if x.name in compressed and x.stats),
+                    key=lambda x: -(x.stats.kurtosis if x.stats.kurtosis == x.stats.kurtosis else 0.0))
+    return ranked[0].name if ranked else None
+
+
+# ---------------------------------------------------------------- layer decisions, one layer at a time
+@dataclass(frozen=True)
+class LayerRules:
+    """The playbooks' per-layer decision for one model, deployment and budget, as `recommend`
+    makes it: the highest-ranked matching `keep`/`override` layer rule that applies to the step
+    decides (advice never does). Build once (`of`), then ask per layer and candidate setting."""
+    base: dict[str, Any]
+    rules: tuple[CompiledRule, ...]
+    slots: dict[str, str]  # technique -> slot
+    n_layers: int
+
+    @classmethod
+    def of(cls, k: Knowledge, report: ModelReport, target: str, os: int, constraints: Constraints) -> "LayerRules":
+        base = {"model": model_facts(report), "target": target_facts(k.target(target), os),
+                "constraints": constraint_facts(constraints, report)}
+        ranked = sorted((r for r in k.rules.values() if r.rule.scope == "layer"), key=_rank)
+        deciding = tuple(r for r in ranked if r.rule.action.kind != "advise")
+        return cls(base, deciding, {n: t.slot for n, t in k.techniques.items()}, len(report.layers))
+
+    def decide(self, layer: LayerInfo, technique: str, params: dict[str, Any]) -> CompiledRule | None:
+        """The rule that keeps this layer out of (or overrides) a step with these parameters;
+        None when no rule decides and the setting stands."""
+        step = Step(technique=technique, slot=self.slots[technique], params=params)
+        ctx = _context({**self.base, "layer": layer_facts(layer, self.n_layers),
+                        "step": step_facts(params, technique, step.slot)})
+        return next((r for r in self.rules if _applies(r, step) and r.condition(ctx)), None)

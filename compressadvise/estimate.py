@@ -6,10 +6,12 @@ For each layer with multiply-accumulates (linear and convolution layers):
     memory_s  = (weight bytes moved + output activation bytes) / (bandwidth GB/s * 1e9)
     time      = max(compute_s, memory_s)
 
-Weight bytes moved depend on when the runtime decompresses: iOS 16 expands compressed weights
-at load, so every inference streams them at fp16 size; iOS 17+ decompresses just in time, so
-the compressed bytes are streamed. A mode the target marks "decompressed" at that OS (e.g. int4
-on the Neural Engine) also streams fp16. Activations are counted once, as each layer's output at
+Weight bytes moved depend on when the runtime decompresses, as the target's `decompression`
+entries say by OS: Core ML on iOS 16 expands compressed weights at load, so every inference
+streams them at full size; iOS 17+ decompresses just in time, and torchao keeps quantized
+weights compressed in memory (x86 CPU, NVIDIA GPU), so the compressed bytes are streamed. A mode
+the target marks "decompressed" at that OS (e.g. int4 on the Neural Engine) also streams full
+size, unless its entry says `streams: compressed`. Activations are counted once, as each layer's output at
 fp16 (the input is the previous layer's output). Layers without MACs (norms, embeddings,
 pooling) are not estimated.
 
@@ -35,11 +37,11 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field
 
 from .analysis import LayerInfo, ModelReport
+from .deployment import Deployment
 from .metrics import ResultModel
 from .schema import Target
 
 FIGURES = ("memory_bandwidth_gbs", "peak_fp16_tops", "peak_int8_tops")
-JIT_OS = 17  # iOS 17 / macOS 14: just-in-time decompression
 ACT_BYTES = 2  # fp16 activations
 
 
@@ -86,6 +88,7 @@ class LayerCompression(ResultModel):
     bytes: float
     setting: str
     mode: str | None = None
+    modes: list[str] = Field(default_factory=list, description="every runtime mode the settings need")
     int8_activations: bool = False
 
 
@@ -95,15 +98,10 @@ def figure(target: Target, name: str) -> float | None:
 
 
 def weight_bytes_moved(stored: float, fp16: float, mode: str | None, target: Target, os: int) -> float:
-    """Bytes streamed per inference for one layer's weights."""
+    """Bytes streamed per inference for one layer's weights (when to decompress: target data)."""
     if stored >= fp16:
         return stored
-    if os < JIT_OS:
-        return fp16  # decompressed at load: memory traffic as if uncompressed
-    support = target.mode(mode) if mode else None
-    if support is not None and support.behaviour == "decompressed":
-        return fp16
-    return stored
+    return stored if Deployment(target, os).streams_compressed(mode) else fp16
 
 
 def estimate_layer(layer: LayerInfo, target: Target, os: int, comp: LayerCompression | None,
@@ -133,7 +131,8 @@ def estimate_layer(layer: LayerInfo, target: Target, os: int, comp: LayerCompres
 def roofline(report: ModelReport, target: Target, os: int | None = None,
              compression: dict[str, LayerCompression] | None = None) -> ModelEstimate:
     """The per-layer roofline estimate of one model (original when `compression` is None)."""
-    os = target.default_os if os is None else os
+    dep = Deployment.resolve(None, target, os, check=False)
+    os = dep.os
     compression = compression or {}
     notes: list[str] = []
     figs = {n: v for n in FIGURES if (v := figure(target, n)) is not None}
@@ -151,9 +150,7 @@ def roofline(report: ModelReport, target: Target, os: int | None = None,
     if rows:
         notes.append("a roofline ignores per-op dispatch, layout changes and CPU fallbacks: read it as a "
                      "lower bound, or calibrate it with latencies measured on a device")
-    decomp = ("iOS 16: compressed weights are decompressed at load (size win only, fp16 traffic)"
-              if os < JIT_OS else "iOS 17+: weights decompressed just in time (compressed bytes streamed)")
-    return ModelEstimate(target=target.name, os=os, decompression=decomp, figures=figs,
+    return ModelEstimate(target=target.name, os=os, decompression=dep.decompression.summary, figures=figs,
                          total_ms=sum(r.ms for r in rows), layers=rows, notes=notes)
 
 
@@ -218,8 +215,9 @@ def calibrate(original: ModelEstimate, compressed: ModelEstimate | None, cal: Ca
 
 # ------------------------------------------------------------------ what compression left
 def mode_of_setting(setting: str) -> str | None:
-    """Map a plan's per-layer setting text (e.g. '4-bit palettization per_grouped_channel gs=16')
-    to the runtime mode names used by target profiles."""
+    """Legacy only: plans written before per-layer rows carried their settings as data. Maps
+    the label text (e.g. '4-bit palettization per_grouped_channel gs=16') to a runtime mode;
+    everything else asks `Setting.modes` (from the technique's `requires`)."""
     s = setting.lower()
     if "palett" in s:
         if "grouped" in s:
@@ -238,12 +236,27 @@ def mode_of_setting(setting: str) -> str | None:
     return None
 
 
-def from_plan(layers: list[Any]) -> dict[str, LayerCompression]:
-    """Per-layer compression from a plan's LayerPrediction rows (bytes are plan estimates)."""
-    return {x.name: LayerCompression(bytes=float(x.bytes_after), setting=x.setting,
-                                     mode=mode_of_setting(x.setting),
-                                     int8_activations=mode_of_setting(x.setting) == "w8a8")
-            for x in layers if x.bytes_after < x.bytes_before}
+def from_plan(layers: list[Any], k: Any = None) -> dict[str, LayerCompression]:
+    """Per-layer compression from a plan's LayerPrediction rows (bytes are plan estimates).
+    Modes come from each row's settings (data) given the knowledge; label text only for rows
+    without settings (older plans) or without knowledge."""
+    return {x.name: _row_compression(x, k) for x in layers if x.bytes_after < x.bytes_before}
+
+
+def _row_compression(x: Any, k: Any) -> LayerCompression:
+    settings = list(getattr(x, "settings", None) or [])
+    if k is None or not settings:
+        mode = mode_of_setting(x.setting)
+        return LayerCompression(bytes=float(x.bytes_after), setting=x.setting, mode=mode,
+                                modes=[mode] if mode else [], int8_activations=mode == "w8a8")
+    from .setting import Setting
+
+    per = [Setting.normalised(k, d["technique"], d.get("params", {})) for d in settings]
+    modes = list(dict.fromkeys(m for s in per for m in s.modes(k)))
+    # The weights' storage is decided by the last step that set a mode (e.g. prune, then palettize).
+    mode = next((s.primary_mode(k) for s in reversed(per) if s.modes(k)), None)
+    return LayerCompression(bytes=float(x.bytes_after), setting=x.setting, mode=mode, modes=modes,
+                            int8_activations="w8a8" in modes)
 
 
 def detect_compression(module: Any, report: ModelReport, baseline: float = 2.0) -> dict[str, LayerCompression]:

@@ -7,18 +7,23 @@ module does not import torch, so `rules`, `explain` & co. start fast.
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import backends  # the registry only: no backend library is imported
 from .errors import InvalidKnowledge
 from .expressions import Condition, ExpressionError, compile_condition, compile_value
-from .facts import LAYER_SCOPE, MODEL_SCOPE
+from .facts import LAYER_SCOPE, MODEL_SCOPE, NAMESPACES, OUTCOME_SCOPE
 from .schema import Playbook, Rule, Target, Technique
 from .yamlio import line_of, read_yaml, validate
 
 KINDS = ("techniques", "targets", "playbooks")
+SCOPES = {"model": MODEL_SCOPE, "layer": LAYER_SCOPE, "outcome": OUTCOME_SCOPE}
+PLACEHOLDER = re.compile(r"\{([a-z_]+)\.([a-z_]+)\}")  # `{namespace.fact}` in an outcome rule's message
+THRESHOLD = re.compile(r"\bthreshold\.([A-Za-z_][A-Za-z0-9_]*)\b")  # `threshold.NAME` in a condition
 SIZE_VARIABLES = {
     "n": "elements of the weight tensor",
     "rows": "output channels (weight.shape[0])",
@@ -70,6 +75,7 @@ class Knowledge:
     sources: dict[str, str] = field(default_factory=dict)  # name -> file
     size_programs: dict[str, Any] = field(default_factory=dict)
     requirement_programs: dict[str, list[tuple[str, Condition | None]]] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)  # name -> value, from techniques' `thresholds`
 
     def rule(self, code: str) -> CompiledRule:
         code = code.upper()
@@ -109,6 +115,7 @@ def _load_technique(k: Knowledge, path: Path) -> None:
             k.size_programs[t.name] = compile_value(t.size.formula, sample)
         except ExpressionError as e:
             raise InvalidKnowledge(f"{path}:{line_of(lines, ('size', 'formula'))}: size formula: {e}") from None
+    _check_backends(t, path, lines)
     reqs = []
     for i, req in enumerate(t.requires):
         cond = None
@@ -120,8 +127,49 @@ def _load_technique(k: Knowledge, path: Path) -> None:
                 raise InvalidKnowledge(f"{where}: {e}") from None
         reqs.append((req.mode, cond))
     k.requirement_programs[t.name] = reqs
+    _check_grid(t, path, lines)
+    for tname, th in t.thresholds.items():
+        if tname in k.thresholds:
+            raise InvalidKnowledge(f"{path}:{line_of(lines, ('thresholds', tname))}: threshold {tname!r} already "
+                                   f"defined in {k.sources['threshold:' + tname]}")
+        k.thresholds[tname] = th.value
+        k.sources["threshold:" + tname] = str(path)
     k.techniques[t.name] = t
     k.sources["technique:" + t.name] = str(path)
+
+
+def _check_backends(t: Technique, path: Path, lines: dict[tuple, int]) -> None:
+    """Every backend a technique names is registered (or `guidance`): the registry lists names
+    without importing any backend library."""
+    for i, impl in enumerate(t.backends):
+        if impl.backend != backends.GUIDANCE and impl.backend not in backends.names():
+            raise InvalidKnowledge(f"{path}:{line_of(lines, ('backends', i, 'backend'))}: technique {t.name}: "
+                                   f"unknown backend {impl.backend!r}",
+                                   hint=f"registered: {', '.join(sorted(backends.names()))} (or {backends.GUIDANCE})")
+
+
+def _check_grid(t: Technique, path: Path, lines: Any) -> None:
+    """Every search_grid entry names the technique's parameters with values they accept."""
+    for i, entry in enumerate(t.search_grid):
+        for pname, values in entry.items():
+            where = f"{path}:{line_of(lines, ('search_grid', i, pname))}: search_grid"
+            spec = t.parameters.get(pname)
+            if spec is None:
+                raise InvalidKnowledge(f"{where}: technique {t.name!r} has no parameter {pname!r}")
+            for v in values if isinstance(values, list) else [values]:
+                if msg := spec.check(pname, v):
+                    raise InvalidKnowledge(f"{where}: {msg}")
+
+
+def with_thresholds(k: Knowledge, text: str, where: str) -> str:
+    """A condition with each `threshold.NAME` replaced by its value, so CEL sees a number and
+    nothing at run time needs the threshold table."""
+    def value(m: re.Match) -> str:
+        if m.group(1) not in k.thresholds:
+            raise InvalidKnowledge(f"{where}: unknown threshold {m.group(1)!r} "
+                                   f"(known: {', '.join(sorted(k.thresholds)) or 'none'})")
+        return repr(float(k.thresholds[m.group(1)]))
+    return THRESHOLD.sub(value, text)
 
 
 def _load_target(k: Knowledge, path: Path) -> None:
@@ -130,6 +178,11 @@ def _load_target(k: Knowledge, path: Path) -> None:
     if t.name in k.targets:
         raise InvalidKnowledge(f"{path}:{line_of(lines, ('name',))}: target {t.name!r} already defined "
                                f"in {k.sources['target:' + t.name]}")
+    known = {*backends.names(), *backends.families()}  # a target may name a family: coremltools
+    for i, name in enumerate(t.backends):
+        if name not in known:
+            raise InvalidKnowledge(f"{path}:{line_of(lines, ('backends', i))}: target {t.name}: unknown backend "
+                                   f"{name!r}", hint=f"registered: {', '.join(sorted(known))}")
     k.targets[t.name] = t
     k.sources["target:" + t.name] = str(path)
 
@@ -142,6 +195,8 @@ def _check_action(k: Knowledge, rule: Rule, where: str) -> None:
         raise InvalidKnowledge(f"{where}: {a.kind} actions need scope: layer")
     if a.kind == "advise" and not a.message:
         raise InvalidKnowledge(f"{where}: an advise action needs a message")
+    if rule.scope == "outcome":
+        _check_outcome(rule, where)
     if a.technique:
         if a.technique not in k.techniques:
             raise InvalidKnowledge(f"{where}: unknown technique {a.technique!r} "
@@ -158,6 +213,15 @@ def _check_action(k: Knowledge, rule: Rule, where: str) -> None:
             raise InvalidKnowledge(f"{where}: {tech.name!r} is guidance only; use an advise action")
     elif a.params and a.kind == "override":
         raise InvalidKnowledge(f"{where}: an override with params must name its technique")
+
+
+def _check_outcome(rule: Rule, where: str) -> None:
+    """An outcome rule only advises, and its message names facts its scope has."""
+    if rule.action.kind != "advise":
+        raise InvalidKnowledge(f"{where}: outcome rules advise (the next move); got kind {rule.action.kind!r}")
+    for ns, name in PLACEHOLDER.findall(rule.action.message or ""):
+        if ns not in OUTCOME_SCOPE or name not in NAMESPACES[ns]:
+            raise InvalidKnowledge(f"{where}: message placeholder {{{ns}.{name}}} is not an outcome-scope fact")
 
 
 def _load_playbook(k: Knowledge, path: Path, origin: str) -> None:
@@ -179,10 +243,10 @@ def _load_playbook(k: Knowledge, path: Path, origin: str) -> None:
             prev = k.rules[rule.code]
             raise InvalidKnowledge(f"{where}: duplicate rule code (first defined at {prev.file}:{prev.line})")
         _check_action(k, rule, where)
-        scope = MODEL_SCOPE if rule.scope == "model" else LAYER_SCOPE
+        scope = SCOPES[rule.scope]
         when_at = f"{path}:{line_of(lines, ('rules', i, 'when'))}: rule {rule.code}"
         try:  # origin: a runtime failure (division by zero...) names the rule and its line too
-            cond = compile_condition(rule.when, scope, origin=when_at)
+            cond = compile_condition(with_thresholds(k, rule.when, when_at), scope, origin=when_at)
         except ExpressionError as e:
             raise InvalidKnowledge(f"{when_at}: {e}") from None
         sel = None
@@ -190,7 +254,8 @@ def _load_playbook(k: Knowledge, path: Path, origin: str) -> None:
             ln = line_of(lines, ("rules", i, "action", "layers", "where"))
             sel_at = f"{path}:{ln}: rule {rule.code}: layers.where"
             try:
-                sel = compile_condition(rule.action.layers.where, LAYER_SCOPE, origin=sel_at)
+                sel = compile_condition(with_thresholds(k, rule.action.layers.where, sel_at), LAYER_SCOPE,
+                                        origin=sel_at)
             except ExpressionError as e:
                 raise InvalidKnowledge(f"{sel_at}: {e}") from None
         k.rules[rule.code] = CompiledRule(rule, data["playbook"], str(path), line_of(lines, ("rules", i)), cond, sel)

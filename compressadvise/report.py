@@ -21,6 +21,7 @@ is ~4.5 MB, most of the 5 MB budget); vl-convert also renders the PNGs offline, 
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import html
 import json
@@ -74,8 +75,10 @@ class Sensitivity(BaseModel):
     # From `sensitivity` results: each layer compressed alone, per setting label (the plan's
     # per-layer wording), so whole-model fidelity can be predicted for the plan and uniform settings.
     peak: float | None = Field(None, description="max |reference output|, the PSNR peak")
-    single_mse: dict[str, dict[str, float]] = Field({}, description="layer -> setting -> measured output MSE")
-    single_bytes: dict[str, dict[str, float]] = Field({}, description="layer -> setting -> bytes (estimate)")
+    single_mse: dict[str, dict[str, float]] = Field({}, description="layer -> setting key -> measured output MSE")
+    single_bytes: dict[str, dict[str, float]] = Field({}, description="layer -> setting key -> bytes (estimate)")
+    labels: dict[str, str] = Field({}, description="setting key -> readable label")
+    settings: dict[str, dict[str, Any]] = Field({}, description="setting key -> {technique, params}")
 
 
 PSNR_METRIC = "output PSNR vs the original"
@@ -114,15 +117,44 @@ def _from_sensitivity_report(d: dict[str, Any]) -> Sensitivity:
     """`sensitivity` results: layers ranked by measured output MSE (x the median layer)."""
     mse: dict[str, dict[str, float]] = {}
     size: dict[str, dict[str, float]] = {}
+    labels: dict[str, str] = {}
+    settings: dict[str, dict[str, Any]] = {}
     for m in d["measurements"]:
         if "output_mse" in m.get("metrics", {}):
-            mse.setdefault(m["layer"], {})[m["label"]] = float(m["metrics"]["output_mse"])
-            size.setdefault(m["layer"], {})[m["label"]] = float(m["bytes"])
+            key = m["setting"]  # the measured Setting's key; re-keyed against the knowledge in build()
+            mse.setdefault(m["layer"], {})[key] = float(m["metrics"]["output_mse"])
+            size.setdefault(m["layer"], {})[key] = float(m["bytes"])
+            labels[key] = m["label"]
+            settings[key] = {"technique": m["technique"], "params": m.get("params", {})}
     return Sensitivity(
         metric="output MSE when compressed alone", unit="x the median layer", higher_is_better=False,
         setting=f"geometric mean over {len(d.get('settings', []))} settings",
         layers=[SensitivityLayer(name=r["layer"], value=float(r["vs_median"])) for r in d["ranking"]],
-        peak=float(d["peak"]), single_mse=mse, single_bytes=size)
+        peak=float(d["peak"]), single_mse=mse, single_bytes=size, labels=labels, settings=settings)
+
+
+def keyed(s: Sensitivity | None, k: Any) -> Sensitivity | None:
+    """Measurements keyed by the normalised Setting key (technique defaults filled in), the key
+    the plan's rows carry: the join never compares label text."""
+    if s is None or not s.settings:
+        return s
+    from .setting import Setting
+
+    new = {old: Setting.normalised(k, d["technique"], d.get("params", {})).key for old, d in s.settings.items()}
+    rk = lambda per: {new.get(key, key): v for key, v in per.items()}  # noqa: E731
+    return s.model_copy(update={
+        "single_mse": {n: rk(v) for n, v in s.single_mse.items()},
+        "single_bytes": {n: rk(v) for n, v in s.single_bytes.items()},
+        "labels": rk(s.labels), "settings": rk(s.settings)})
+
+
+def row_key(row: Any, k: Any) -> str:
+    """A plan row's setting key (stacked steps joined by ' + '); '' for fp16 or an older plan
+    whose rows carry only a label."""
+    from .setting import Setting, stacked_key
+
+    per = [Setting.normalised(k, d["technique"], d.get("params", {})) for d in getattr(row, "settings", None) or []]
+    return stacked_key(per)
 
 
 def _from_search_result(d: dict[str, Any]) -> Sensitivity:
@@ -173,6 +205,7 @@ class LayerRow(BaseModel):
     bytes_before: int
     bytes_after: int
     setting: str
+    setting_key: str = Field("", description="the plan row's Setting key: joins sensitivity results")
     latency_ms_before: float | None = Field(None, description="estimate on the target")
     latency_ms_after: float | None = Field(None, description="estimate on the target")
     applied: str | None = Field(None, description="what `apply` did to the layer (its manifest)")
@@ -443,9 +476,10 @@ def build(inp: Inputs, *, docs_base: str = DOCS_BASE, knowledge: Any = None,
     from .knowledge import builtin
 
     k = knowledge or builtin()
+    inp = dataclasses.replace(inp, sensitivity=keyed(inp.sensitivity, k))
     plan, ver = inp.plan, inp.verify
     est = _latency_estimates(inp, k)
-    layers = _layer_rows(inp, est)
+    layers = _layer_rows(inp, est, k)
     data = ReportData(
         title=title or f"Compression report: {_model_name(inp)}",
         source=inp.source, target=plan.target.name if plan else None, os=plan.target.os if plan else None,
@@ -494,14 +528,14 @@ def _latency_estimates(inp: Inputs, k: Any) -> tuple[Any, Any] | None:
     if tgt is None:
         return None
     before = roofline(inp.report, tgt, inp.plan.target.os)
-    after = roofline(inp.report, tgt, inp.plan.target.os, from_plan(inp.plan.layers))
+    after = roofline(inp.report, tgt, inp.plan.target.os, from_plan(inp.plan.layers, k))
     if not before.layers:
         inp.notes.append("no latency estimate: " + "; ".join(before.notes))
         return None
     return before, after
 
 
-def _layer_rows(inp: Inputs, est: tuple[Any, Any] | None) -> list[LayerRow]:
+def _layer_rows(inp: Inputs, est: tuple[Any, Any] | None, k: Any = None) -> list[LayerRow]:
     plan_rows = {x.name: x for x in (inp.plan.layers if inp.plan is not None else [])}
     ms_before = {r.name: r.ms for r in est[0].layers} if est else {}
     ms_after = {r.name: r.ms for r in est[1].layers} if est else {}
@@ -520,12 +554,14 @@ def _layer_rows(inp: Inputs, est: tuple[Any, Any] | None) -> list[LayerRow]:
             rows.append(LayerRow(
                 index=x.index, name=x.name, type=x.type, params=x.params, bytes_before=before,
                 bytes_after=p.bytes_after if p else before, setting=p.setting if p else "fp16 (no plan)",
+                setting_key=row_key(p, k) if p and k else "",
                 latency_ms_before=ms_before.get(x.name), latency_ms_after=ms_after.get(x.name),
                 sensitivity=sens.get(x.name), drift_snr_db=_finite(drift.get(x.name)), applied=applied.get(x.name)))
     else:  # plan only: no types or parameter counts without the model
         for i, p in enumerate(plan_rows.values()):
             rows.append(LayerRow(index=i, name=p.name, type="?", params=int(p.bytes_before / baseline),
                                  bytes_before=p.bytes_before, bytes_after=p.bytes_after, setting=p.setting,
+                                 setting_key=row_key(p, k) if k else "",
                                  sensitivity=sens.get(p.name), drift_snr_db=_finite(drift.get(p.name)),
                                  applied=applied.get(p.name)))
     return rows
@@ -866,17 +902,21 @@ def _predicted_points(data: ReportData, s: Sensitivity) -> list[ParetoPoint]:
     if not measured or not s.peak:
         return []
     out = []
-    for label in sorted({lab for n in measured for lab in s.single_mse[n]}):
-        have = [n for n in measured if label in s.single_mse[n]]
-        size = sum(s.single_bytes[n][label] if n in have else r.bytes_before for n, r in rows.items())
-        value = _psnr(s.peak, sum(s.single_mse[n][label] for n in have))
+    label_of = lambda key: s.labels.get(key, key)  # noqa: E731
+    for key in sorted({key for n in measured for key in s.single_mse[n]}, key=label_of):
+        have = [n for n in measured if key in s.single_mse[n]]
+        size = sum(s.single_bytes[n][key] if n in have else r.bytes_before for n, r in rows.items())
+        value = _psnr(s.peak, sum(s.single_mse[n][key] for n in have))
         part = "" if len(have) == len(measured) else f" ({len(have)}/{len(measured)} layers)"
         if math.isfinite(value):
-            out.append(ParetoPoint(name=f"uniform {label}{part}", bytes=size, value=value, kind="uniform",
+            out.append(ParetoPoint(name=f"uniform {label_of(key)}{part}", bytes=size, value=value, kind="uniform",
                                    value_basis="estimate"))
+    # Join by setting key; a row of an older plan (label only) matches a measurement's own label.
+    by_label = {lab: key for key, lab in s.labels.items()}
+    key_of = {r.name: r.setting_key or by_label.get(r.setting, r.setting) for r in data.layers}
     changed = [r for r in data.layers if _changed(r.setting)]
-    if changed and all(r.setting in s.single_mse.get(r.name, {}) for r in changed):
-        value = _psnr(s.peak, sum(s.single_mse[r.name][r.setting] for r in changed))
+    if changed and all(key_of[r.name] in s.single_mse.get(r.name, {}) for r in changed):
+        value = _psnr(s.peak, sum(s.single_mse[r.name][key_of[r.name]] for r in changed))
         if math.isfinite(value):
             out.append(ParetoPoint(name="the plan (predicted)", bytes=sum(r.bytes_after for r in data.layers),
                                    value=value, kind="chosen", value_basis="estimate"))

@@ -89,9 +89,16 @@ class ModeRequirement(Strict):
 
 
 class BackendImpl(Strict):
-    backend: Literal["coremltools.torch", "coremltools.coreml", "torchao", "guidance"]
+    backend: str = Field(description="a registered backend id (compressadvise.backends.names()), "
+                         "or guidance; checked against the registry at knowledge load")
     config: str = Field(description="the library's config or function name")
     note: str | None = None
+
+
+class Threshold(Strict):
+    value: float = Field(description="the cut-off, in the unit of the fact it is compared with")
+    description: str = Field(description="what crossing it means")
+    citation: list[Citation] = Field(min_length=1)
 
 
 class Technique(Strict):
@@ -101,11 +108,20 @@ class Technique(Strict):
     slot: Literal["sparsity", "weights", "activations", "none"]
     data: Literal["none", "calibration", "training"]
     guidance_only: bool = False
+    form: Literal["palettize", "quantize", "prune", "activations", "sparse_palettize", "sparse_quantize"] | None = Field(
+        None, description="the stored weight form the backends leave, which apply's read-back checks for "
+        "(absent: checked as quantize)")
     parameters: dict[str, ParamSpec] = {}
     size: SizeModel | None = None
     requires: list[ModeRequirement] = []
     backends: list[BackendImpl] = []
     risks: list[str] = []
+    search_grid: list[dict[str, FiniteAny]] = Field([], description=(
+        "candidate settings `sensitivity` and `search` measure by default: each entry maps parameters to a "
+        "value or a list of values, expanded as a product (first key outermost)"))
+    thresholds: dict[str, Threshold] = Field({}, description=(
+        "named, cited cut-offs: a rule condition writes `threshold.NAME` (replaced by the value when the "
+        "playbook loads) and the tool's own notes read the same value"))
     citation: list[Citation] = Field(min_length=1)
 
     def defaults(self) -> dict[str, Any]:
@@ -124,7 +140,28 @@ class ModeSupport(Strict):
     mode: str
     min_os: int = Field(0, description="minimum OS major (iOS numbering); 0 = any")
     behaviour: Literal["accelerated", "decompressed", "unsupported"]
+    streams: Literal["compressed", "full"] | None = Field(None, description=(
+        "what each inference reads from memory once the weights are not expanded at load: the "
+        "compressed bytes or full-size ones; default: full when behaviour is decompressed"))
     note: str | None = None
+
+
+class Decompression(Strict):
+    """When the runtime expands compressed weights, from an OS major on (the latest entry wins)."""
+
+    min_os: int = Field(0, description="from this OS major on (iOS numbering); 0 = any")
+    at: Literal["load", "just_in_time"] = Field(description=(
+        "load: expanded once when the model loads, so inference streams full-size weights; "
+        "just_in_time: kept compressed in memory and expanded as each layer runs"))
+    summary: str = Field(description="one line shown with a latency estimate")
+    source: str
+
+
+class StatedFact(Strict):
+    """A yes/no property of a target, stated with where it comes from."""
+
+    value: bool
+    source: str
 
 
 class Target(Strict):
@@ -140,6 +177,10 @@ class Target(Strict):
     min_os: int = 0
     baseline_bytes_per_param: float = Field(2.0, description="bytes per weight when not compressed")
     modes: list[ModeSupport]
+    decompression: list[Decompression] = Field([], description=(
+        "when compressed weights are expanded, by OS; none listed: at load (no traffic credit)"))
+    int8_compute: StatedFact | None = Field(None, description=(
+        "int8 math much faster than fp16 (an int8 fast path); absent: no"))
     figures: dict[str, Figure]
     notes: list[str] = []
     citation: list[Citation] = Field(min_length=1)
@@ -175,13 +216,16 @@ class Action(Strict):
     params: Params = {}
     layers: LayerSelect | None = None
     slots: list[Literal["sparsity", "weights", "activations"]] | None = None
-    message: str | None = Field(None, description="for advise: the recommended move, imperative")
+    message: str | None = Field(None, description="for advise: the recommended move, imperative; in an "
+                                "outcome rule `{namespace.fact}` is replaced by the fact's value")
 
 
 class Rule(Strict):
     code: str = Field(pattern=r"^[A-Z]{2,5}[0-9]{3}$")
     title: str
-    scope: Literal["model", "layer"]
+    scope: Literal["model", "layer", "outcome"] = Field(description=(
+        "model: once per plan; layer: once per layer of each planned step; outcome: after a verify "
+        "missed a budget, once per plan step when the condition uses step facts, else once"))
     when: str
     action: Action
     priority: int = Field(50, ge=0, le=100)
@@ -219,6 +263,21 @@ class Step(Strict):
     why: str = ""
     predicted_bytes_after: int | None = Field(None, description="estimate: model size after this step")
 
+    def params_for(self, layer: Any) -> dict[str, Any]:
+        """Step params < op_type_params (layer type, then module class) < op_name_params, like
+        coremltools' OptimizationConfig (global < op type < op name). No technique defaults."""
+        p = dict(self.params)
+        for key in (layer.type, getattr(layer, "module_type", None) or ""):
+            p.update(self.op_type_params.get(key, {}))
+        p.update(self.op_name_params.get(layer.name, {}))
+        return p
+
+    def setting_for(self, layer: Any, tech: "Technique") -> Any:
+        """The one resolver: this step's normalised `Setting` on one layer (technique defaults
+        first). Apply, sizing, the engine, search, what-if and the manifest all ask here."""
+        from .setting import Setting
+        return Setting.resolve(tech, self.params_for(layer))
+
 
 class Advisory(Strict):
     code: str
@@ -237,7 +296,9 @@ class TraceEntry(Strict):
 
 class LayerPrediction(Strict):
     name: str
-    setting: str
+    setting: str = Field(description="readable label of `settings`; display only, never parsed")
+    settings: list[dict[str, Any]] = Field(
+        default_factory=list, description="the layer's settings in step order ({technique, params}); empty = fp16")
     bytes_before: int
     bytes_after: int
 

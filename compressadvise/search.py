@@ -281,36 +281,25 @@ def lesson_candidates(k: Knowledge, report: ModelReport, target: str, os: int, c
                       ) -> tuple[dict[str, list[Setting]], dict[str, list[tuple[str, str]]]]:
     """Per layer: the settings left after the playbooks' layer rules, and what each rule did.
 
-    Mirrors `recommend`: for each (layer, setting) the highest-ranked matching layer rule that
-    is not advice decides; `keep` drops the setting, `override` merges its parameters in.
+    The engine decides (`engine.LayerRules`, the decision `recommend` makes): `keep` drops the
+    setting, `override` merges its parameters in.
     """
-    from .engine import _applies, _rank, _uses_step, constraint_facts, layer_facts, model_facts, target_facts
-    from .facts import step_facts
+    from .engine import LayerRules
+    from .sensitivity import normalise
 
-    tgt = k.target(target)
-    base = {"model": model_facts(report), "target": target_facts(tgt, os),
-            "constraints": constraint_facts(constraints, report)}
-    rules = [r for r in sorted((r for r in k.rules.values() if r.rule.scope == "layer"), key=_rank)
-             if not (r.rule.action.kind == "advise" and not _uses_step(r))]
-    n_layers = len(report.layers)
+    rules = LayerRules.of(k, report, target, os, constraints)
     allowed: dict[str, list[Setting]] = {}
     notes: dict[str, list[tuple[str, str]]] = {}
     for x in layers:
-        lf = layer_facts(x, n_layers)
         kept: list[Setting] = []
         for s in grid:
-            step = Step(technique=s.technique, slot=k.techniques[s.technique].slot, params=s.p)
-            ctx = {**base, "layer": lf, "step": step_facts(s.p, s.technique, step.slot)}
-            decided = next((r for r in rules if r.rule.action.kind != "advise" and _applies(r, step)
-                            and r.condition(ctx)), None)
+            decided = rules.decide(x, s.technique, s.p)
             if decided is None:
                 kept.append(s)
             elif decided.rule.action.kind == "keep":
                 notes.setdefault(x.name, []).append((decided.code, f"keeps {x.name} out of {s.label}: {decided.rule.why}"))
             else:
-                from .sensitivity import _normalise
-
-                merged = Setting.of(s.technique, **_normalise({**s.p, **decided.rule.action.params}))
+                merged = Setting.of(s.technique, **normalise({**s.p, **decided.rule.action.params}))
                 kept.append(merged)
                 if merged != s:
                     notes.setdefault(x.name, []).append((decided.code, f"turns {s.label} into {merged.label}: "
@@ -322,7 +311,7 @@ def lesson_candidates(k: Knowledge, report: ModelReport, target: str, os: int, c
 def _latency_table(report: ModelReport, k: Knowledge, target: str, os: int, layer: LayerInfo,
                    settings: list[Setting], baseline: float) -> dict[Setting, float] | None:
     """Roofline ms per setting for one layer (estimate); None when the layer has no MACs."""
-    from .estimate import LayerCompression, estimate_layer, mode_of_setting
+    from .estimate import LayerCompression, estimate_layer
 
     tgt = k.target(target)
     if not layer.macs:
@@ -331,8 +320,9 @@ def _latency_table(report: ModelReport, k: Knowledge, target: str, os: int, laye
     for s in settings:
         comp = None
         if not s.is_fp16:
+            norm = Setting.normalised(k, s.technique, s.p)  # modes from the technique's requires
             comp = LayerCompression(bytes=float(setting_bytes(k, layer, s, baseline)), setting=s.label,
-                                    mode=mode_of_setting(s.label))
+                                    mode=norm.primary_mode(k), modes=norm.modes(k))
         est = estimate_layer(layer, tgt, os, comp, baseline)
         if est is None:
             return None
@@ -383,8 +373,11 @@ def search(
 
     t0 = time.perf_counter()
     k = knowledge or (load_knowledge(playbooks) if playbooks else builtin())
-    tgt = k.target(target)
-    os_major = tgt.default_os if os is None else int(os)
+    from .deployment import Deployment
+
+    # resolved once; no min-OS refusal here (search never raised it: its advice call swallows it)
+    dep = Deployment.resolve(k, target, os, check=False)
+    tgt, os_major = dep.target, dep.os
     baseline = tgt.baseline_bytes_per_param
     prep = prepared or prepare(model, samples, max_samples=max_samples, trust_pickle=trust_pickle)
     report = prep.report
@@ -393,7 +386,7 @@ def search(
                                  report=report, baseline=baseline)
     constraints = Constraints(max_size_mb=(budget.max_bytes or 0.0) / MB, max_latency_ms=budget.max_latency_ms or 0.0)
     notes: list[str] = []
-    grid, dropped = supported_settings(k, settings or default_grid(), target, os_major)
+    grid, dropped = supported_settings(k, settings or default_grid(k=k), target, os_major)
     if dropped:
         notes.append(f"{len(dropped)} candidate setting(s) need modes {tgt.name} does not support at OS "
                      f"{os_major} (e.g. {dropped[0].label}): left out")

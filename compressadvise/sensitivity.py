@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -39,9 +40,10 @@ from ._callable import callable_module
 from .analysis import LayerInfo, ModelReport
 from .errors import BadModel, CompressionFailed, InvalidKnowledge
 from .fsutil import write_text_atomic
-from .knowledge import Knowledge
+from .knowledge import Knowledge, builtin
 from .metrics import ResultModel
 from .schema import COMPRESSIBLE
+from .setting import FP16, Setting  # noqa: F401  (sensitivity.Setting is the one Setting)
 from .sizing import NotApplicable, layer_bytes, weight_bytes
 
 if TYPE_CHECKING:
@@ -57,73 +59,25 @@ PROXY_SAMPLES = 64  # samples used for the gradient-based proxies
 HESSIAN_PROBES = 4  # random output probes per batch for the Gauss-Newton diagonal
 FISHER_SAMPLES = 32  # per-sample gradients for the empirical Fisher
 PROXIES = ("weight_rel_error", "hessian_output", "fisher_labels")
-TECHNIQUES = ("palettization", "linear_quantization")
 
 
-# ------------------------------------------------------------------ settings
-@dataclass(frozen=True)
-class Setting:
-    """One candidate: a technique and its parameters (the same names as plan steps use)."""
-
-    technique: str
-    params: tuple[tuple[str, Any], ...]
-
-    @classmethod
-    def of(cls, technique: str, **params: Any) -> "Setting":
-        return cls(technique, tuple(sorted(params.items())))
-
-    @property
-    def p(self) -> dict[str, Any]:
-        return dict(self.params)
-
-    @property
-    def key(self) -> str:
-        return self.technique + ":" + ",".join(f"{k}={v}" for k, v in self.params)
-
-    @property
-    def is_fp16(self) -> bool:
-        return self.technique == "fp16"
-
-    @property
-    def label(self) -> str:
-        """Human text in the plan's per-layer style, e.g. '4-bit palettization per_grouped_channel gs=16'."""
-        if self.is_fp16:
-            return "fp16 (unchanged)"
-        p = self.p
-        gran = p.get("granularity", "")
-        extra = {"per_grouped_channel": f" gs={p.get('group_size')}",
-                 "per_block": f" bs={p.get('block_size')}"}.get(gran, "")
-        mode = " asym" if p.get("mode") == "linear" else ""
-        return f"{p.get('nbits')}-bit {self.technique} {gran}{extra}{mode}".strip()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"technique": self.technique, "params": self.p}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Setting":
-        return cls.of(d["technique"], **d.get("params", {}))
 
 
-FP16 = Setting("fp16", ())
+def grid_techniques(k: Knowledge | None = None) -> tuple[str, ...]:
+    """Techniques with a default candidate grid (a `search_grid` in their YAML)."""
+    k = k or builtin()
+    return tuple(name for name, t in k.techniques.items() if t.search_grid)
 
 
-def default_grid(techniques: Iterable[str] = TECHNIQUES) -> list[Setting]:
-    """The default candidates: palettization 8/6/4/3/2 bits per tensor and grouped (4/8/16);
-    int8 and int4 per channel (symmetric and asymmetric), int4 per block (16/32/128)."""
+def default_grid(techniques: Iterable[str] | None = None, k: Knowledge | None = None) -> list[Setting]:
+    """The default candidates: each technique's `search_grid` (techniques/*.yaml), expanded in
+    order; every technique that has one when `techniques` is None."""
+    k = k or builtin()
     out: list[Setting] = []
-    techniques = list(techniques)
-    if "palettization" in techniques:
-        for nbits in (8, 6, 4, 3, 2):
-            out.append(Setting.of("palettization", nbits=nbits, granularity="per_tensor"))
-            for gs in (4, 8, 16):
-                out.append(Setting.of("palettization", nbits=nbits, granularity="per_grouped_channel", group_size=gs))
-    if "linear_quantization" in techniques:
-        for nbits in (8, 4):
-            for mode in ("linear_symmetric", "linear"):
-                out.append(Setting.of("linear_quantization", nbits=nbits, granularity="per_channel", mode=mode))
-        for bs in (16, 32, 128):
-            for mode in ("linear_symmetric", "linear"):
-                out.append(Setting.of("linear_quantization", nbits=4, granularity="per_block", block_size=bs, mode=mode))
+    for name in grid_techniques(k) if techniques is None else techniques:
+        for entry in k.techniques[name].search_grid if name in k.techniques else []:
+            axes = [v if isinstance(v, list) else [v] for v in entry.values()]
+            out += [Setting.of(name, **dict(zip(entry, combo))) for combo in itertools.product(*axes)]
     return out
 
 
@@ -139,7 +93,7 @@ def parse_settings(specs: Iterable[str], k: Knowledge) -> list[Setting]:
                 raise InvalidKnowledge(f"unknown technique {name!r} in --techniques",
                                        hint=f"known: {', '.join(sorted(k.techniques))}")
             if not rest:
-                grid = default_grid([name])
+                grid = default_grid([name], k)
                 if not grid:
                     raise InvalidKnowledge(f"no default candidate grid for {name!r}: give its parameters, "
                                            f"e.g. {name}:nbits=8")
@@ -173,7 +127,7 @@ def _expand(k: Knowledge, technique: str, text: str) -> list[Setting]:
     for key, vals in axes:
         combos = [{**c, key: v} for c in combos for v in vals]
     defaults = {kk: v for kk, v in tech.defaults().items() if kk != "weight_threshold"}
-    return [Setting.of(technique, **_normalise({**defaults, **c})) for c in combos]
+    return [Setting.of(technique, **normalise({**defaults, **c})) for c in combos]
 
 
 def _coerce(kind: str, text: str) -> Any:
@@ -184,7 +138,7 @@ def _coerce(kind: str, text: str) -> Any:
         raise InvalidKnowledge(f"--techniques: {text!r} is not a valid {kind}") from None
 
 
-def _normalise(p: dict[str, Any]) -> dict[str, Any]:
+def normalise(p: dict[str, Any]) -> dict[str, Any]:
     """Drop parameters that do not apply to the chosen granularity (so equal settings compare equal)."""
     p = dict(p)
     if p.get("granularity") != "per_grouped_channel":
@@ -893,7 +847,7 @@ def sensitivity(
     k = knowledge or builtin()
     prep = prepared or prepare(model, samples, max_samples=max_samples, trust_pickle=trust_pickle)
     baseline = k.target(target).baseline_bytes_per_param if target else 2.0
-    grid = settings or default_grid()
+    grid = settings or default_grid(k=k)
     notes: list[str] = []
     if target:
         grid, dropped = supported_settings(k, grid, target, os)
@@ -939,9 +893,9 @@ def supported_settings(k: Knowledge, grid: list[Setting], target: str, os: int |
     """Split settings into those the target runs at this OS and those it does not (modes)."""
     from .engine import _missing_modes
 
-    tgt = k.target(target)
-    os_major = tgt.default_os if os is None else int(os)
-    supported = tgt.supports(os_major)
+    from .deployment import Deployment
+
+    supported = Deployment.resolve(k, target, os, check=False).supported
     keep, drop = [], []
     for s in grid:
         if s.is_fp16:

@@ -665,13 +665,14 @@ def _estimates(orig: _Side, comp: _Side, samples: Samples, target: str, os_versi
     from .estimate import calibrate, detect_compression, from_plan, load_calibration, roofline
     from .knowledge import builtin
 
-    tgt = builtin().target(target)
+    k = builtin()
+    tgt = k.target(target)
     shape = [1, *samples.inputs[0].shape[1:]]
     report = analyze(orig.loaded, input_shape=shape, stats=False)
     notes = []
     plan = plan or comp.plan
     if plan is not None and getattr(plan, "layers", None):
-        comp_layers = from_plan(plan.layers)
+        comp_layers = from_plan(plan.layers, k)
         notes.append("compressed weight bytes per layer from the plan (estimates)")
     else:
         comp_layers = detect_compression(comp.graph, report, tgt.baseline_bytes_per_param)

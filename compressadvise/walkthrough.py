@@ -45,7 +45,6 @@ REPORT_FILE = "report.html"
 COMMANDS_FILE = "reproduce.sh"
 DEFAULT_OUT = "compressadvise-session"
 DEFAULT_TARGET = "ane-a17"
-KURTOSIS_HEAVY = 6.0  # 3 is a normal distribution; heavier tails stretch a linear grid
 ABSMAX_STD = 10.0  # one weight this many std out sets a per-tensor scale on its own
 SIZE_MARGIN = 1.25  # package metadata and kept layers: a file lands above the weights estimate
 
@@ -140,12 +139,12 @@ class ExpertNotes(BaseModel):
     skipped: list[str]
 
 
-def _fragile_reasons(x: Any) -> list[str]:
+def _fragile_reasons(x: Any, heavy_kurtosis: float) -> list[str]:
     s = x.stats
     why = []
     if s and s.nonfinite:
         why.append(f"{s.nonfinite} NaN/inf weights")
-    if s and s.kurtosis > KURTOSIS_HEAVY:
+    if s and s.kurtosis > heavy_kurtosis:
         why.append(f"heavy-tailed weights (kurtosis {s.kurtosis:.1f}; 3 is normal)")
     if s and s.absmax_over_std > ABSMAX_STD:
         why.append(f"an outlier {s.absmax_over_std:.0f} std from the mean sets any per-tensor scale")
@@ -160,15 +159,19 @@ def _fragile_reasons(x: Any) -> list[str]:
     return why
 
 
-def expert_notes(report: "ModelReport", plan: "Plan | None") -> ExpertNotes:
+def expert_notes(report: "ModelReport", plan: "Plan | None", knowledge: "Knowledge | None" = None) -> ExpertNotes:
     """The three things an expert looks at first: where the bytes are, what looks fragile,
-    and what the plan will leave alone (and why)."""
+    and what the plan will leave alone (and why). "Heavy-tailed" is the knowledge's cited
+    `threshold.heavy_kurtosis`, the value the playbooks' rules compare with."""
+    from .knowledge import builtin
     from .render import human_bytes
+
+    heavy = (knowledge or builtin()).thresholds["heavy_kurtosis"]
 
     weights = [x for x in report.layers if len(x.weight_shape) >= 2]
     largest = [f"{x.name} ({x.type}, {x.weight_shape}): {x.share:.0%} of the weights, "
                f"{human_bytes(x.bytes_fp16)} at fp16" for x in sorted(weights, key=lambda x: -x.params)[:3]]
-    scored = [(x, _fragile_reasons(x)) for x in weights]
+    scored = [(x, _fragile_reasons(x, heavy)) for x in weights]
     scored = sorted((t for t in scored if t[1]), key=lambda t: (-len(t[1]), t[0].index))
     fragile = [f"{x.name}: {'; '.join(why)}" for x, why in scored[:5]]
     skipped: dict[str, str] = {}
@@ -189,67 +192,11 @@ def expert_notes(report: "ModelReport", plan: "Plan | None") -> ExpertNotes:
 # ------------------------------------------------------------------ what to try after a miss
 def next_moves(plan: "Plan", missed: list[str], report: "ModelReport", knowledge: "Knowledge",
                *, data: str = "none", worst_layer: str | None = None) -> list[str]:
-    """The next recommended moves for the budgets that were missed, most promising first."""
-    tgt = knowledge.target(plan.target.name)
-    supported = tgt.supports(plan.target.os)
-    moves: list[str] = []
-    weights = [(i, s) for i, s in enumerate(plan.steps, 1) if s.slot == "weights"]
-    if any(m in ("accuracy drop", "finite outputs") for m in missed):
-        for i, s in weights:
-            p = s.params
-            nbits = int(p.get("nbits", 8) or 8)
-            if s.technique in ("palettization", "sensitive_kmeans") and p.get("granularity", "per_tensor") == "per_tensor":
-                if "palettize_grouped" in supported:
-                    moves.append(f"step {i}: use grouped LUTs (granularity per_grouped_channel, group_size 16): "
-                                 "one look-up table per 16 output channels fits each group's values")
-                elif nbits < 8:
-                    moves.append(f"step {i}: raise nbits {nbits} -> {min(8, nbits + 2)} "
-                                 f"({tgt.name} at OS {plan.target.os} has no grouped LUTs)")
-            elif s.technique == "linear_quantization" and p.get("granularity") == "per_tensor":
-                moves.append(f"step {i}: use one scale per output channel (granularity per_channel)")
-            elif s.technique == "linear_quantization" and nbits < 8 and "linear_per_block" in supported:
-                moves.append(f"step {i}: use per-block scales (granularity per_block, block_size 32)")
-            if nbits <= 4:
-                moves.append(f"step {i} is at {nbits} bits: post-training compression this low often loses "
-                             "too much; plan training-aware compression (QAT / differentiable palettization), "
-                             "which needs training data (--data training)")
-        sensitive = worst_layer or _most_fragile(plan, report)
-        if sensitive:
-            moves.append(f"keep {sensitive} at full precision (the most sensitive-looking compressed layer): "
-                         "change its step and list it under 'keep layers'")
-        if data == "none":
-            moves.append("collect ~128 real calibration inputs: sensitive k-means palettization or GPTQ use "
-                         "them to protect the weights that matter (--data calibration)")
-    if "size" in missed:
-        for i, s in weights:
-            nbits = int(s.params.get("nbits", 8) or 8)
-            lower = {8: 6, 6: 4, 4: 3, 3: 2}.get(nbits)
-            if lower:
-                moves.append(f"step {i}: lower nbits {nbits} -> {lower}"
-                             + (" with grouped LUTs to hold accuracy" if "palettize_grouped" in supported else ""))
-        kept = sorted({sk.layer for s in plan.steps for sk in s.skipped})
-        if kept:
-            moves.append(f"{len(kept)} layer(s) stay uncompressed ({', '.join(kept[:4])}): compress the "
-                         "largest of them if accuracy allows")
-        if not weights:
-            moves.append("no weight step is in the plan: add palettization or linear quantization")
-    if "latency" in missed:
-        from .engine import _int8_compute
+    """The next recommended moves for the budgets that were missed, most promising first: the
+    playbooks' cited `outcome` rules (playbooks/next_moves.yaml), evaluated by the engine."""
+    from .engine import next_moves as evaluate
 
-        has_act = any(s.slot == "activations" for s in plan.steps)
-        if _int8_compute(tgt) and not has_act and "w8a8" in supported:
-            moves.append(f"quantize activations too (W8A8): {tgt.name} computes int8 x int8 much faster "
-                         "than fp16; needs ~128 calibration inputs (--data calibration)")
-        moves.append("weight compression mostly buys size: latency comes from the architecture; look at "
-                     "the layers with the most MACs (`compressadvise analyze --sort macs --input-shape ...`)")
-    return moves
-
-
-def _most_fragile(plan: "Plan", report: "ModelReport") -> str | None:
-    compressed = {n for s in plan.steps for n in s.layers}
-    ranked = sorted((x for x in report.layers if x.name in compressed and x.stats),
-                    key=lambda x: -(x.stats.kurtosis if x.stats.kurtosis == x.stats.kurtosis else 0.0))
-    return ranked[0].name if ranked else None
+    return evaluate(plan, report, missed, knowledge, data=data, worst_layer=worst_layer).messages()
 
 
 # ------------------------------------------------------------------ the reproducible commands
@@ -625,7 +572,7 @@ def stage_model(ctx: Context) -> None:
     if target not in ctx.knowledge.targets:
         target = sorted(ctx.knowledge.targets)[0]
     preview = recommend(r, target=target, knowledge=ctx.knowledge)
-    notes = expert_notes(r, preview)
+    notes = expert_notes(r, preview, ctx.knowledge)
     ui.say("\n[bold]What an expert notices first[/]")
     for title, lines in (("Largest layers (compression there decides the size)", notes.largest),
                          ("Fragile-looking layers", notes.fragile),
@@ -1012,11 +959,14 @@ def _run_verify(ctx: Context) -> None:
     _show_before_after(ctx, result)
     if not result.passed:
         worst = result.drift.first_degraded or result.drift.worst if result.drift else None
-        s.next_moves = next_moves(ctx.plan, [v.name for v in result.missed()], ctx.report, ctx.knowledge,
-                                  data=s.data, worst_layer=worst)
+        from .engine import next_moves as evaluate
+
+        moves = evaluate(ctx.plan, ctx.report, [v.name for v in result.missed()], ctx.knowledge,
+                         data=s.data, worst_layer=worst).moves
+        s.next_moves = [f"{m.message} [{m.code}]" for m in moves]  # the code: `compressadvise explain` it
         ui.say("\n[bold red]A budget was missed.[/] Next recommended moves:")
         for move in s.next_moves:
-            ui.say(f" • {move}")
+            ui.say(f" • {_esc(move)}")
         ui.say(f"[dim]rerun `compressadvise walkthrough --resume {ctx.out}` after editing, or start a new session[/]")
     else:
         s.next_moves = []

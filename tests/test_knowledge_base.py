@@ -62,7 +62,8 @@ def test_validator_rejects_a_broken_copy(tmp_path):
     for k in ("techniques", "targets", "playbooks"):
         shutil.copytree(ROOT / k, root / k)
     pb = root / "playbooks" / "weights.yaml"
-    pb.write_text(pb.read_text().replace("model.max_kurtosis > 20.0", "model.max_kurtossis > 20.0"))
+    pb.write_text(pb.read_text().replace("model.max_kurtosis > threshold.heavy_kurtosis",
+                                      "model.max_kurtossis > threshold.heavy_kurtosis"))
     with pytest.raises(InvalidKnowledge, match=r"weights\.yaml:\d+: rule WGT004: unknown fact 'model\.max_kurtossis'"):
         load_knowledge(root=root)
 

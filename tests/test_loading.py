@@ -164,3 +164,17 @@ def test_streamed_safetensors_never_look_tied(tmp_path):
     report = ca.analyze(tmp_path / "many.safetensors")
     assert report.total_params == 300 * 16
     assert report.tied_groups == []
+
+
+def test_pt2_with_dynamic_batch_is_analyzed(tmp_path):
+    """Sizes in a program exported with a dynamic batch are symbols: MACs come from their example
+    values (int() on them raised a data-dependent guard error: exit 70)."""
+    from compressadvise.analysis import analyze
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4)).eval()
+    batch = torch.export.Dim("batch", min=2, max=64)
+    ep = torch.export.export(model, (torch.rand(4, 3, 8, 8),), dynamic_shapes={"input": {0: batch}})
+    torch.export.save(ep, tmp_path / "dyn.pt2")
+    report = analyze(str(tmp_path / "dyn.pt2"), stats=False)
+    macs = {x.name: x.macs for x in report.layers}
+    assert macs == {"0": 4 * 8 * 6 * 6 * 27, "2": 4 * 4 * 288}

@@ -3,7 +3,9 @@
 A case is (model, target, os, probe playbook, constraints). "Fires" means the rule's trace
 entry has status "fired" (a compress rule must also have won its slot); "quiet" means any
 other status. Probe playbooks (tests/fixtures/kb_probes) stand in for team rules that request
-a risky step, so the built-in guard rules can be seen acting on it.
+a risky step, so the built-in guard rules can be seen acting on it. An `outcome` rule (a next
+move after verify) is seen on the plan plus the budgets it missed (`missed`): its trace entry
+joins the plan's trace and each move its advisories.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from kb_helpers import knowledge, plan_for, status
+from kb_helpers import knowledge, plan_for, report, status
 
 
 @dataclass(frozen=True)
@@ -22,18 +24,34 @@ class Case:
     os: int | None = None
     probe: str | None = None
     budget: dict[str, Any] = field(default_factory=dict)
+    missed: tuple[str, ...] | None = None  # budgets a verify run missed (outcome rules only)
 
     def plan(self):
-        return plan_for(self.model, self.target, self.os, self.probe, **self.budget)
+        plan = plan_for(self.model, self.target, self.os, self.probe, **self.budget)
+        if self.missed is None:
+            return plan
+        from compressadvise.engine import next_moves
+        from compressadvise.schema import Advisory
+
+        k = knowledge(self.probe)
+        out = next_moves(plan, report(self.model), self.missed, k, data=plan.constraints.data)
+        moves = [Advisory(code=m.code, title=k.rules[m.code].rule.title, message=m.message) for m in out.moves]
+        return plan.model_copy(update={"trace": plan.trace + list(out.trace), "advisories": plan.advisories + moves})
 
     def __str__(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in self.budget.items())
         return f"{self.model}@{self.target}" + (f"/os{self.os}" if self.os else "") + \
-            (f"+{self.probe}" if self.probe else "") + (f"[{extra}]" if extra else "")
+            (f"+{self.probe}" if self.probe else "") + (f"[{extra}]" if extra else "") + \
+            (f" missed {','.join(self.missed)}" if self.missed is not None else "")
 
 
 def C(model: str, target: str, os: int | None = None, probe: str | None = None, **budget: Any) -> Case:
     return Case(model, target, os, probe, budget)
+
+
+def M(missed: str, model: str, target: str, os: int | None = None, probe: str | None = None, **budget: Any) -> Case:
+    """An outcome case: the plan, then a verify run that missed the comma-separated budgets."""
+    return Case(model, target, os, probe, budget, tuple(x for x in missed.split(",") if x))
 
 
 LAT = {"latency": 1.0}
@@ -123,6 +141,21 @@ TABLE: dict[str, tuple[Case, Case]] = {
     "GPU002": (C("encoder", "nvidia-gpu", **LAT), C("encoder", "x86-cpu", **LAT)),
     "GPU003": (C("mlp", "nvidia-gpu", ratio=1.5), C("mlp", "x86-cpu", ratio=1.5)),
     "GPU004": (C("mlp", "nvidia-gpu", **LAT, **TRAIN), C("mlp", "nvidia-gpu", **LAT, **CAL)),
+    # next moves after a missed budget (outcome rules)
+    "NXT001": (M("accuracy drop", "dwcnn", "ane-a17"), M("accuracy drop", "dwcnn", "ane-a17", 17)),
+    "NXT002": (M("accuracy drop", "dwcnn", "ane-a17", 17, probe="pal4_tensor"),
+               M("accuracy drop", "dwcnn", "ane-a17", 17)),
+    "NXT003": (M("accuracy drop", "dwcnn", "ane-a17", probe="lin8_tensor"), M("accuracy drop", "encoder", "mac-gpu")),
+    "NXT004": (M("accuracy drop", "encoder", "mac-gpu", ratio=3.5), M("accuracy drop", "encoder", "mac-gpu")),
+    "NXT005": (M("finite outputs", "dwcnn", "ane-a17", probe="pal4_tensor"), M("size", "dwcnn", "ane-a17", probe="pal4_tensor")),
+    "NXT006": (M("accuracy drop", "dwcnn", "ane-a17"), M("accuracy drop", "mlp", "x86-cpu")),
+    "NXT007": (M("accuracy drop", "dwcnn", "ane-a17"), M("accuracy drop", "dwcnn", "ane-a17", **CAL)),
+    "NXT008": (M("size", "dwcnn", "ane-a17", 17), M("size", "dwcnn", "ane-a17")),
+    "NXT009": (M("size", "dwcnn", "ane-a17"), M("size", "dwcnn", "ane-a17", 17)),
+    "NXT010": (M("size", "dwcnn", "ane-a17"), M("latency", "dwcnn", "ane-a17")),
+    "NXT011": (M("size", "mlp", "x86-cpu"), M("size", "dwcnn", "ane-a17")),
+    "NXT012": (M("latency", "dwcnn", "ane-a17"), M("latency", "dwcnn", "ane-a14")),
+    "NXT013": (M("latency", "dwcnn", "ane-a17"), M("", "dwcnn", "ane-a17")),
 }
 
 

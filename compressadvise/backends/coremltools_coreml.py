@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadModel, CompressionFailed, Unavailable
-from . import Context, LayerJob, StepJob, import_quietly, quiet
+from . import Context, HandlerTable, LayerJob, StepJob, handles, import_quietly, quiet, run_handler
+
+ID = "coremltools.coreml"
 
 LUT_OPS = ("constexpr_lut_to_dense", "constexpr_lut_to_sparse")
 QUANT_OPS = ("constexpr_blockwise_shift_scale", "constexpr_affine_dequantize",
@@ -28,23 +30,16 @@ BLOB_META = 64  # bytes: metadata record before every blob
 BLOB_ALIGN = 64  # every blob's data starts on a 64-byte boundary
 
 
-class CoremltoolsCoreML:
-    id = "coremltools.coreml"
+class CoremltoolsCoreML(HandlerTable):
+    id = ID
     side = "coreml"
-    techniques = {
-        "palettization": "coremltools.optimize.coreml.palettize_weights (OpPalettizerConfig)",
-        "linear_quantization": "coremltools.optimize.coreml.linear_quantize_weights (OpLinearQuantizerConfig)",
-        "pruning": "coremltools.optimize.coreml.prune_weights (OpThresholdPrunerConfig / OpMagnitudePrunerConfig)",
-        "joint_compression": "prune_weights, then palettize_weights(joint_compression=True)",
-        "joint_sparse_quantization": "prune_weights, then linear_quantize_weights(joint_compression=True)",
-    }
 
     def unavailable(self, job: StepJob, ctx: Context) -> str | None:
         if job.technique == "activation_quantization":
             return ("Core ML activation quantization (linear_quantize_activations) calibrates by running "
                     "the model through Core ML, which only macOS can do")
-        if job.technique not in self.techniques:
-            return f"coremltools.coreml has no implementation of {job.technique}"
+        if missing := self.no_handler(job):
+            return missing
         try:
             import_quietly("coremltools.optimize.coreml")
         except Unavailable as e:
@@ -55,18 +50,23 @@ class CoremltoolsCoreML:
         return None  # any weight const is compressible; the mapping to consts is checked after conversion
 
     def run(self, mlmodel: Any, job: StepJob, ctx: Context, joint: bool) -> Any:
+        return run_handler(self.id, mlmodel, job, ctx, joint)
+
+    @staticmethod
+    def compress(mlmodel: Any, job: StepJob, ctx: Context, joint: bool) -> Any:
+        """One `optimize.coreml` pass of the step's kind, an op-name config per layer."""
         import coremltools.optimize.coreml as cto
 
         if job.kind in ("sparse_palettize", "sparse_quantize"):  # one plan step, two joint passes
-            mlmodel = self.run(mlmodel, _as_kind(job, "prune"), ctx, joint)
-            return self.run(mlmodel, _as_kind(job, job.kind.split("_", 1)[1]), ctx, True)
+            mlmodel = CoremltoolsCoreML.compress(mlmodel, _as_kind(job, "prune"), ctx, joint)
+            return CoremltoolsCoreML.compress(mlmodel, _as_kind(job, job.kind.split("_", 1)[1]), ctx, True)
 
         heads = producer_names(mlmodel)
         configs: dict[str, Any] = {}
         for lj in job.layers:
             if lj.const is None:
                 continue
-            configs[head_for(heads, lj.const) or lj.const] = self._op_config(job, lj, mlmodel)
+            configs[head_for(heads, lj.const) or lj.const] = CoremltoolsCoreML._op_config(job, lj, mlmodel)
         if not configs:
             return mlmodel
         opt = cto.OptimizationConfig(op_name_configs=configs)
@@ -107,6 +107,17 @@ class CoremltoolsCoreML:
         if kw["granularity"] == "per_grouped_channel":
             kw["group_size"] = int(p.get("group_size", 16))
         return cto.OpPalettizerConfig(**kw)
+
+
+APIS = {
+    "palettization": "coremltools.optimize.coreml.palettize_weights (OpPalettizerConfig)",
+    "linear_quantization": "coremltools.optimize.coreml.linear_quantize_weights (OpLinearQuantizerConfig)",
+    "pruning": "coremltools.optimize.coreml.prune_weights (OpThresholdPrunerConfig / OpMagnitudePrunerConfig)",
+    "joint_compression": "prune_weights, then palettize_weights(joint_compression=True)",
+    "joint_sparse_quantization": "prune_weights, then linear_quantize_weights(joint_compression=True)",
+}
+for _technique, _api in APIS.items():  # one pass per step kind: the same handler for each technique
+    handles(ID, _technique, api=_api)(CoremltoolsCoreML.compress)
 
 
 def _as_kind(job: StepJob, kind: str) -> StepJob:

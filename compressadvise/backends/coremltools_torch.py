@@ -11,31 +11,23 @@ import re
 from typing import Any
 
 from ..errors import CompressionFailed, Unavailable
-from . import Context, LayerJob, StepJob, import_quietly, quiet
+from . import Context, HandlerTable, LayerJob, StepJob, handles, import_quietly, quiet, run_handler
+
+ID = "coremltools.torch"
 
 PALETTIZE = ("palettization", "sensitive_kmeans")
 QUANTIZE = ("linear_quantization", "gptq")
 PRUNE = ("pruning", "sparsegpt")
 
 
-class CoremltoolsTorch:
-    id = "coremltools.torch"
+class CoremltoolsTorch(HandlerTable):
+    id = ID
     side = "torch"
-    techniques = {
-        "palettization": "coremltools.optimize.torch.palettization.PostTrainingPalettizer",
-        "sensitive_kmeans": "coremltools.optimize.torch.palettization.SKMPalettizer",
-        "linear_quantization": "coremltools.optimize.torch.quantization.PostTrainingQuantizer",
-        "gptq": "coremltools.optimize.torch.layerwise_compression.GPTQ",
-        "pruning": "coremltools.optimize.torch.pruning.MagnitudePruner",
-        "sparsegpt": "coremltools.optimize.torch.layerwise_compression.SparseGPT",
-        "joint_compression": "MagnitudePruner, then PostTrainingPalettizer (zeros kept out of the LUT)",
-        "joint_sparse_quantization": "MagnitudePruner, then PostTrainingQuantizer (zeros kept)",
-    }
 
     # -------------------------------------------------------------- checks before work
     def unavailable(self, job: StepJob, ctx: Context) -> str | None:
-        if job.technique not in self.techniques:
-            return f"coremltools.torch has no implementation of {job.technique}"
+        if missing := self.no_handler(job):
+            return missing
         try:
             import_quietly("coremltools.optimize.torch")
         except Unavailable as e:
@@ -55,19 +47,7 @@ class CoremltoolsTorch:
     # -------------------------------------------------------------- the work
     def run(self, model: Any, job: StepJob, ctx: Context) -> Any:
         with quiet():
-            if job.technique == "palettization":
-                return _post_training_palettize(model, job)
-            if job.technique == "sensitive_kmeans":
-                return _skm_palettize(model, job, ctx)
-            if job.technique == "linear_quantization":
-                return _post_training_quantize(model, job)
-            if job.technique == "pruning":
-                return _magnitude_prune(model, job)
-            if job.technique in ("gptq", "sparsegpt"):
-                return _layerwise(model, job, ctx)
-            if job.technique in ("joint_compression", "joint_sparse_quantization"):
-                return _joint(model, job)
-        raise Unavailable(f"coremltools.torch cannot run {job.technique}")
+            return run_handler(self.id, model, job, ctx)
 
 
 def _supported_modules(technique: str) -> tuple:
@@ -114,7 +94,8 @@ def _palettizer_options(p: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def _post_training_palettize(model: Any, job: StepJob) -> Any:
+@handles(ID, "palettization", api="coremltools.optimize.torch.palettization.PostTrainingPalettizer")
+def _post_training_palettize(model: Any, job: StepJob, ctx: Context | None = None) -> Any:
     from coremltools.optimize.torch.palettization import (ModulePostTrainingPalettizerConfig,
                                                           PostTrainingPalettizer,
                                                           PostTrainingPalettizerConfig)
@@ -150,6 +131,7 @@ def _calibration(ctx: Context, technique: str, limit: int) -> tuple[list, Any]:
     return batches, loss_fn
 
 
+@handles(ID, "sensitive_kmeans", api="coremltools.optimize.torch.palettization.SKMPalettizer")
 def _skm_palettize(model: Any, job: StepJob, ctx: Context) -> Any:
     from coremltools.optimize.torch.palettization import (ModuleSKMPalettizerConfig, SKMPalettizer,
                                                           SKMPalettizerConfig)
@@ -176,7 +158,8 @@ def _quantizer_options(p: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def _post_training_quantize(model: Any, job: StepJob) -> Any:
+@handles(ID, "linear_quantization", api="coremltools.optimize.torch.quantization.PostTrainingQuantizer")
+def _post_training_quantize(model: Any, job: StepJob, ctx: Context | None = None) -> Any:
     from coremltools.optimize.torch.quantization import (ModulePostTrainingQuantizerConfig,
                                                          PostTrainingQuantizer,
                                                          PostTrainingQuantizerConfig)
@@ -206,7 +189,8 @@ def n_m_ratio(p: dict[str, Any]) -> tuple[int, int] | None:
     return None
 
 
-def _magnitude_prune(model: Any, job: StepJob) -> Any:
+@handles(ID, "pruning", api="coremltools.optimize.torch.pruning.MagnitudePruner")
+def _magnitude_prune(model: Any, job: StepJob, ctx: Context | None = None) -> Any:
     from coremltools.optimize.torch.pruning import (ConstantSparsityScheduler, MagnitudePruner,
                                                     MagnitudePrunerConfig, ModuleMagnitudePrunerConfig)
 
@@ -233,7 +217,9 @@ def _magnitude_prune(model: Any, job: StepJob) -> Any:
     return pruner.finalize(model, inplace=True)
 
 
-def _joint(model: Any, job: StepJob) -> Any:
+@handles(ID, "joint_compression", api="MagnitudePruner, then PostTrainingPalettizer (zeros kept out of the LUT)")
+@handles(ID, "joint_sparse_quantization", api="MagnitudePruner, then PostTrainingQuantizer (zeros kept)")
+def _joint(model: Any, job: StepJob, ctx: Context | None = None) -> Any:
     """Prune, then palettize/quantize the rest, then put the zeros back.
 
     Core ML's joint formats keep pruned weights out of the LUT / grid (constexpr_lut_to_sparse,
@@ -257,6 +243,8 @@ def _joint(model: Any, job: StepJob) -> Any:
     return model
 
 
+@handles(ID, "gptq", api="coremltools.optimize.torch.layerwise_compression.GPTQ")
+@handles(ID, "sparsegpt", api="coremltools.optimize.torch.layerwise_compression.SparseGPT")
 def _layerwise(model: Any, job: StepJob, ctx: Context) -> Any:
     """GPTQ / SparseGPT: coremltools runs them over the children of a Sequential model."""
     import torch

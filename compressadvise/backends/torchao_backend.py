@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import Context, LayerJob, StepJob, import_quietly, quiet
+from . import Context, HandlerTable, LayerJob, StepJob, handles, import_quietly, quiet, run_handler
+
+ID = "torchao"
 from ..errors import Unavailable
 
 GPU_ONLY = {
@@ -19,23 +21,13 @@ GPU_ONLY = {
 }
 
 
-class Torchao:
-    id = "torchao"
+class Torchao(HandlerTable):
+    id = ID
     side = "torch"
-    techniques = {
-        "int8_weight_only": "torchao.quantization.Int8WeightOnlyConfig",
-        "int8_dynamic": "torchao.quantization.Int8DynamicActivationInt8WeightConfig",
-        "intx_weight_only": "torchao.quantization.IntxWeightOnlyConfig",
-        "linear_quantization": "torchao.quantization.Int8WeightOnlyConfig / IntxWeightOnlyConfig",
-        "int4_weight_only": "torchao.quantization.Int4WeightOnlyConfig",
-        "float8": "torchao.quantization.Float8WeightOnlyConfig / Float8DynamicActivationFloat8WeightConfig",
-        "pruning": "torchao.sparsity.sparsify_",
-        "semi_sparse": "torchao.sparsity.sparsify_ (semi_sparse_weight)",
-    }
 
     def unavailable(self, job: StepJob, ctx: Context) -> str | None:
-        if job.technique not in self.techniques:
-            return f"torchao has no implementation of {job.technique}"
+        if missing := self.no_handler(job):
+            return missing
         try:
             import_quietly("torchao.quantization")
         except Unavailable as e:
@@ -101,29 +93,49 @@ class Torchao:
         raise Unavailable(f"torchao backend cannot map technique {job.technique}")
 
     def run(self, model: Any, job: StepJob, ctx: Context) -> Any:
-        if job.technique in ("pruning", "semi_sparse"):
-            return self._sparsify(model, job)
-        from torchao.quantization import quantize_
+        return run_handler(self.id, model, job, ctx)
 
-        if job.technique in GPU_ONLY:  # CUDA kernels: quantize on the GPU (untested without one)
-            model = model.cuda()
-        groups: dict[str, tuple[Any, set[str]]] = {}
-        for lj in job.layers:
-            cfg = self.config(job, lj.params)
-            groups.setdefault(repr(cfg), (cfg, set()))[1].add(lj.module)
-        with quiet():
-            for cfg, names in groups.values():
-                quantize_(model, cfg, filter_fn=lambda mod, fqn, names=names: fqn in names)
-        return model
 
-    def _sparsify(self, model: Any, job: StepJob) -> Any:  # reached only with CUDA (see unavailable)
-        from torchao.sparsity import semi_sparse_weight, sparsify_
+QUANTIZE_APIS = {
+    "int8_weight_only": "torchao.quantization.Int8WeightOnlyConfig",
+    "int8_dynamic": "torchao.quantization.Int8DynamicActivationInt8WeightConfig",
+    "intx_weight_only": "torchao.quantization.IntxWeightOnlyConfig",
+    "linear_quantization": "torchao.quantization.Int8WeightOnlyConfig / IntxWeightOnlyConfig",
+    "int4_weight_only": "torchao.quantization.Int4WeightOnlyConfig",
+    "float8": "torchao.quantization.Float8WeightOnlyConfig / Float8DynamicActivationFloat8WeightConfig",
+}
 
-        names = {lj.module for lj in job.layers}
-        model = model.cuda()  # semi-structured sparse kernels are CUDA-only (untested without a GPU)
-        with quiet():
-            sparsify_(model, semi_sparse_weight(), filter_fn=lambda mod, fqn: fqn in names)
-        return model
+
+def _quantize(model: Any, job: StepJob, ctx: Context) -> Any:
+    """`quantize_` once per distinct config, each limited to its layers by a filter."""
+    from torchao.quantization import quantize_
+
+    if job.technique in GPU_ONLY:  # CUDA kernels: quantize on the GPU (untested without one)
+        model = model.cuda()
+    groups: dict[str, tuple[Any, set[str]]] = {}
+    for lj in job.layers:
+        cfg = BACKEND.config(job, lj.params)
+        groups.setdefault(repr(cfg), (cfg, set()))[1].add(lj.module)
+    with quiet():
+        for cfg, names in groups.values():
+            quantize_(model, cfg, filter_fn=lambda mod, fqn, names=names: fqn in names)
+    return model
+
+
+for _technique, _api in QUANTIZE_APIS.items():
+    handles(ID, _technique, api=_api)(_quantize)
+
+
+@handles(ID, "pruning", api="torchao.sparsity.sparsify_")
+@handles(ID, "semi_sparse", api="torchao.sparsity.sparsify_ (semi_sparse_weight)")
+def _sparsify(model: Any, job: StepJob, ctx: Context) -> Any:  # reached only with CUDA (see unavailable)
+    from torchao.sparsity import semi_sparse_weight, sparsify_
+
+    names = {lj.module for lj in job.layers}
+    model = model.cuda()  # semi-structured sparse kernels are CUDA-only (untested without a GPU)
+    with quiet():
+        sparsify_(model, semi_sparse_weight(), filter_fn=lambda mod, fqn: fqn in names)
+    return model
 
 
 BACKEND = Torchao()

@@ -1,13 +1,22 @@
 """`compressadvise analyze`: the per-layer inventory."""
 from __future__ import annotations
 
+from enum import Enum
 from typing import Optional
 
 import typer
 
-from .common import JSON, MODEL_ARG, TRUST_PICKLE, parse_shape, progress_bar
+from .common import INPUT_SHAPE, JSON, MODEL_ARG, TRUST_PICKLE, parse_shape, progress_bar
 
-SORTS = ("size", "index", "name", "kurtosis", "macs")
+
+class Sort(str, Enum):
+    """Orders of the layer table."""
+    size = "size"
+    index = "index"
+    name = "name"
+    kurtosis = "kurtosis"
+    macs = "macs"
+
 
 
 def register(app: typer.Typer) -> None:
@@ -16,9 +25,9 @@ def register(app: typer.Typer) -> None:
 
 def analyze_cmd(
     model: Optional[str] = MODEL_ARG,
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224: adds MACs and activation sizes."),
+    input_shape: Optional[str] = INPUT_SHAPE,
     top: int = typer.Option(20, "--top", help="Rows in the layer table (0 = all)."),
-    sort: str = typer.Option("size", "--sort", help=f"Order of the layer table: {', '.join(SORTS)}."),
+    sort: Sort = typer.Option(Sort.size, "--sort", help="Order of the layer table."),
     no_stats: bool = typer.Option(False, "--no-stats", help="Skip weight statistics (faster on huge files)."),
     trust_pickle: bool = TRUST_PICKLE,
     json_out: bool = JSON,
@@ -27,8 +36,6 @@ def analyze_cmd(
     from ..analysis import analyze
     from ..loading import load_model
 
-    if sort not in SORTS:
-        raise typer.BadParameter(f"--sort must be one of {', '.join(SORTS)}")
     loaded = load_model(model, trust_pickle=trust_pickle)
     prog, update = progress_bar("analyzing")
     with prog:
@@ -38,7 +45,7 @@ def analyze_cmd(
 
         emit_json(report.model_dump(mode="json"))
         return
-    show_report(report, top=top, sort=sort)
+    show_report(report, top=top, sort=sort.value)
 
 
 def show_report(report, *, top: int = 20, sort: str = "size") -> None:

@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from .common import JSON, MODEL_ARG, TRUST_PICKLE, parse_shape
+from .common import FORCE, INPUT_SHAPE, JSON, MODEL_ARG, SAMPLES, TRUST_PICKLE, parse_shape
 
 
 def register(app: typer.Typer) -> None:
@@ -16,13 +16,16 @@ def apply_cmd(
     model: Optional[str] = MODEL_ARG,
     plan: str = typer.Option(..., "--plan", help="Plan file from `compressadvise recommend --out` (or hand-written)."),
     out: str = typer.Option(..., "--out", help="Output folder (written atomically): model.pt2, model.mlpackage, manifest.json."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out (never the input model)."),
-    samples: Optional[str] = typer.Option(None, "--samples", help="Calibration data: .npz with 'inputs' (and optional 'labels'), or 'bundled'."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Example input shape for export/conversion, e.g. 1,3,224,224."),
+    force: bool = FORCE,
+    samples: Optional[str] = SAMPLES,
+    input_shape: Optional[str] = INPUT_SHAPE,
     trust_pickle: bool = TRUST_PICKLE,
     json_out: bool = JSON,
 ) -> None:
-    """Apply a compression plan: compressed torch model, .mlpackage for Apple targets, and a manifest."""
+    """Apply a compression plan: compressed torch model, .mlpackage for Apple targets, and a manifest.
+
+    --samples are the calibration data of techniques that need it; --input-shape shapes the example
+    input for export and conversion."""
     from .. import backends
     from ..apply import apply, check_out
     from ..cli import STATE

@@ -1,10 +1,16 @@
-"""Options shared by several commands."""
+"""Options shared by several commands: one declaration each, so help, default, type and
+validation are the same wherever an option appears (`tests/test_options.py` checks it)."""
 from __future__ import annotations
 
 import math
 import re
+from enum import Enum
+from typing import Callable, Optional
 
 import typer
+
+DEFAULT_TARGET = "ane-a17"  # the target a command that makes a plan uses when none is given
+MB = 1e6  # budgets are in MB of 10^6 bytes, like engine.MB and search.MB
 
 MODEL_ARG = typer.Argument(
     None, metavar="[MODEL]",
@@ -18,6 +24,103 @@ TRUST_PICKLE = typer.Option(
     "only for files from people you trust.",
 )
 JSON = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+FORCE = typer.Option(False, "--force", help="Replace an existing --out (never the input model); for a "
+                     "walkthrough: start over in a folder that already holds a session.")
+
+
+class Data(str, Enum):
+    """The data the user has; the engine's `data` fact (schema.Constraints.data)."""
+    none = "none"
+    calibration = "calibration"
+    training = "training"
+
+
+class ExecutorKind(str, Enum):
+    """Where evaluations run (executors.EXECUTORS)."""
+    process = "process"
+    ray = "ray"
+    serial = "serial"
+
+
+def value_of(choice: Optional[Enum], default: Optional[str] = None) -> Optional[str]:
+    """The plain string of a choice (library APIs and strict schemas take strings, not enums)."""
+    return default if choice is None else str(choice.value)
+
+
+# ------------------------------------------------------------------ target and OS
+TARGET = typer.Option(
+    None, "--target",
+    help=f"Target profile (see `compressadvise targets`). Default: {DEFAULT_TARGET} where a plan is made "
+    "(recommend, search, report, walkthrough); elsewhere none (no target limits, no target estimate).")
+OS = typer.Option(None, "--os",
+                  help="Minimum OS major version (iOS numbering, e.g. 17); default from the target profile.")
+
+
+# ------------------------------------------------------------------ budgets
+def check_budget(option: str, value: Optional[float], most: Optional[float] = None, *,
+                 zero_ok: bool = False) -> Optional[float]:
+    """A budget is a finite number > 0 (>= 0 with `zero_ok`), at most `most`: 7 as a size
+    fraction, -1 or nan would otherwise run minutes of work towards a budget that means nothing."""
+    if value is None:
+        return None
+    low_ok = value >= 0 if zero_ok else value > 0
+    if not math.isfinite(value) or not low_ok or (most is not None and value > most):
+        span = (f"in (0, {most:g}]" if most is not None else
+                "a finite number >= 0" if zero_ok else "a finite number > 0")
+        raise typer.BadParameter(f"{option} must be {span} (got {value:g})")
+    return value
+
+
+def _budget_check(option: str, most: Optional[float] = None, *, zero_ok: bool = False
+                  ) -> Callable[[Optional[float]], Optional[float]]:
+    """A click callback: a nonsense budget is a usage error (exit 2) while parsing, before any work."""
+    def callback(value: Optional[float]) -> Optional[float]:
+        return check_budget(option, value, most, zero_ok=zero_ok)
+    return callback
+
+
+MAX_SIZE_MB = typer.Option(None, "--max-size-mb", callback=_budget_check("--max-size-mb"),
+                           help="Size budget in MB (10^6 bytes), > 0; omit for none.")
+SIZE_FRACTION = typer.Option(None, "--size-fraction", callback=_budget_check("--size-fraction", 1.0),
+                             help="Size budget as a fraction of the uncompressed (fp16) size, in (0, 1], e.g. 0.25.")
+BITS_PER_WEIGHT = typer.Option(None, "--bits-per-weight", callback=_budget_check("--bits-per-weight", 32.0),
+                               help="Size budget as average bits per parameter, in (0, 32].")
+MAX_LATENCY_MS = typer.Option(None, "--max-latency-ms", callback=_budget_check("--max-latency-ms"),
+                              help="Latency budget in ms per inference, > 0 (a roofline estimate on the target "
+                              "until measured); omit for none.")
+MAX_ACCURACY_DROP = typer.Option(None, "--max-accuracy-drop",
+                                 callback=_budget_check("--max-accuracy-drop", zero_ok=True),
+                                 help="Tolerated accuracy drop in points (top-1 or your evaluator's 'accuracy'), >= 0; "
+                                 "omit for none given.")
+
+
+def size_budget_mb(total_bytes_fp16: int, total_params: int, *, max_size_mb: Optional[float] = None,
+                   size_fraction: Optional[float] = None, bits_per_weight: Optional[float] = None) -> Optional[float]:
+    """The one size budget the user gave, in MB: a fraction is of the fp16 size, bits are per parameter."""
+    given = [o for o, v in (("--max-size-mb", max_size_mb), ("--size-fraction", size_fraction),
+                            ("--bits-per-weight", bits_per_weight)) if v is not None]
+    if len(given) > 1:
+        raise typer.BadParameter(f"give one size budget, not {' and '.join(given)}")
+    if size_fraction is not None:
+        return size_fraction * total_bytes_fp16 / MB
+    if bits_per_weight is not None:
+        return bits_per_weight * total_params / 8 / MB
+    return max_size_mb
+
+
+# ------------------------------------------------------------------ data and samples
+DATA = typer.Option(None, "--data",
+                    help="Data you have for compression (default none): calibration unlocks W8A8 and "
+                    "sensitive k-means, training unlocks QAT.")
+SAMPLES = typer.Option(
+    None, "--samples",
+    help="Sample file (.npz/.pt/.safetensors with 'inputs', optional 'labels' and 'slices'), a folder of "
+    "them, or 'bundled'. Without it: the bundled set for the bundled model; else random inputs where only "
+    "outputs are compared (weak evidence, warned), and an error where a technique needs calibration data.")
+INPUT_SHAPE = typer.Option(
+    None, "--input-shape",
+    help="Example input shape, e.g. 1,3,224,224 (or 1x3x224x224): for models without an example input; "
+    "adds MACs and activation sizes to the facts and the latency estimate.")
 
 
 MAX_SHAPE_ELEMENTS = 2 ** 28  # 1 GiB of float32 for one example input: beyond that it is a typo

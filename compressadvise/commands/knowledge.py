@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import JSON
+from .common import JSON, TARGET
 
 PLAYBOOKS_OPT = typer.Option(None, "--playbooks", help="Extra playbook folder or file (repeatable), validated like the built-in ones.")
 playbooks_app = typer.Typer(help="Tools for playbook authors.", no_args_is_help=True)
@@ -32,11 +32,14 @@ def _knowledge(extra: list[str] | None):
 def rules_cmd(
     playbook: Optional[str] = typer.Option(None, "--playbook", help="Only rules of this playbook."),
     technique: Optional[str] = typer.Option(None, "--technique", help="Only rules acting with this technique."),
-    target: Optional[str] = typer.Option(None, "--target", help="Only rules whose condition mentions this target's name or kind."),
+    target: Optional[str] = TARGET,
     playbooks: Optional[List[str]] = PLAYBOOKS_OPT,
     json_out: bool = JSON,
 ) -> None:
-    """List the expert rules (code, title, scope, action)."""
+    """List the expert rules (code, title, scope, action).
+
+    With --target, only the rules that can fire on it (no condition on target facts alone is
+    false there at any OS it supports)."""
     k = _knowledge(playbooks)
     rows = list(k.rules.values())
     if playbook:

@@ -5,7 +5,9 @@ from typing import List, Optional
 
 import typer
 
-from .common import JSON, MODEL_ARG, TRUST_PICKLE, parse_shape
+from .common import (BITS_PER_WEIGHT, DATA, DEFAULT_TARGET, FORCE, INPUT_SHAPE, JSON, MAX_ACCURACY_DROP,
+                     MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS, SIZE_FRACTION, TARGET, TRUST_PICKLE, Data,
+                     parse_shape, size_budget_mb, value_of)
 from .knowledge import PLAYBOOKS_OPT
 
 
@@ -15,15 +17,17 @@ def register(app: typer.Typer) -> None:
 
 def recommend_cmd(
     model: Optional[str] = MODEL_ARG,
-    target: str = typer.Option("ane-a17", "--target", help="Target profile (see `compressadvise targets`)."),
-    os: Optional[int] = typer.Option(None, "--os", help="Minimum OS major version (iOS numbering, e.g. 17); default from the profile."),
-    max_size_mb: float = typer.Option(0.0, "--max-size-mb", help="Size budget in MB (0 = none)."),
-    max_latency_ms: float = typer.Option(0.0, "--max-latency-ms", help="Latency budget in ms (0 = none)."),
-    max_accuracy_drop: float = typer.Option(0.0, "--max-accuracy-drop", help="Tolerated accuracy drop in points (0 = none given)."),
-    data: str = typer.Option("none", "--data", help="Data you have: none | calibration | training."),
+    target: Optional[str] = TARGET,
+    os: Optional[int] = OS,
+    max_size_mb: Optional[float] = MAX_SIZE_MB,
+    size_fraction: Optional[float] = SIZE_FRACTION,
+    bits_per_weight: Optional[float] = BITS_PER_WEIGHT,
+    max_latency_ms: Optional[float] = MAX_LATENCY_MS,
+    max_accuracy_drop: Optional[float] = MAX_ACCURACY_DROP,
+    data: Optional[Data] = DATA,
     out: Optional[str] = typer.Option(None, "--out", help="Write the plan file (YAML) here."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out (never the input model)."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1,3,224,224 (adds MACs to the facts)."),
+    force: bool = FORCE,
+    input_shape: Optional[str] = INPUT_SHAPE,
     trace: bool = typer.Option(False, "--trace", help="Also list the rules that did not fire, and why."),
     playbooks: Optional[List[str]] = PLAYBOOKS_OPT,
     trust_pickle: bool = TRUST_PICKLE,
@@ -36,16 +40,20 @@ def recommend_cmd(
     from ..knowledge import builtin, load_knowledge
     from ..loading import load_model
 
-    if data not in ("none", "calibration", "training"):
-        raise typer.BadParameter("--data must be none, calibration or training")
+    target = target or DEFAULT_TARGET
+    size_budget_mb(0, 0, max_size_mb=max_size_mb, size_fraction=size_fraction,
+                   bits_per_weight=bits_per_weight)  # one size budget: refused before any work
     if out:  # before any work: never the model, never an existing file without --force
         check_output(out, force=force, inputs={"model": model})
     k = load_knowledge(playbooks) if playbooks else builtin()
     k.target(target)  # fail fast on a bad name, before loading the model
     report = analyze(load_model(model, trust_pickle=trust_pickle), input_shape=parse_shape(input_shape))
-    plan = recommend(report, target=target, os=os, knowledge=k, constraints={
-        "max_size_mb": max_size_mb, "max_latency_ms": max_latency_ms,
-        "max_accuracy_drop": max_accuracy_drop, "data": data})
+    # A fraction or bits per weight becomes MB of this model; the plan records that MB budget.
+    size_mb = size_budget_mb(report.total_bytes_fp16, report.total_params, max_size_mb=max_size_mb,
+                             size_fraction=size_fraction, bits_per_weight=bits_per_weight)
+    plan = recommend(report, target=target, os=os, knowledge=k, constraints={  # 0 = none for the engine
+        "max_size_mb": size_mb or 0.0, "max_latency_ms": max_latency_ms or 0.0,
+        "max_accuracy_drop": max_accuracy_drop or 0.0, "data": value_of(data, "none")})
     if out:
         from ..plan import save_plan
 

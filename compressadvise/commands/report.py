@@ -5,7 +5,8 @@ from typing import List, Optional
 
 import typer
 
-from .common import JSON, TRUST_PICKLE, parse_shape
+from .common import (DATA, FORCE, INPUT_SHAPE, JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, OS, TARGET,
+                     TRUST_PICKLE, Data, parse_shape, value_of)
 from .knowledge import PLAYBOOKS_OPT
 
 
@@ -24,29 +25,30 @@ def report_cmd(
         "Without it the folder's manifest is read for a model file; a module:function it names is never imported."),
     out: str = typer.Option("report.html", "--out", "-o", help="The HTML file to write."),
     png: Optional[str] = typer.Option(None, "--png", help="Also write each chart as DIR/<chart>.png."),
-    target: Optional[str] = typer.Option(None, "--target", help="Target profile when planning now (default ane-a17)."),
-    os: Optional[int] = typer.Option(None, "--os", help="Minimum OS major version when planning now."),
+    target: Optional[str] = TARGET,
+    os: Optional[int] = OS,
     plan: Optional[str] = typer.Option(None, "--plan", help="Use this plan file instead of recommending one."),
     verify: Optional[str] = typer.Option(None, "--verify", help="A `compressadvise verify --json` result."),
     sensitivity: Optional[str] = typer.Option(
         None, "--sensitivity", help="Sensitivity or search results (JSON): per-layer sensitivity, size-vs-fidelity points."),
-    max_size_mb: float = typer.Option(0.0, "--max-size-mb", help="Size budget in MB when planning now."),
-    max_latency_ms: float = typer.Option(0.0, "--max-latency-ms", help="Latency budget in ms when planning now."),
-    max_accuracy_drop: float = typer.Option(0.0, "--max-accuracy-drop",
-                                            help="Tolerated drop in points when planning now."),
-    data: str = typer.Option("none", "--data", help="Data you have when planning now: none | calibration | training."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape",
-                                              help="e.g. 1,3,224,224 (MACs for the latency estimate)."),
+    max_size_mb: Optional[float] = MAX_SIZE_MB,
+    max_latency_ms: Optional[float] = MAX_LATENCY_MS,
+    max_accuracy_drop: Optional[float] = MAX_ACCURACY_DROP,
+    data: Optional[Data] = DATA,
+    input_shape: Optional[str] = INPUT_SHAPE,
     docs_base: str = typer.Option("docs/reference/rules/", "--docs-base",
                                   help="Where rule pages live (a URL or a path relative to the HTML file): "
                                   "links go to <docs-base><CODE>.md."),
     title: Optional[str] = typer.Option(None, "--title", help="Page title."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out (never the input model)."),
+    force: bool = FORCE,
     playbooks: Optional[List[str]] = PLAYBOOKS_OPT,
     trust_pickle: bool = TRUST_PICKLE,
     json_out: bool = JSON,
 ) -> None:
-    """Write a self-contained HTML report: layer table, hot-spot charts, the plan and its reasons."""
+    """Write a self-contained HTML report: layer table, hot-spot charts, the plan and its reasons.
+
+    --target, --os, the budgets, --data and --input-shape are used when planning now (a model
+    without --plan)."""
     from pathlib import Path
 
     from ..fsutil import check_output
@@ -54,8 +56,6 @@ def report_cmd(
     from ..render import err
     from ..report import write_report
 
-    if data not in ("none", "calibration", "training"):
-        raise typer.BadParameter("--data must be none, calibration or training")
     if model is not None and not (source and Path(source).is_dir()):
         raise typer.BadParameter("--model names the original model of an `apply` output folder; "
                                  "to report on a model, pass it as the argument")
@@ -68,8 +68,8 @@ def report_cmd(
             os_version=os, plan=plan, verify=verify, sensitivity=sensitivity, knowledge=k,
             input_shape=parse_shape(input_shape), trust_pickle=trust_pickle,
             model=model,
-            constraints={"max_size_mb": max_size_mb, "max_latency_ms": max_latency_ms,
-                         "max_accuracy_drop": max_accuracy_drop, "data": data})
+            constraints={"max_size_mb": max_size_mb or 0.0, "max_latency_ms": max_latency_ms or 0.0,
+                         "max_accuracy_drop": max_accuracy_drop or 0.0, "data": value_of(data, "none")})
     if json_out:
         from ..render import emit_json
 

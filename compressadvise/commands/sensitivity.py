@@ -3,22 +3,22 @@ budget-driven per-layer plan chosen from it."""
 from __future__ import annotations
 
 import math
+from enum import Enum
 from typing import List, Optional
 
 import typer
 
-from .common import JSON, MODEL_ARG, TRUST_PICKLE
+from .common import (BITS_PER_WEIGHT, DEFAULT_TARGET, FORCE, JSON, MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS,
+                     SAMPLES, SIZE_FRACTION, TARGET, TRUST_PICKLE, ExecutorKind, size_budget_mb, value_of)
 from .knowledge import PLAYBOOKS_OPT
 
-SAMPLES_OPT = typer.Option(None, "--samples", help="Sample file (.npz/.pt/.safetensors with 'inputs', optional "
-                           "'labels'), a folder of them, or 'bundled'. Without it: the bundled set for the "
-                           "bundled model, else random inputs (weak evidence, warned).")
 TECHNIQUES_OPT = typer.Option(None, "--techniques", help="Candidate settings: a technique (its default grid) or a "
                               "grid such as 'palettization:nbits=4|3,granularity=per_grouped_channel,group_size=8|16'. "
                               "Repeatable. Default: palettization 8/6/4/3/2 bits per tensor and grouped (4/8/16), "
                               "int8/int4 per channel (sym/asym), int4 per block (16/32/128).")
 WORKERS_OPT = typer.Option(None, "--workers", min=1, help="Parallel evaluations (default: the CPU count; 1 = in this process).")
-EXECUTOR_OPT = typer.Option("process", "--executor", help="process (local pool) | ray (needs the 'distributed' extra) | serial.")
+EXECUTOR_OPT = typer.Option(ExecutorKind.process, "--executor",
+                            help="process: a local pool; ray: needs the 'distributed' extra; serial: one at a time.")
 ADDRESS_OPT = typer.Option(None, "--address", help="Ray cluster address (HOST:PORT or 'auto'); default: a local Ray instance.")
 CACHE_OPT = typer.Option(None, "--cache", help="Sensitivity cache folder (default ~/.cache/compressadvise/sensitivity, "
                          "or $COMPRESSADVISE_SENSITIVITY_CACHE).")
@@ -26,17 +26,23 @@ NO_CACHE_OPT = typer.Option(False, "--no-cache", help="Neither read nor write th
 MAX_SAMPLES_OPT = typer.Option(512, "--max-samples", min=1, help="Samples used per evaluation (the first N).")
 
 
+class Lessons(str, Enum):
+    """How search uses the playbooks' layer rules."""
+    apply = "apply"
+    advise = "advise"
+
+
 def register(app: typer.Typer) -> None:
     app.command("sensitivity")(sensitivity_cmd)
     app.command("search")(search_cmd)
 
 
-def _executor(kind: str, workers: Optional[int], address: Optional[str]):
+def _executor(kind: ExecutorKind, workers: Optional[int], address: Optional[str]):
     from ..executors import make_executor
 
-    if address and kind != "ray":
+    if address and kind is not ExecutorKind.ray:
         raise typer.BadParameter("--address is for --executor ray")
-    return make_executor(kind, workers=workers, address=address)
+    return make_executor(value_of(kind), workers=workers, address=address)
 
 
 def _cache(path: Optional[str], off: bool):
@@ -65,13 +71,13 @@ def _progress():
 
 def sensitivity_cmd(
     model: Optional[str] = MODEL_ARG,
-    samples: Optional[str] = SAMPLES_OPT,
+    samples: Optional[str] = SAMPLES,
     techniques: Optional[List[str]] = TECHNIQUES_OPT,
-    target: Optional[str] = typer.Option(None, "--target", help="Leave out settings this target cannot run (see `compressadvise targets`)."),
-    os: Optional[int] = typer.Option(None, "--os", help="OS major version for --target; default from the profile."),
+    target: Optional[str] = TARGET,
+    os: Optional[int] = OS,
     layers: Optional[List[str]] = typer.Option(None, "--layer", help="Glob of layer names to measure (repeatable); default all compressible layers."),
     workers: Optional[int] = WORKERS_OPT,
-    executor: str = EXECUTOR_OPT,
+    executor: ExecutorKind = EXECUTOR_OPT,
     address: Optional[str] = ADDRESS_OPT,
     cache: Optional[str] = CACHE_OPT,
     no_cache: bool = NO_CACHE_OPT,
@@ -80,7 +86,9 @@ def sensitivity_cmd(
     trust_pickle: bool = TRUST_PICKLE,
     json_out: bool = JSON,
 ) -> None:
-    """Measure each layer's sensitivity: compress it alone per setting, compare outputs with the original."""
+    """Measure each layer's sensitivity: compress it alone per setting, compare outputs with the original.
+
+    With --target (and --os), settings that target cannot run are left out."""
     from ..knowledge import builtin
     from ..sensitivity import parse_settings, prepare, sensitivity
 
@@ -174,21 +182,21 @@ def _short(label: str) -> str:
 # ------------------------------------------------------------------ search
 def search_cmd(
     model: Optional[str] = MODEL_ARG,
-    samples: Optional[str] = SAMPLES_OPT,
-    target: str = typer.Option("ane-a17", "--target", help="Target profile (see `compressadvise targets`)."),
-    os: Optional[int] = typer.Option(None, "--os", help="Minimum OS major version (iOS numbering); default from the profile."),
-    max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb", help="Size budget in MB (10^6 bytes)."),
-    bits_per_weight: Optional[float] = typer.Option(None, "--bits-per-weight", help="Size budget as average bits per parameter."),
-    size_fraction: Optional[float] = typer.Option(None, "--size-fraction", help="Size budget as a fraction of the uncompressed (fp16) size, e.g. 0.25."),
-    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Latency budget on the target (roofline estimate)."),
+    samples: Optional[str] = SAMPLES,
+    target: Optional[str] = TARGET,
+    os: Optional[int] = OS,
+    max_size_mb: Optional[float] = MAX_SIZE_MB,
+    bits_per_weight: Optional[float] = BITS_PER_WEIGHT,
+    size_fraction: Optional[float] = SIZE_FRACTION,
+    max_latency_ms: Optional[float] = MAX_LATENCY_MS,
     techniques: Optional[List[str]] = TECHNIQUES_OPT,
-    lessons: str = typer.Option("apply", "--lessons", help="apply: playbook layer rules restrict the candidates; "
-                                "advise: measure everything and report where a rule disagrees."),
+    lessons: Lessons = typer.Option(Lessons.apply, "--lessons", help="apply: playbook layer rules restrict the "
+                                    "candidates; advise: measure everything and report where a rule disagrees."),
     confirm: int = typer.Option(3, "--confirm", min=1, help="Candidate plans applied and measured before choosing."),
     out: Optional[str] = typer.Option(None, "--out", help="Write the chosen plan file (YAML) here."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out (never the input model)."),
+    force: bool = FORCE,
     workers: Optional[int] = WORKERS_OPT,
-    executor: str = EXECUTOR_OPT,
+    executor: ExecutorKind = EXECUTOR_OPT,
     address: Optional[str] = ADDRESS_OPT,
     cache: Optional[str] = CACHE_OPT,
     no_cache: bool = NO_CACHE_OPT,
@@ -198,16 +206,14 @@ def search_cmd(
     json_out: bool = JSON,
 ) -> None:
     """Choose a setting per layer that meets a size or latency budget with the least measured damage."""
-    for option, value, most in (("--max-size-mb", max_size_mb, None), ("--bits-per-weight", bits_per_weight, 32.0),
-                                ("--size-fraction", size_fraction, 1.0), ("--max-latency-ms", max_latency_ms, None)):
-        _check_budget(option, value, most)  # before anything is loaded or measured
+    # Each budget was checked while parsing (common.check_budget), before anything is loaded or measured.
+    target = target or DEFAULT_TARGET
+    size_budget_mb(0, 0, max_size_mb=max_size_mb, size_fraction=size_fraction, bits_per_weight=bits_per_weight)
     from ..fsutil import check_output
     from ..knowledge import builtin, load_knowledge
     from ..search import search
     from ..sensitivity import parse_settings, prepare
 
-    if lessons not in ("apply", "advise"):
-        raise typer.BadParameter("--lessons must be apply or advise")
     if not any((max_size_mb, bits_per_weight, size_fraction, max_latency_ms)):
         raise typer.BadParameter("give a budget: --max-size-mb, --bits-per-weight, --size-fraction or --max-latency-ms")
     if out:  # before the measuring, which takes minutes
@@ -221,7 +227,7 @@ def search_cmd(
     with prog:
         res = search(prepared=prep, max_size_mb=max_size_mb, bits_per_weight=bits_per_weight,
                      size_fraction=size_fraction, max_latency_ms=max_latency_ms, target=target, os=os,
-                     knowledge=k, settings=grid, lessons=lessons, confirm=confirm,
+                     knowledge=k, settings=grid, lessons=value_of(lessons), confirm=confirm,
                      cache=_cache(cache, no_cache), executor=ex, progress=update)
     if out:
         from ..plan import save_plan
@@ -238,16 +244,6 @@ def search_cmd(
 
         console.print(f"plan written to [bold]{out}[/]: replay with `compressadvise apply {model or ''} --plan {out}`"
                       .replace("  ", " "))
-
-
-def _check_budget(option: str, value: Optional[float], most: Optional[float]) -> None:
-    """A budget is a finite number > 0 (and at most `most`): 7 as a size fraction, -1 or nan
-    would otherwise run minutes of measurement towards a budget that means nothing."""
-    if value is None:
-        return
-    if not math.isfinite(value) or value <= 0 or (most is not None and value > most):
-        span = f"in (0, {most:g}]" if most is not None else "a finite number > 0"
-        raise typer.BadParameter(f"{option} must be {span} (got {value:g})")
 
 
 def show_search(res) -> None:  # noqa: ANN001 - SearchResult

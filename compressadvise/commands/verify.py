@@ -7,11 +7,20 @@ samples that do not fit the model, or an evaluator that fails.
 from __future__ import annotations
 
 import math
+from enum import Enum
 from typing import List, Optional
 
 import typer
 
-from .common import JSON, TRUST_PICKLE
+from .common import JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, OS, SAMPLES, TARGET, TRUST_PICKLE, value_of
+
+
+class ComputeUnits(str, Enum):
+    """Core ML compute units (latency.COMPUTE_UNITS; not imported here: it would load torch at startup)."""
+    CPU_ONLY = "CPU_ONLY"
+    CPU_AND_GPU = "CPU_AND_GPU"
+    CPU_AND_NE = "CPU_AND_NE"
+    ALL = "ALL"
 
 
 def register(app: typer.Typer) -> None:
@@ -21,17 +30,17 @@ def register(app: typer.Typer) -> None:
 def verify_cmd(
     original: str = typer.Argument(..., help="Original model (file, module:function, or 'bundled')."),
     compressed: str = typer.Argument(..., help="Compressed model: a model file, module:function, or an `apply` output folder."),
-    samples: Optional[str] = typer.Option(None, "--samples", help="Sample file (.npz/.pt/.safetensors with 'inputs', optional 'labels' and 'slices'), a folder of them, or 'bundled'."),
+    samples: Optional[str] = SAMPLES,
     evaluator: Optional[str] = typer.Option(None, "--eval", help="Your evaluator module:function: receives the model, returns a dict of metrics ('accuracy' feeds the budget)."),
     metric: Optional[List[str]] = typer.Option(None, "--metric", help="OUTPUT=METRIC override (logits, dense, mask; or psnr, iou, kl...). Repeatable."),
-    max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Budget: accuracy drop in points."),
-    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Budget: latency in ms (target estimate with --target, else measured here)."),
-    max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb", help="Budget: size in MB (10^6 bytes)."),
-    target: Optional[str] = typer.Option(None, "--target", help="Target profile for the roofline estimate (see `compressadvise targets`)."),
-    os_version: Optional[int] = typer.Option(None, "--os", help="OS major version (iOS numbering) for the estimate; default from the profile."),
+    max_accuracy_drop: Optional[float] = MAX_ACCURACY_DROP,
+    max_latency_ms: Optional[float] = MAX_LATENCY_MS,
+    max_size_mb: Optional[float] = MAX_SIZE_MB,
+    target: Optional[str] = TARGET,
+    os_version: Optional[int] = OS,
     calibration: Optional[str] = typer.Option(None, "--calibration", help="YAML of latencies measured on a device, to scale the estimate."),
     plan: Optional[str] = typer.Option(None, "--plan", help="Plan file: per-layer compressed sizes for the estimate."),
-    compute_units: str = typer.Option("ALL", "--compute-units", help="Core ML compute units on a Mac: CPU_ONLY, CPU_AND_GPU, CPU_AND_NE, ALL."),
+    compute_units: ComputeUnits = typer.Option(ComputeUnits.ALL, "--compute-units", help="Core ML compute units on a Mac."),
     compile_: bool = typer.Option(False, "--compile", help="Also time torch.compile versions."),
     reps: int = typer.Option(30, "--reps", min=1, help="Timed repetitions per model (interleaved)."),
     warmup: int = typer.Option(5, "--warmup", min=0, help="Untimed warm-up calls per model."),
@@ -47,13 +56,11 @@ def verify_cmd(
     unusable or outputs that differ in structure (or an apply folder whose state dict needs the
     factory its manifest names: give that factory as ORIGINAL), 6 bad sample file or failing evaluator.
     A calibration YAML holds `model: original|compressed`, `total_ms` and/or `layers: {name: ms}`.
+    The latency budget is the --target estimate with --target, else measured here.
     """
     from ..errors import BudgetMissed
-    from ..latency import COMPUTE_UNITS
     from ..verify import Budgets, verify
 
-    if compute_units not in COMPUTE_UNITS:
-        raise typer.BadParameter(f"--compute-units must be one of {', '.join(COMPUTE_UNITS)}")
     plan_obj = None
     if plan:
         from ..plan import load_plan
@@ -67,7 +74,7 @@ def verify_cmd(
             budgets=Budgets(max_accuracy_drop=max_accuracy_drop, max_latency_ms=max_latency_ms,
                             max_size_mb=max_size_mb),
             latency=not no_latency, compile=compile_, reps=reps, warmup=warmup, metrics=metric,
-            plan=plan_obj, calibration=calibration, compute_units=compute_units, batch_size=batch_size,
+            plan=plan_obj, calibration=calibration, compute_units=value_of(compute_units), batch_size=batch_size,
             drift=not no_drift, trust_pickle=trust_pickle, progress=lambda m: status.update(m))
     if json_out:
         import sys

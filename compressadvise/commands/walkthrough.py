@@ -11,7 +11,8 @@ from typing import Iterator, Optional
 
 import typer
 
-from .common import JSON, MODEL_ARG, TRUST_PICKLE
+from .common import (DATA, FORCE, INPUT_SHAPE, JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS,
+                     SAMPLES, TARGET, TRUST_PICKLE, Data, value_of)
 
 INTERRUPTED = 130  # the shell convention for Ctrl-C
 
@@ -46,22 +47,25 @@ def walkthrough_cmd(
         "--trust-pickle, a module:function MODEL and the session's --eval again (--eval none goes on "
         "without the evaluator); otherwise it stops with exit 2 before importing anything."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Accept every default without asking (scripted use, CI)."),
-    force: bool = typer.Option(False, "--force", help="Start over in a folder that already holds a session."),
-    target: Optional[str] = typer.Option(None, "--target", help="Default answer: target profile (see `compressadvise targets`)."),
-    os: Optional[int] = typer.Option(None, "--os", help="Default answer: minimum OS major version (iOS numbering)."),
-    max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb", help="Default answer: size budget in MB (0 = none)."),
-    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Default answer: latency budget in ms (0 = none)."),
-    max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", help="Default answer: tolerated accuracy drop in points."),
-    data: Optional[str] = typer.Option(None, "--data", help="Default answer: none | calibration | training."),
-    samples: Optional[str] = typer.Option(None, "--samples", help="Default answer: evaluation samples (file, folder or 'bundled')."),
+    force: bool = FORCE,
+    target: Optional[str] = TARGET,
+    os: Optional[int] = OS,
+    max_size_mb: Optional[float] = MAX_SIZE_MB,
+    max_latency_ms: Optional[float] = MAX_LATENCY_MS,
+    max_accuracy_drop: Optional[float] = MAX_ACCURACY_DROP,
+    data: Optional[Data] = DATA,
+    samples: Optional[str] = SAMPLES,
     evaluator: Optional[str] = typer.Option(
         None, "--eval", help="Default answer: your evaluator module:function. With --resume: the session's "
         "evaluator again to run it, or 'none' to continue without it."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Default answer: input shape, e.g. 1,3,224,224 (for models without an example input)."),
+    input_shape: Optional[str] = INPUT_SHAPE,
     trust_pickle: bool = TRUST_PICKLE,
     json_out: bool = JSON,
 ) -> None:
     """A guided session: pick a model, target and budgets, review the plan, apply, verify, report.
+
+    --target, --os, the budgets, --data, --samples and --input-shape are the default answers to
+    the session's questions (with --yes, the answers).
 
     session.json keeps the answers, never trust: on --resume, unpickling and any code to import
     (a module:function model, the evaluator) must be named on the command line again.
@@ -71,8 +75,6 @@ def walkthrough_cmd(
     from .. import walkthrough as W
     from .common import parse_shape
 
-    if data is not None and data not in ("none", "calibration", "training"):
-        raise typer.BadParameter("--data must be none, calibration or training")
     console = _ui_console(json_out)
     if not yes:
         W.require_terminal(console.file)
@@ -82,7 +84,7 @@ def walkthrough_cmd(
 
         check_output(folder, force=True, kind="folder")
     defaults = {k: v for k, v in dict(target=target, os=os, max_size_mb=max_size_mb, max_latency_ms=max_latency_ms,
-                                      max_accuracy_drop=max_accuracy_drop, data=data, samples=samples,
+                                      max_accuracy_drop=max_accuracy_drop, data=value_of(data), samples=samples,
                                       eval=evaluator, input_shape=parse_shape(input_shape)).items() if v is not None}
     try:
         with _keyboard_interrupts():
