@@ -123,6 +123,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     if not STATE["pending"]:
         STATE.update(pending=True, profile_previous=sys.getprofile())
         sys.setprofile(_on_return)
+        # A long library call (a conversion) may take a while to return: say what is happening.
+        sys.stderr.write(f"stopping as soon as the current library call returns "
+                         f"(Ctrl-C {FORCE_AFTER - STATE['interrupts']} more time(s) to stop at once)\n")
 
 
 def _on_return(frame: FrameType, event: str, arg: Any) -> None:
@@ -150,6 +153,12 @@ def _restore_handlers(previous: Any) -> None:
     signal.signal(signal.SIGINT, previous)
 
 
+def _pressed_while_starting() -> bool:
+    """A Ctrl-C the console script held while this module and its imports loaded."""
+    console = sys.modules.get(f"{__package__}.console")
+    return bool(console is not None and console.PRESSED)
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     if not debug:
@@ -157,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     previous = _install_handlers()
     try:
         try:
+            if _pressed_while_starting():
+                raise Interrupted()
             # Standalone mode: click prints usage errors itself (exit 2) and handles --help.
             app(args=argv, prog_name="compressadvise")
         finally:

@@ -23,7 +23,7 @@ import pytest
 
 from compressadvise.cli import main
 
-ENTRY = [sys.executable, "-c", "from compressadvise.cli import main; main()"]
+ENTRY = [sys.executable, "-c", "from compressadvise.console import main; main()"]  # the console script
 ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
 BOX = str.maketrans("", "", "│╭╮╰╯─")
 
@@ -142,7 +142,7 @@ class HoldSklearn:
             time.sleep(2)
         return None
 sys.meta_path.insert(0, HoldSklearn())
-from compressadvise.cli import main
+from compressadvise.console import main
 main()
 """
 
@@ -181,6 +181,17 @@ def test_ctrl_c_inside_a_guarded_third_party_import_is_not_swallowed(tmp_path, p
     code, err = _interrupt_apply(plan, out, delay=0.5, marker=marker)
     assert marker.exists(), err
     _assert_interrupted(code, err, out)
+
+
+def test_a_ctrl_c_held_while_the_cli_imports_is_exit_130(monkeypatch, tmp_path, capsys):
+    """The console script notes a Ctrl-C that comes while Typer/Rich/torch import (before the
+    CLI's own handler exists); main() then exits 130 before running the command."""
+    import compressadvise.console as console
+
+    monkeypatch.setattr(console, "PRESSED", [signal.SIGINT])
+    out = tmp_path / "plan.yaml"
+    code, _, err = cli(capsys, "recommend", "--out", str(out))
+    assert code == 130 and "interrupted" in err and not out.exists()
 
 
 # ------------------------------------------------------------------ 3. evaluators

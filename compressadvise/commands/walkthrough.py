@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import signal
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import typer
 
@@ -70,8 +71,6 @@ def walkthrough_cmd(
     session.json keeps the answers, never trust: on --resume, unpickling and any code to import
     (a module:function model, the evaluator) must be named on the command line again.
     """
-    from pathlib import Path
-
     from .. import walkthrough as W
     from .common import parse_shape
 
@@ -83,25 +82,35 @@ def walkthrough_cmd(
         from ..fsutil import check_output
 
         check_output(folder, force=True, kind="folder")
-    defaults = {k: v for k, v in dict(target=target, os=os, max_size_mb=max_size_mb, max_latency_ms=max_latency_ms,
-                                      max_accuracy_drop=max_accuracy_drop, data=value_of(data), samples=samples,
-                                      eval=evaluator, input_shape=parse_shape(input_shape)).items() if v is not None}
+    defaults = _default_answers(target=target, os=os, max_size_mb=max_size_mb, max_latency_ms=max_latency_ms,
+                                max_accuracy_drop=max_accuracy_drop, data=value_of(data), samples=samples,
+                                eval=evaluator, input_shape=parse_shape(input_shape))
     try:
         with _keyboard_interrupts():
             session = W.run(folder, model=model, resume=resume is not None, force=force, interactive=not yes,
                             console=console, trust_pickle=trust_pickle, defaults=defaults)
     except W.Interrupted as e:
-        from ..render import err
-
-        err.print(f"\n[yellow]interrupted[/] during '{e}': everything written so far is complete "
-                  f"({folder / W.SESSION_FILE} keeps your answers).")
-        err.print(f"resume with: compressadvise walkthrough --resume {folder}", markup=False, highlight=False,
-                  soft_wrap=True)  # one line, so it can be copied
+        _say_interrupted(e, folder, W.SESSION_FILE)
         raise typer.Exit(INTERRUPTED) from None
     if json_out:
         import sys
 
         sys.stdout.write(W.session_json(session, folder) + "\n")
+
+
+def _default_answers(**given: Any) -> dict[str, Any]:
+    """The command-line values that default the session's answers (the ones given, 0 included)."""
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _say_interrupted(e: Exception, folder: Path, session_file: str) -> None:
+    """On stderr: where the interrupted session stopped and the one-line command that resumes it."""
+    from ..render import err
+
+    err.print(f"\n[yellow]interrupted[/] during '{e}': everything written so far is complete "
+              f"({folder / session_file} keeps your answers).")
+    err.print(f"resume with: compressadvise walkthrough --resume {folder}", markup=False, highlight=False,
+              soft_wrap=True)  # one line, so it can be copied
 
 
 def learn_cmd(
