@@ -151,7 +151,7 @@ def _count_nonfinite(x: Any) -> int:
     return int(((ints & m) == m).sum())
 
 
-def _split(tensor_name: str) -> tuple[str, str]:
+def split_tensor_name(tensor_name: str) -> tuple[str, str]:
     """'enc.fc.weight' -> ('enc.fc', 'weight'); 'attn.in_proj_weight' -> ('attn.in_proj', 'weight')."""
     for suffix in ("weight", "bias"):
         if tensor_name.endswith("." + suffix):
@@ -347,7 +347,7 @@ def analyze(
             progress(i + 1, total_tensors)
         if not t.is_floating_point():
             continue  # integer buffers (e.g. BatchNorm's num_batches_tracked) are not weights
-        layer_name, kind = _split(tname)
+        layer_name, kind = split_tensor_name(tname)
         key = (None if not t.numel() else (i, 0, ()) if model.streamed
                else (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)))
         first_owner = seen_storage.get(key) if key else None
@@ -365,7 +365,7 @@ def analyze(
             g["params"] += t.numel()
         if kind == "weight" and g["weight"] is None:
             g["weight"] = list(t.shape)
-            g["tied_to"] = _split(first_owner)[0] if first_owner else None
+            g["tied_to"] = split_tensor_name(first_owner)[0] if first_owner else None
             if stats and t.is_floating_point() and t.numel():
                 g["stats"] = weight_stats(t)
     if total_unique == 0:

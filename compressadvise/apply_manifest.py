@@ -32,7 +32,7 @@ def _versions() -> dict[str, str]:
 def _predict_applied(k: Knowledge, report: ModelReport, jobs: list[B.StepJob], outcome: dict, side: str,
                      baseline: float) -> int:
     """The size formulas over the layers really compressed on one side (estimate)."""
-    from .engine import _predict
+    from .engine import predict_layers
 
     steps = []
     for job in jobs:
@@ -40,7 +40,7 @@ def _predict_applied(k: Knowledge, report: ModelReport, jobs: list[B.StepJob], o
         steps.append(Step(technique=job.technique, slot=job.slot, params=job.params,
                           layers=[lj.name for lj in done], op_name_params={lj.name: _sized(lj.params) for lj in done}))
     try:
-        _, _, after = _predict(k, report, steps, baseline)
+        _, _, after = predict_layers(k, report, steps, baseline)
     except Exception:  # a technique without a size formula
         return 0
     return after

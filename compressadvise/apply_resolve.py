@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import backends as B
-from .analysis import LayerInfo, ModelReport, _split
+from .analysis import LayerInfo, ModelReport, split_tensor_name
 from .errors import BadModel, CompressionFailed, InvalidKnowledge, Unavailable
 from .knowledge import Knowledge
 from .loading import LoadedModel
@@ -27,7 +27,7 @@ def _check_model(plan: Plan, loaded: LoadedModel) -> None:
 
 def weight_tensor(x: LayerInfo) -> str:
     for t in x.tensors:
-        if _split(t)[1] == "weight":
+        if split_tensor_name(t)[1] == "weight":
             return t
     return x.tensors[0]
 

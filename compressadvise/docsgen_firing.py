@@ -142,7 +142,7 @@ def _likely_steps(k: Any, compress: list, base: dict) -> list[tuple[str, dict]]:
     among those matching, skipping techniques the target cannot run. A cheap stand-in for the
     plan's steps, used only to skip scenarios that cannot teach anything new; every claim on a
     page comes from a real `recommend` run."""
-    from .engine import _missing_modes
+    from .engine import missing_modes
     from .facts import step_facts
 
     supported = base["target"]["supports"]
@@ -153,7 +153,7 @@ def _likely_steps(k: Any, compress: list, base: dict) -> list[tuple[str, dict]]:
         if slot in best or not cr.condition(base):
             continue
         params = {**k.techniques[tech].defaults(), **cr.rule.action.params}
-        if not _missing_modes(k, tech, params, supported):
+        if not missing_modes(k, tech, params, supported):
             best[slot] = (cr.code, step_facts(params, tech, slot))
     return [best[slot] for slot in sorted(best)]
 
@@ -188,7 +188,7 @@ def firing_examples() -> dict[str, dict[str, Any]]:
     runs: they change neither steps nor layer decisions.
     """
     from .analysis import analyze
-    from .engine import _rank, constraint_facts, model_facts, target_facts
+    from .engine import rule_rank, constraint_facts, model_facts, target_facts
     from .knowledge import load_knowledge
     from .loading import load_model
     from .schema import Constraints
@@ -197,7 +197,7 @@ def firing_examples() -> dict[str, dict[str, Any]]:
     reports = {m: analyze(load_model(m)) for m in SCENARIO_MODELS}
     mfacts = {m: model_facts(r) for m, r in reports.items()}
     model_rules = [cr for cr in k.rules.values() if cr.rule.scope == "model"]
-    compress = sorted((cr for cr in model_rules if cr.rule.action.kind == "compress"), key=_rank)
+    compress = sorted((cr for cr in model_rules if cr.rule.action.kind == "compress"), key=rule_rank)
     layer_rules = [cr for cr in k.rules.values() if cr.rule.scope == "layer"]
     nonlayer, read = _layer_probe_inputs(layer_rules)
     found: dict[str, dict[str, Any]] = {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from pydantic import ValidationError
@@ -65,7 +65,7 @@ def _constraints(values: dict[str, Any]) -> Constraints:
         raise InvalidKnowledge(f"constraints: '{key}': {err['msg']} (got {err.get('input')!r})") from None
 
 
-def _rank(cr: CompiledRule) -> tuple:
+def rule_rank(cr: CompiledRule) -> tuple:
     return (-cr.rule.priority, -cr.specificity(), cr.code)
 
 
@@ -75,7 +75,7 @@ class _Candidate:
     params: dict[str, Any]
 
 
-def _missing_modes(k: Knowledge, technique: str, params: dict[str, Any], supported: list[str]) -> list[str]:
+def missing_modes(k: Knowledge, technique: str, params: dict[str, Any], supported: list[str]) -> list[str]:
     facts = {"step": step_facts(params, technique, k.techniques[technique].slot)}
     need = [mode for mode, cond in k.requirement_programs.get(technique, []) if cond is None or cond(facts)]
     return [m for m in need if m not in supported]
@@ -109,16 +109,35 @@ def recommend(
     k = knowledge or (load_knowledge(playbooks) if playbooks else builtin())
     report = model if isinstance(model, ModelReport) else analyze(model)
     dep = Deployment.resolve(k, target, os)  # default OS and min-OS check, once
-    tgt, os_major = dep.target, dep.os
     c = constraints if isinstance(constraints, Constraints) else _constraints(constraints or {})
     base = {"model": model_facts(report), "target": target_facts(dep),
             "constraints": constraint_facts(c, report)}
     trace: list[TraceEntry] = []
     advisories: list[Advisory] = []
-    candidates: dict[str, list[_Candidate]] = defaultdict(list)
+    candidates = _model_rules(k, base, trace, advisories)
+    steps = _choose_steps(k, candidates, dep, trace)
+    _layer_rules(k, report, base, steps, trace, advisories)
+    plan_steps = [s for s, _ in steps]
+    layers, before, after = predict_layers(k, report, plan_steps, dep.target.baseline_bytes_per_param)
+    meets = None if not c.max_size_mb else after / MB <= c.max_size_mb
+    return Plan(
+        model=PlanModel(source=report.source, sha256=report.sha256, format=report.format,
+                        total_params=report.total_params),
+        target=PlanTarget(name=dep.target.name, os=dep.os), constraints=c,
+        playbooks={name: pb.version for name, pb in k.playbooks.items()},
+        steps=plan_steps, advisories=advisories,
+        prediction=Prediction(bytes_before=before, bytes_after=after,
+                              ratio=before / after if after else 0.0, meets_size_budget=meets),
+        layers=layers, trace=trace,
+    )
 
+
+def _model_rules(k: Knowledge, base: dict[str, Any], trace: list[TraceEntry],
+                 advisories: list[Advisory]) -> dict[str, list[_Candidate]]:
+    """Model-scope rules: advice is added at once; compress rules become candidates per slot."""
+    candidates: dict[str, list[_Candidate]] = defaultdict(list)
     base_ctx = _context(base)
-    for cr in sorted((r for r in k.rules.values() if r.rule.scope == "model"), key=_rank):
+    for cr in sorted((r for r in k.rules.values() if r.rule.scope == "model"), key=rule_rank):
         if not cr.condition(base_ctx):
             trace.append(TraceEntry(code=cr.code, status="not_matched",
                                     detail="false: " + " && ".join(cr.condition.failing(base))))
@@ -131,8 +150,14 @@ def recommend(
         else:
             slot = k.techniques[a.technique].slot
             candidates[slot].append(_Candidate(cr, {**k.techniques[a.technique].defaults(), **a.params}))
+    return candidates
 
+
+def _choose_steps(k: Knowledge, candidates: dict[str, list[_Candidate]], dep: Deployment,
+                  trace: list[TraceEntry]) -> list[tuple[Step, CompiledRule]]:
+    """Per slot, the best-ranked candidate whose modes the deployment supports."""
     steps: list[tuple[Step, CompiledRule]] = []
+    tgt, os_major = dep.target, dep.os
     supported = tgt.supports(os_major)
     for slot in SLOTS:
         winner = None
@@ -143,7 +168,7 @@ def recommend(
                                         detail=f"{slot} step already chosen by {winner.rule.code} "
                                         f"(priority {winner.rule.rule.priority} vs {cand.rule.rule.priority})"))
                 continue
-            missing = _missing_modes(k, tech, cand.params, supported)
+            missing = missing_modes(k, tech, cand.params, supported)
             if missing:
                 trace.append(TraceEntry(code=cand.rule.code, status="unsupported",
                                         detail=f"{tech} needs {', '.join(missing)}, which {tgt.name} "
@@ -156,13 +181,26 @@ def recommend(
             a = winner.rule.rule.action
             steps.append((Step(technique=a.technique, slot=slot, params=winner.params,
                                rules=[winner.rule.code], why=winner.rule.rule.why), winner.rule))
+    return steps
 
-    layer_rules = sorted((r for r in k.rules.values() if r.rule.scope == "layer"), key=_rank)
+
+@dataclass
+class _LayerTally:
+    """Which layers each layer rule decided, lost or advised on, for the trace and advisories."""
+
+    fired_on: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    outranked_on: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    advice: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+
+def _layer_rules(k: Knowledge, report: ModelReport, base: dict[str, Any],
+                 steps: list[tuple[Step, CompiledRule]], trace: list[TraceEntry],
+                 advisories: list[Advisory]) -> None:
+    """Layer-scope rules: keep/override decide each (step, layer); advice is collected."""
+    layer_rules = sorted((r for r in k.rules.values() if r.rule.scope == "layer"), key=rule_rank)
     n_layers = len(report.layers)
     lfacts = {x.name: layer_facts(x, n_layers) for x in report.layers}
-    fired_on: dict[str, list[str]] = defaultdict(list)
-    outranked_on: dict[str, list[str]] = defaultdict(list)
-    layer_advice: dict[str, list[str]] = defaultdict(list)
+    tally = _LayerTally()
     # Advice that does not depend on a step runs once over every weight layer, so it is given
     # even when no compression step fired.
     stepless = [r for r in layer_rules if r.rule.action.kind == "advise" and not _uses_step(r)]
@@ -171,74 +209,68 @@ def recommend(
         ctx = _context({**base, "layer": lfacts[x.name], "step": neutral})
         for r in stepless:
             if r.condition(ctx):
-                layer_advice[r.code].append(x.name)
+                tally.advice[r.code].append(x.name)
     for step, cr in steps:
-        sf = step_facts(step.params, step.technique, step.slot)
-        ctx_for = lambda x, sf=sf: _context({**base, "layer": lfacts[x.name], "step": sf})  # noqa: E731
-        contexts: dict[str, Any] = {}
-
-        def ctx_for_cached(x, ctx_for=ctx_for, contexts=contexts):
-            contexts[x.name] = ctx_for(x)
-            return contexts[x.name]
-
-        chosen = _selected(cr, report.layers, ctx_for_cached)
         applicable = [r for r in layer_rules if _applies(r, step) and r not in stepless]
-        decided_here: set[str] = set()
-        for x in chosen:
-            ctx = contexts[x.name] if x.name in contexts else ctx_for(x)
-            decided: CompiledRule | None = None
-            for r in applicable:
-                if not r.condition(ctx):
-                    continue
-                kind = r.rule.action.kind
-                if kind == "advise":
-                    if x.name not in layer_advice[r.code]:
-                        layer_advice[r.code].append(x.name)
-                    continue
-                if decided is None:
-                    decided = r
-                    fired_on[r.code].append(x.name)
-                    decided_here.add(r.code)
-                else:
-                    outranked_on[r.code].append(x.name)
-            if decided is None:
-                step.layers.append(x.name)
-            elif decided.rule.action.kind == "keep":
-                step.skipped.append(Skip(layer=x.name, reason=decided.rule.why, code=decided.code))
-            else:
-                step.layers.append(x.name)
-                step.op_name_params[x.name] = dict(decided.rule.action.params)
-        step.rules += sorted(decided_here - set(step.rules))
-
-    for r in layer_rules:
-        if r.code in fired_on or r.code in layer_advice:
-            names = fired_on.get(r.code) or layer_advice.get(r.code, [])
-            trace.append(TraceEntry(code=r.code, status="fired", layers=_uniq(names),
-                                    detail=f"{r.rule.action.kind} on {len(_uniq(names))} layer(s)"))
-        elif r.code in outranked_on:
-            trace.append(TraceEntry(code=r.code, status="outranked", layers=_uniq(outranked_on[r.code]),
-                                    detail="matched, but a higher-priority layer rule decided these layers"))
-        else:
-            trace.append(TraceEntry(code=r.code, status="not_matched",
-                                    detail="no layer of any step matched: " + r.rule.when))
-    for code, names in layer_advice.items():
+        _decide_step_layers(step, cr, report, base, lfacts, applicable, tally)
+    _trace_layer_rules(layer_rules, tally, trace)
+    for code, names in tally.advice.items():
         rr = k.rules[code].rule
         advisories.append(Advisory(code=code, title=rr.title, message=rr.action.message or "",
                                    why=rr.why, layers=names))
 
-    plan_steps = [s for s, _ in steps]
-    layers, before, after = _predict(k, report, plan_steps, tgt.baseline_bytes_per_param)
-    meets = None if not c.max_size_mb else after / MB <= c.max_size_mb
-    return Plan(
-        model=PlanModel(source=report.source, sha256=report.sha256, format=report.format,
-                        total_params=report.total_params),
-        target=PlanTarget(name=tgt.name, os=os_major), constraints=c,
-        playbooks={name: pb.version for name, pb in k.playbooks.items()},
-        steps=plan_steps, advisories=advisories,
-        prediction=Prediction(bytes_before=before, bytes_after=after,
-                              ratio=before / after if after else 0.0, meets_size_budget=meets),
-        layers=layers, trace=trace,
-    )
+
+def _decide_step_layers(step: Step, cr: CompiledRule, report: ModelReport, base: dict[str, Any],
+                        lfacts: dict[str, dict[str, Any]], applicable: list[CompiledRule],
+                        tally: _LayerTally) -> None:
+    """Fill the step's layers, skips and per-layer overrides from the highest-ranked rule per layer."""
+    sf = step_facts(step.params, step.technique, step.slot)
+    contexts: dict[str, Any] = {}
+
+    def ctx_for(x: LayerInfo) -> Any:
+        if x.name not in contexts:
+            contexts[x.name] = _context({**base, "layer": lfacts[x.name], "step": sf})
+        return contexts[x.name]
+
+    decided_here: set[str] = set()
+    for x in _selected(cr, report.layers, ctx_for):
+        ctx = ctx_for(x)
+        decided: CompiledRule | None = None
+        for r in applicable:
+            if not r.condition(ctx):
+                continue
+            if r.rule.action.kind == "advise":
+                if x.name not in tally.advice[r.code]:
+                    tally.advice[r.code].append(x.name)
+                continue
+            if decided is None:
+                decided = r
+                tally.fired_on[r.code].append(x.name)
+                decided_here.add(r.code)
+            else:
+                tally.outranked_on[r.code].append(x.name)
+        if decided is None:
+            step.layers.append(x.name)
+        elif decided.rule.action.kind == "keep":
+            step.skipped.append(Skip(layer=x.name, reason=decided.rule.why, code=decided.code))
+        else:
+            step.layers.append(x.name)
+            step.op_name_params[x.name] = dict(decided.rule.action.params)
+    step.rules += sorted(decided_here - set(step.rules))
+
+
+def _trace_layer_rules(layer_rules: list[CompiledRule], tally: _LayerTally, trace: list[TraceEntry]) -> None:
+    for r in layer_rules:
+        if r.code in tally.fired_on or r.code in tally.advice:
+            names = tally.fired_on.get(r.code) or tally.advice.get(r.code, [])
+            trace.append(TraceEntry(code=r.code, status="fired", layers=_uniq(names),
+                                    detail=f"{r.rule.action.kind} on {len(_uniq(names))} layer(s)"))
+        elif r.code in tally.outranked_on:
+            trace.append(TraceEntry(code=r.code, status="outranked", layers=_uniq(tally.outranked_on[r.code]),
+                                    detail="matched, but a higher-priority layer rule decided these layers"))
+        else:
+            trace.append(TraceEntry(code=r.code, status="not_matched",
+                                    detail="no layer of any step matched: " + r.rule.when))
 
 
 def _uniq(xs: list[str]) -> list[str]:
@@ -281,7 +313,7 @@ def effective_params(k: Knowledge, step: Step, layer: LayerInfo) -> dict[str, An
     return step.setting_for(layer, k.techniques[step.technique]).all_params
 
 
-def _predict(k: Knowledge, report: ModelReport, steps: list[Step], baseline: float
+def predict_layers(k: Knowledge, report: ModelReport, steps: list[Step], baseline: float
              ) -> tuple[list[LayerPrediction], int, int]:
     """Per-layer bytes after all steps; fills each step's cumulative estimate and backend skips."""
     settings: dict[str, list[Setting]] = defaultdict(list)
@@ -433,7 +465,7 @@ class LayerRules:
     def of(cls, k: Knowledge, report: ModelReport, target: str, os: int, constraints: Constraints) -> "LayerRules":
         base = {"model": model_facts(report), "target": target_facts(k.target(target), os),
                 "constraints": constraint_facts(constraints, report)}
-        ranked = sorted((r for r in k.rules.values() if r.rule.scope == "layer"), key=_rank)
+        ranked = sorted((r for r in k.rules.values() if r.rule.scope == "layer"), key=rule_rank)
         deciding = tuple(r for r in ranked if r.rule.action.kind != "advise")
         return cls(base, deciding, {n: t.slot for n, t in k.techniques.items()}, len(report.layers))
 

@@ -133,7 +133,7 @@ def _import_torch():
     return torch
 
 
-def _tensor_hash(items: Iterator[tuple[str, Any]]) -> str:
+def tensor_hash(items: Iterator[tuple[str, Any]]) -> str:
     h = hashlib.sha256()
     for name, t in items:
         h.update(name.encode())
@@ -341,7 +341,7 @@ def _load_factory(spec: str) -> LoadedModel:
     if not isinstance(model, torch.nn.Module):
         raise BadModel(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     model.eval()
-    digest = _tensor_hash(model.state_dict().items())
+    digest = tensor_hash(model.state_dict().items())
     return LoadedModel(spec, "factory", digest, has_graph=True, module=model,
                        example_inputs=example)
 

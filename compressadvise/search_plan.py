@@ -109,10 +109,10 @@ def _build_plan(k: Knowledge, report: ModelReport, prep: Prepared, target: str, 
                 lesson_notes: dict[str, list[tuple[str, str]]], lessons: str, budget: Budget,
                 chosen: Candidate, baseline: float) -> Plan:
     """A normal plan file: one step per technique, per-layer overrides, an explained trace."""
-    from .engine import _predict, recommend
+    from .engine import predict_layers, recommend
 
     steps = _plan_steps(k, space, picks, choices, lesson_notes, lessons, budget)
-    pred_layers, before, after = _predict(k, report, steps, baseline)
+    pred_layers, before, after = predict_layers(k, report, steps, baseline)
     trace = _plan_trace(prep, choices, lesson_notes, lessons, chosen)
     advisories: list[Advisory] = []
     try:

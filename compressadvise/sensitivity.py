@@ -112,9 +112,9 @@ def prepare(model: "LoadedModel | str | Any" = None, samples: "Samples | str | N
     from .samples import Samples, load_samples, random_samples
 
     if isinstance(model, torch.nn.Module):
-        from .loading import _tensor_hash
+        from .loading import tensor_hash
 
-        model = LoadedModel(type(model).__name__, "module", _tensor_hash(model.state_dict().items()),
+        model = LoadedModel(type(model).__name__, "module", tensor_hash(model.state_dict().items()),
                             has_graph=True, module=model.eval())
     loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_pickle=trust_pickle)
     runnable = loaded.runnable()
@@ -308,7 +308,7 @@ def _measurements(k: Knowledge, layer_list: list[LayerInfo], items: list[dict[st
 def supported_settings(k: Knowledge, grid: list[Setting], target: str, os: int | None
                        ) -> tuple[list[Setting], list[Setting]]:
     """Split settings into those the target runs at this OS and those it does not (modes)."""
-    from .engine import _missing_modes
+    from .engine import missing_modes
 
     from .deployment import Deployment
 
@@ -318,7 +318,7 @@ def supported_settings(k: Knowledge, grid: list[Setting], target: str, os: int |
         if s.is_fp16:
             keep.append(s)
             continue
-        (drop if _missing_modes(k, s.technique, s.p, supported) else keep).append(s)
+        (drop if missing_modes(k, s.technique, s.p, supported) else keep).append(s)
     return keep, drop
 
 

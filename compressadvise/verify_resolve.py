@@ -57,10 +57,10 @@ def _serialised_size(module: Any) -> int | None:
 
 
 def _from_module(module: Any) -> LoadedModel:
-    from .loading import _tensor_hash
+    from .loading import tensor_hash
 
     try:
-        digest = _tensor_hash(module.state_dict().items())
+        digest = tensor_hash(module.state_dict().items())
     except Exception:  # quantized tensor subclasses have no plain bytes to hash
         digest = ""
     return LoadedModel(source=f"in-memory {type(module).__name__}", format="module", sha256=digest,

@@ -22,7 +22,7 @@ def predict(plan: Plan, report: ModelReport, knowledge: Knowledge | None = None)
     Layers the backend skipped under the old parameters (e.g. a group size that did not divide
     the channels) are tried again, since the new parameters may suit them.
     """
-    from .engine import _predict
+    from .engine import predict_layers
 
     k = knowledge or builtin()
     tgt = k.target(plan.target.name)
@@ -32,7 +32,7 @@ def predict(plan: Plan, report: ModelReport, knowledge: Knowledge | None = None)
         retry = [s.layer for s in step.skipped if s.code == "backend"]
         step.skipped = [s for s in step.skipped if s.code != "backend"]
         step.layers = sorted(set(step.layers) | set(retry), key=lambda n: order.get(n, 1 << 30))
-    layers, before, after = _predict(k, report, new.steps, tgt.baseline_bytes_per_param)
+    layers, before, after = predict_layers(k, report, new.steps, tgt.baseline_bytes_per_param)
     new.layers = layers
     budget = new.constraints.max_size_mb
     new.prediction = Prediction(bytes_before=before, bytes_after=after,
@@ -43,7 +43,7 @@ def predict(plan: Plan, report: ModelReport, knowledge: Knowledge | None = None)
 
 def check_param(plan: Plan, index: int, name: str, value: Any, knowledge: Knowledge | None = None) -> str | None:
     """An error message when `name=value` does not fit the step's technique or target, else None."""
-    from .engine import _missing_modes
+    from .engine import missing_modes
 
     k = knowledge or builtin()
     step = plan.steps[index]
@@ -54,7 +54,7 @@ def check_param(plan: Plan, index: int, name: str, value: Any, knowledge: Knowle
     if msg := spec.check(name, value):
         return msg
     tgt = k.target(plan.target.name)
-    missing = _missing_modes(k, step.technique, {**step.params, name: value}, tgt.supports(plan.target.os))
+    missing = missing_modes(k, step.technique, {**step.params, name: value}, tgt.supports(plan.target.os))
     if missing:
         return f"{tgt.name} at OS {plan.target.os} does not support {', '.join(missing)}"
     return None

@@ -180,6 +180,7 @@ def _short(label: str) -> str:
 
 
 # ------------------------------------------------------------------ search
+# Over 60 lines only because its signature declares the command's options (Typer reads them there).
 def search_cmd(
     model: Optional[str] = MODEL_ARG,
     samples: Optional[str] = SAMPLES,
