@@ -126,7 +126,7 @@ def _check_torch(path: Path, jobs: list[B.StepJob], outcome: dict, ctx: B.Contex
 
     with B.quiet():
         if path.suffix == ".pt2":
-            ep = torch.export.load(str(path))
+            ep = torch.export.load(str(path))  # our own artefact, written by this run a moment ago
             state = {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
         elif path.suffix == ".ts":
             state = dict(torch.jit.load(str(path)).state_dict())
