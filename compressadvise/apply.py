@@ -144,14 +144,20 @@ def load_artifact(out_dir: str | Path, *, factory: str | None = None) -> LoadedM
 def _load_state_dict_artifact(out_dir: Path, manifest: dict[str, Any], factory: str | None) -> LoadedModel:
     import torch
 
-    given = manifest.get("input") if isinstance(manifest.get("input"), dict) else {}
-    source, fmt = str(given.get("source", "")), given.get("format", "")
+    given = manifest.get("input")
+    if not isinstance(given, dict):
+        raise BadModel(f"{out_dir / 'manifest.json'}: the torch artefact is a state dict and 'input' does not "
+                       "say which model to rebuild it into")
+    source, fmt = str(given.get("source") or ""), given.get("format", "")
     if fmt not in ("factory", "bundled"):
         raise BadModel(f"{out_dir}: the torch artefact is a state dict and the input ({source}) has no factory to rebuild it")
     if fmt == "factory" and source != factory:
+        import shlex
+
         raise BadModel(f"{out_dir}: its torch artefact is a state dict rebuilt by the Python factory {source} "
                        "that manifest.json names; a file the tool wrote never chooses code to import",
-                       hint="pass that factory yourself (e.g. `compressadvise verify MODULE:FUNCTION DIR`)")
+                       hint=f"pass the model on the command line: `compressadvise verify {shlex.quote(source)} "
+                       f"{shlex.quote(str(out_dir))}`")
     base = load_model(None if fmt == "bundled" else source)
     module = base.module
     if "torchao" in manifest.get("backends_used", []):

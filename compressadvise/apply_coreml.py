@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from . import backends as B
 from .apply_resolve import Route
-from .apply_torch import SPARSE_KINDS, SPARSITY_TOLERANCE, _target_sparsity
+from .apply_torch import SPARSE_KINDS, SPARSITY_TOLERANCE, _target_sparsity, applied_layers
 from .errors import CompressionFailed, Unavailable
 from .fsutil import writing
 from .loading import LoadedModel
@@ -92,16 +92,12 @@ def _check_coreml(path: Path, jobs: list[B.StepJob], outcome: dict, how: str) ->
         for op in ev.ops:
             counts[op] = counts.get(op, 0) + 1
     failures = []
-    for job in jobs:
-        for lj in job.layers:
-            rec = outcome.get((job.index, lj.name, "coreml"))
-            if not rec or rec["status"] != "applied":
-                continue
-            ev = evidence.get(rec["const"], C.WeightEvidence())
-            ok, why = _coreml_ok(job.kind, lj.params, ev)
-            rec["evidence"] = ev.describe()
-            if not ok:
-                failures.append(f"{lj.name} ({job.technique}): {why}")
+    for job, lj, rec in applied_layers(jobs, outcome, "coreml"):
+        ev = evidence.get(rec["const"], C.WeightEvidence())
+        ok, why = _coreml_ok(job.kind, lj.params, ev)
+        rec["evidence"] = ev.describe()
+        if not ok:
+            failures.append(f"{lj.name} ({job.technique}): {why}")
     if failures:
         raise CompressionFailed("Core ML read-back: compression did not happen for " + "; ".join(failures[:6])
                                 + (f" (+{len(failures) - 6} more)" if len(failures) > 6 else ""),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import backends as B
 from .errors import CompressionFailed, InvalidKnowledge, Unavailable
@@ -120,6 +120,15 @@ def _save_torch(model: Any, example: tuple | None, tmp: Path) -> dict[str, Any]:
             "note": "state dict; load_artifact rebuilds the model from its factory (" + "; ".join(errors) + ")"}
 
 
+def applied_layers(jobs: list[B.StepJob], outcome: dict, side: str) -> Iterator[tuple[B.StepJob, B.LayerJob, dict]]:
+    """(job, layer, outcome record) of every layer a side reports as applied: what read-back checks."""
+    for job in jobs:
+        for lj in job.layers:
+            rec = outcome.get((job.index, lj.name, side))
+            if rec and rec["status"] == "applied":
+                yield job, lj, rec
+
+
 def _check_torch(path: Path, jobs: list[B.StepJob], outcome: dict, ctx: B.Context) -> None:
     """Reload the saved torch artefact and check every applied layer really is compressed."""
     import torch
@@ -133,17 +142,13 @@ def _check_torch(path: Path, jobs: list[B.StepJob], outcome: dict, ctx: B.Contex
         else:
             state = torch.load(str(path), weights_only=True, map_location="cpu")
     failures = []
-    for job in jobs:
-        for lj in job.layers:
-            rec = outcome.get((job.index, lj.name, "torch"))
-            if not rec or rec["status"] != "applied":
-                continue
-            w = state.get(lj.tensor)
-            ok, evidence = (False, f"{lj.tensor} missing from the saved artefact") if w is None else \
-                check_tensor(w, job.kind, lj.params, ctx.prior_sparsity.get(lj.name))
-            rec["evidence"] = evidence
-            if not ok:
-                failures.append(f"{lj.name} ({job.technique}): {evidence}")
+    for job, lj, rec in applied_layers(jobs, outcome, "torch"):
+        w = state.get(lj.tensor)
+        ok, evidence = (False, f"{lj.tensor} missing from the saved artefact") if w is None else \
+            check_tensor(w, job.kind, lj.params, ctx.prior_sparsity.get(lj.name))
+        rec["evidence"] = evidence
+        if not ok:
+            failures.append(f"{lj.name} ({job.technique}): {evidence}")
     if failures:
         raise CompressionFailed("torch artefact read-back: compression did not happen for " + "; ".join(failures[:6])
                                 + (f" (+{len(failures) - 6} more)" if len(failures) > 6 else ""))

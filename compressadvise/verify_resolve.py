@@ -80,7 +80,6 @@ def _apply_dir(path: Path, trust_pickle: bool, named: str | None = None) -> tupl
         raise BadModel(f"{manifest_path}: unreadable manifest ({e})") from e
     if not isinstance(manifest, dict):
         raise BadModel(f"{manifest_path}: unreadable manifest (not a JSON object)")
-    _refuse_manifest_code(manifest, path, named)
     artifact = manifest.get("torch_artifact")
     loaded = None
     try:
@@ -106,25 +105,6 @@ def _apply_dir(path: Path, trust_pickle: bool, named: str | None = None) -> tupl
             plan = None
     file = path / artifact if artifact and (path / artifact).exists() else path
     return loaded, mlpath, plan, file
-
-
-def _refuse_manifest_code(manifest: dict[str, Any], path: Path, named: str | None) -> None:
-    """A state-dict artefact is rebuilt by the factory its manifest names (apply.load_artifact):
-    import it only when the user named that same factory; a written file never chooses code."""
-    if manifest.get("torch_format") != "state_dict":
-        return
-    given = manifest.get("input")
-    if not isinstance(given, dict):
-        raise BadModel(f"{path / 'manifest.json'}: the torch artefact is a state dict and 'input' does not "
-                       "say which model to rebuild it into")
-    source = str(given.get("source") or "")
-    if given.get("format") == "factory" and source != named:
-        import shlex
-
-        raise BadModel(f"{path}: its torch artefact is a state dict rebuilt by the Python factory {source} "
-                       "that manifest.json names; a file the tool wrote never chooses code to import",
-                       hint=f"pass the model on the command line: `compressadvise verify {shlex.quote(source)} "
-                       f"{shlex.quote(str(path))}`")
 
 
 def _named_spec(model: Any) -> str | None:

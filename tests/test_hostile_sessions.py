@@ -200,14 +200,21 @@ def test_report_model_option_loads_the_original_the_user_names(capsys, tmp_path)
     assert code == 2 and "--model" in text, text  # --model names the original of a run folder only
 
 
-def test_verify_never_imports_a_factory_named_by_the_manifest(capsys, tmp_path):
-    marker = evil_module(tmp_path, "ca_hostile_ver", "import torch\n\ndef make():\n    return torch.nn.Linear(4, 2)\n")
+def _state_dict_run(tmp_path: Path, module: str) -> tuple[Path, Path]:
+    """An apply folder whose torch artefact is a state dict that `module:make` (a module in the
+    current folder that leaves a marker when imported) would rebuild: (marker, folder)."""
+    marker = evil_module(tmp_path, module, "import torch\n\ndef make():\n    return torch.nn.Linear(4, 2)\n")
     run = tmp_path / "applied"
     run.mkdir()
     torch.save(torch.nn.Linear(4, 2).state_dict(), run / "state_dict.pt")
     (run / "manifest.json").write_text(json.dumps({
-        "input": {"source": "ca_hostile_ver:make", "format": "factory"}, "torch_artifact": "state_dict.pt",
+        "input": {"source": f"{module}:make", "format": "factory"}, "torch_artifact": "state_dict.pt",
         "torch_format": "state_dict", "backends_used": []}))
+    return marker, run
+
+
+def test_verify_never_imports_a_factory_named_by_the_manifest(capsys, tmp_path):
+    marker, run = _state_dict_run(tmp_path, "ca_hostile_ver")
     code, text = cli(capsys, "verify", "bundled", str(run), "--no-latency", "--no-drift")
     assert code == 4, text
     assert not marker.exists(), "the manifest chose code to import"
@@ -272,13 +279,7 @@ def test_load_artifact_never_imports_a_factory_named_by_the_manifest(tmp_path):
     from compressadvise.apply import load_artifact
     from compressadvise.errors import BadModel
 
-    marker = evil_module(tmp_path, "ca_hostile_art", "import torch\n\ndef make():\n    return torch.nn.Linear(4, 2)\n")
-    run = tmp_path / "applied"
-    run.mkdir()
-    torch.save(torch.nn.Linear(4, 2).state_dict(), run / "state_dict.pt")
-    (run / "manifest.json").write_text(json.dumps({
-        "input": {"source": "ca_hostile_art:make", "format": "factory"}, "torch_artifact": "state_dict.pt",
-        "torch_format": "state_dict", "backends_used": []}))
+    marker, run = _state_dict_run(tmp_path, "ca_hostile_art")
     with pytest.raises(BadModel, match="never chooses code"):
         load_artifact(run)
     assert not marker.exists(), "the manifest chose code to import"
