@@ -74,7 +74,7 @@ def main() -> None:
     params = write_checkpoint(path)
     write_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "compressadvise.cli", "analyze", path, "--json"],
+    proc = subprocess.run([sys.executable, "-m", "compressadvise.ui.cli", "analyze", path, "--json"],
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
     rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

@@ -86,8 +86,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import compressadvise as ca
-    from compressadvise.loading import LoadedModel
-    from compressadvise.schema import Plan, PlanTarget, Step
+    from compressadvise.model.loading import LoadedModel
+    from compressadvise.knowledge.schema import Plan, PlanTarget, Step
 
     t0 = time.perf_counter()
     torch.manual_seed(0)

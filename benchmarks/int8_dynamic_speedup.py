@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compressadvise.latency import machine_description, percentile, time_interleaved  # noqa: E402
-from compressadvise.metrics import snr  # noqa: E402
+from compressadvise.measure.latency import machine_description, percentile, time_interleaved  # noqa: E402
+from compressadvise.measure.metrics import snr  # noqa: E402
 
 
 class Block(nn.Module):

@@ -45,8 +45,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     import compressadvise as ca
-    from compressadvise.knowledge import builtin
-    from compressadvise.loading import LoadedModel
+    from compressadvise.knowledge.base import builtin
+    from compressadvise.model.loading import LoadedModel
 
     torch.manual_seed(0)
     model = Decoder(args.blocks).eval()

@@ -121,10 +121,10 @@ def main() -> None:
     ap.add_argument("--loads", type=int, default=3)
     ap.add_argument("--keep", help="Keep the report here instead of a temporary folder.")
     args = ap.parse_args()
-    from compressadvise.analysis import analyze
-    from compressadvise.loading import LoadedModel
-    from compressadvise.report import Sensitivity, SensitivityLayer, build, gather, render_html
-    from compressadvise.verify import verify
+    from compressadvise.model.analysis import analyze
+    from compressadvise.model.loading import LoadedModel
+    from compressadvise.ui.report import Sensitivity, SensitivityLayer, build, gather, render_html
+    from compressadvise.measure.verify import verify
 
     torch.manual_seed(0)
     model = Deep(args.blocks).eval()

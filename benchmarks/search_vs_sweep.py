@@ -19,7 +19,7 @@ layer compressed whatever its size (weight_threshold 0, the strongest uniform op
 Layers whose dims a per-block/grouped config cannot divide stay fp16 (the backend's behaviour).
 
 For budgets of 1/3, 1/4 and 1/5 of the fp16 size, the best baseline that fits (by selection-set
-PSNR) is compared with the searched plan (compressadvise.search, default candidate grid,
+PSNR) is compared with the searched plan (compressadvise.plan.search, default candidate grid,
 target ane-a17 iOS 18). Sizes are the technique formulas (estimates, as in every plan);
 fidelity and accuracy are measured. Evaluations: the sweep scores every config on the full
 model once; the search scores single layers (once per model, cached across budgets) plus a few
@@ -46,8 +46,8 @@ def load(name: str):
     """(LoadedModel, Samples) for one bundled model."""
     import torch
 
-    from compressadvise.loading import load_model
-    from compressadvise.samples import Samples, bundled_samples
+    from compressadvise.model.loading import load_model
+    from compressadvise.model.samples import Samples, bundled_samples
 
     if name == "digits":
         return load_model(None), bundled_samples()
@@ -64,7 +64,7 @@ def calibration(name: str, n: int = 1024):
     or freshly generated sequences (a seed neither training nor the eval set used)."""
     import torch
 
-    from compressadvise.samples import Samples
+    from compressadvise.model.samples import Samples
 
     if name == "digits":
         from sklearn.datasets import load_digits
@@ -107,7 +107,7 @@ def sweep_configs() -> list[dict[str, Any]]:
 
 
 def _setting(spec: dict[str, Any]):
-    from compressadvise.sensitivity import Setting
+    from compressadvise.measure.sensitivity import Setting
 
     if spec.get("kind") == "torchao_sym":  # sized like linear_symmetric (no zero-point)
         return Setting.of("linear_quantization", nbits=spec["nbits"], granularity="per_channel", mode="linear_symmetric")
@@ -137,7 +137,7 @@ def sweep_eval(ctx, item: dict[str, Any]) -> dict[str, Any]:
     memoised per worker, so a config and its skip-first+last twin share the k-means work."""
     import torch
 
-    from compressadvise.sensitivity import _worker_state, compress_weight, output_metrics, run_model, seed_of
+    from compressadvise.measure.sensitivity import _worker_state, compress_weight, output_metrics, run_model, seed_of
 
     st = _worker_state(ctx)
     params, original = st["params"], st["original"]
@@ -163,7 +163,7 @@ def sweep_eval(ctx, item: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_sweep(prep_sel, k, executor) -> tuple[list[dict[str, Any]], float]:
-    from compressadvise.sensitivity import FP16, applicable, candidate_layers, setting_bytes
+    from compressadvise.measure.sensitivity import FP16, applicable, candidate_layers, setting_bytes
 
     t0 = time.perf_counter()
     layers = candidate_layers(prep_sel.report)
@@ -194,10 +194,10 @@ def held_out(prep_rep, executor, items: list[dict[str, Any]]) -> list[dict[str, 
 
 # ------------------------------------------------------------------ main
 def bench_model(name: str, workers: int, lessons_modes: list[str], cache_root: Path) -> dict[str, Any]:
-    from compressadvise.executors import ProcessExecutor
-    from compressadvise.knowledge import builtin
-    from compressadvise.search import search
-    from compressadvise.sensitivity import Cache, prepare
+    from compressadvise.measure.executors import ProcessExecutor
+    from compressadvise.knowledge.base import builtin
+    from compressadvise.plan.search import search
+    from compressadvise.measure.sensitivity import Cache, prepare
 
     k = builtin()
     loaded, held = load(name)

@@ -23,24 +23,24 @@ __all__ = ["load_model", "analyze", "recommend", "apply", "verify", "sensitivity
            "load_knowledge", "load_plan", "save_plan", "__version__"]
 
 _LAZY = {
-    "load_model": ("loading", "load_model"),
-    "analyze": ("analysis", "analyze"),
-    "recommend": ("engine", "recommend"),
-    "apply": ("apply", "apply"),
-    "verify": ("verify", "verify"),
-    "sensitivity": ("sensitivity", "sensitivity"),
-    "search": ("search", "search"),
-    "load_knowledge": ("knowledge", "load_knowledge"),
-    "load_plan": ("plan", "load_plan"),
-    "save_plan": ("plan", "save_plan"),
+    "load_model": ("model.loading", "load_model"),
+    "analyze": ("model.analysis", "analyze"),
+    "recommend": ("plan.engine", "recommend"),
+    "apply": ("backends.apply", "apply"),
+    "verify": ("measure.verify", "verify"),
+    "sensitivity": ("measure.sensitivity", "sensitivity"),
+    "search": ("plan.search", "search"),
+    "load_knowledge": ("knowledge.base", "load_knowledge"),
+    "load_plan": ("plan.planfile", "load_plan"),
+    "save_plan": ("plan.planfile", "save_plan"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .analysis import analyze
-    from .engine import recommend
-    from .knowledge import load_knowledge
-    from .loading import load_model
-    from .plan import load_plan, save_plan
+    from compressadvise.model.analysis import analyze
+    from compressadvise.plan.engine import recommend
+    from compressadvise.knowledge.base import load_knowledge
+    from compressadvise.model.loading import load_model
+    from compressadvise.plan.planfile import load_plan, save_plan
 
 
 def __getattr__(name: str) -> Any:

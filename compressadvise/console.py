@@ -18,6 +18,6 @@ def _note(signum: int, frame: FrameType | None) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGINT, _note)
-    from .cli import main as cli_main
+    from compressadvise.ui.cli import main as cli_main
 
     cli_main()

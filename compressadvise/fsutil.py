@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping
 
-from .errors import CompressAdviseError, OutputExists, OutputNotWritable
+from compressadvise.errors import CompressAdviseError, OutputExists, OutputNotWritable
 
 PID_MARKER = ".compressadvise.pid"  # inside our temp folders: who owns it (pid host)
 UNMARKED_GRACE_S = 60.0  # a temp folder without a marker may be a run between mkdtemp and the marker

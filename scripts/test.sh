@@ -7,7 +7,7 @@ bash scripts/setup.sh
 python -m pytest -q "$@"
 # Docs: the generated pages must match the code and knowledge base (no drift), and the site must
 # build with --strict (a broken link or anchor, or a page missing from the nav, fails).
-python -m compressadvise.docsgen --check
+python -m compressadvise.ui.docsgen --check
 # (Not --quiet: mkdocs then stops counting warnings and --strict passes broken links.)
 site=$(mktemp -d)
 trap 'rm -rf "$site"' EXIT

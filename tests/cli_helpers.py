@@ -5,7 +5,7 @@ import signal
 
 
 def call_main(*args: object) -> int:
-    from compressadvise.cli import main
+    from compressadvise.ui.cli import main
 
     handler = signal.getsignal(signal.SIGINT)
     try:
@@ -15,3 +15,10 @@ def call_main(*args: object) -> int:
         return int(e.code or 0)
     finally:
         signal.signal(signal.SIGINT, handler)
+
+
+def run_captured(capsys, *args: object) -> tuple[int, str, str]:
+    """`call_main` with the output captured: (exit code, stdout, stderr)."""
+    code = call_main(*args)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err

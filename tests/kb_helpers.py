@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressadvise.analysis import ModelReport, analyze
-from compressadvise.engine import recommend
-from compressadvise.knowledge import Knowledge, builtin, load_knowledge
-from compressadvise.loading import LoadedModel
-from compressadvise.schema import Plan
+from compressadvise.model.analysis import ModelReport, analyze
+from compressadvise.plan.engine import recommend
+from compressadvise.knowledge.base import Knowledge, builtin, load_knowledge
+from compressadvise.model.loading import LoadedModel
+from compressadvise.knowledge.schema import Plan
 
 MB = 1e6
 

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 import compressadvise as ca
-from compressadvise.apply import check_tensor, load_artifact
+from compressadvise.backends.apply import check_tensor, load_artifact
 from compressadvise.errors import (BadModel, CompressionFailed, InvalidKnowledge, OutputExists,
                                    Unavailable)
-from compressadvise.loading import LoadedModel
-from compressadvise.schema import Plan, PlanModel, PlanTarget, Step
+from compressadvise.model.loading import LoadedModel
+from compressadvise.knowledge.schema import Plan, PlanModel, PlanTarget, Step
 
 SMALL = ["fc1", "fc2"]
 
@@ -271,7 +271,7 @@ def test_weights_only_input_is_refused(tmp_path):
 def test_silent_no_op_is_caught_by_core_ml_read_back(tmp_path):
     """An uncompressed program where compression was claimed must fail, not ship."""
     from compressadvise import backends as B
-    from compressadvise.apply import _check_coreml
+    from compressadvise.backends.apply import _check_coreml
     from compressadvise.backends import coremltools_coreml as C
 
     model = small_mlp()
@@ -311,7 +311,7 @@ def test_existing_output_needs_force_and_interrupts_leave_nothing(tmp_path, monk
         ca.apply(small_mlp(), p, out)
     first = json.loads((out / "manifest.json").read_text())
 
-    import compressadvise.apply as A
+    import compressadvise.backends.apply as A
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -335,7 +335,7 @@ def test_exported_program_input_gets_the_core_ml_side_only(tmp_path):
 
 def test_state_dict_fallback_rebuilds_from_the_factory(tmp_path, monkeypatch):
     """No example input to export with: a state dict + the factory recipe, reloadable."""
-    import compressadvise.apply as A
+    import compressadvise.backends.apply as A
 
     model = ca.load_model(None)
     monkeypatch.setattr(A, "_example_inputs", lambda *a: None)
@@ -350,7 +350,7 @@ def test_state_dict_fallback_rebuilds_from_the_factory(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ CLI
 def run_cli(*args: str) -> int:
-    from compressadvise.cli import main
+    from compressadvise.ui.cli import main
 
     handler = signal.getsignal(signal.SIGINT)
     try:
@@ -363,7 +363,7 @@ def run_cli(*args: str) -> int:
 
 
 def test_cli_apply_bundled_json_exit_codes(tmp_path, capsys):
-    from compressadvise.plan import save_plan
+    from compressadvise.plan.planfile import save_plan
 
     plan_file = tmp_path / "plan.yaml"  # a quick hand-written plan: the recommended one is tested above
     save_plan(plan(step("linear_quantization", layers=["conv", "fc"])), plan_file)

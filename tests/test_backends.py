@@ -23,9 +23,9 @@ import compressadvise as ca
 from compressadvise import backends as B
 from compressadvise.backends import fake  # noqa: F401  (registers the `fake` backend)
 from compressadvise.errors import CompressionFailed, InvalidKnowledge, Unavailable
-from compressadvise.knowledge import builtin, knowledge_root, load_knowledge
-from compressadvise.loading import LoadedModel
-from compressadvise.schema import Plan, PlanModel, PlanTarget, Step
+from compressadvise.knowledge.base import builtin, knowledge_root, load_knowledge
+from compressadvise.model.loading import LoadedModel
+from compressadvise.knowledge.schema import Plan, PlanModel, PlanTarget, Step
 
 REAL = ("coremltools.torch", "coremltools.coreml", "torchao")
 
@@ -113,7 +113,7 @@ def kb_root(tmp_path) -> Path:
 
 # ------------------------------------------------------------------ the registry
 def test_registry_lists_backends_without_importing_a_library():
-    code = ("import sys; from compressadvise import backends as B; from compressadvise.knowledge import builtin; "
+    code = ("import sys; from compressadvise import backends as B; from compressadvise.knowledge.base import builtin; "
             "builtin(); print(','.join(B.names())); "
             "print([m for m in ('torch', 'coremltools', 'torchao') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
@@ -251,3 +251,23 @@ def test_an_unavailable_step_is_refused_before_any_work(tmp_path, kb):
 def test_a_technique_no_target_backend_implements_is_refused(tmp_path, kb):
     with pytest.raises(Unavailable, match="no backend for fake-cpu implements gptq"):
         ca.apply(mlp(), plan(step("gptq")), tmp_path / "out", knowledge=kb)
+
+
+def test_a_backend_never_invents_a_default_parameter():
+    """Handlers read resolved settings (technique defaults from the YAML, via Step.setting_for);
+    an unresolved dict is an error naming the parameter, not a silent default of its own (the
+    backends once defaulted nbits to 4 in one place and 8 in another)."""
+    from compressadvise.backends import need
+    from compressadvise.backends.coremltools_torch import _palettizer_options, _quantizer_options
+    from compressadvise.errors import CompressionFailed
+    from compressadvise.knowledge.base import builtin
+    from compressadvise.plan.setting import Setting
+
+    k = builtin()
+    with pytest.raises(CompressionFailed, match="'nbits' missing"):
+        _palettizer_options({"granularity": "per_tensor"})
+    with pytest.raises(CompressionFailed, match="'block_size' missing"):
+        _quantizer_options({"nbits": 4, "granularity": "per_block"})
+    resolved = Setting.resolve(k.techniques["linear_quantization"], {"nbits": 4, "granularity": "per_block"})
+    assert _quantizer_options(resolved.all_params)["block_size"] == need(resolved.all_params, "block_size") == 32
+    assert _palettizer_options(Setting.resolve(k.techniques["palettization"], {}).all_params)["n_bits"] == 8

@@ -11,7 +11,7 @@ import torch
 
 from models import TinyCNN
 
-EXE = [sys.executable, "-c", "from compressadvise.cli import main; main()"]
+EXE = [sys.executable, "-c", "from compressadvise.ui.cli import main; main()"]
 
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -74,9 +74,26 @@ def test_debug_shows_traceback():
     assert r.returncode == 3 and "Traceback" in r.stderr
 
 
+def test_explain_takes_a_target_or_a_technique(capsys):
+    """A target's page shows when it decompresses weights (what the roofline streams) by OS."""
+    from cli_helpers import run_captured as call_main
+
+    code, out, _ = call_main(capsys, "explain", "ane-a17")
+    assert code == 0 and "Weight decompression" in out and "just in time" in out and "iOS 17" in out
+    code, out, _ = call_main(capsys, "explain", "x86-cpu", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["explains"] == "target" and d["decompression"][0]["at"] == "just_in_time"
+    assert "Int8 compute: a fast path" in d["markdown"]
+    code, out, _ = call_main(capsys, "explain", "palettization", "--json")
+    assert code == 0 and json.loads(out)["explains"] == "technique"
+    code, _, err = call_main(capsys, "explain", "no-such-thing")
+    assert code == 6 and "technique or target name" in err
+
+
 def test_knowledge_commands_do_not_import_torch():
-    code = ("import sys\nfrom compressadvise.cli import app\n"
-            "for args in (['rules','--json'], ['techniques','--json'], ['targets','--json'], ['playbooks','validate']):\n"
+    code = ("import sys\nfrom compressadvise.ui.cli import app\n"
+            "for args in (['rules','--json'], ['techniques','--json'], ['targets','--json'], ['playbooks','validate'],\n"
+            "             ['explain','x86-cpu'], ['explain','palettization','--json'], ['explain','wgt001']):\n"
             "    try:\n        app(args=args, prog_name='compressadvise')\n    except SystemExit as e:\n        assert not e.code, e.code\n"
             "bad = [m for m in ('torch', 'coremltools', 'torchao') if m in sys.modules]\n"
             "assert not bad, bad\n")

@@ -6,15 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from compressadvise.analysis import analyze
-from compressadvise.deployment import Deployment
-from compressadvise.engine import constraint_facts, layer_facts, model_facts, recommend, target_facts
+from compressadvise.model.analysis import analyze
+from compressadvise.knowledge.deployment import Deployment
+from compressadvise.plan.engine import constraint_facts, layer_facts, model_facts, recommend, target_facts
 from compressadvise.errors import InvalidKnowledge
-from compressadvise.estimate import LayerCompression, from_plan, roofline
-from compressadvise.facts import NAMESPACES, step_facts
-from compressadvise.knowledge import builtin
-from compressadvise.schema import Constraints
-from compressadvise.verify import _from_module
+from compressadvise.measure.estimate import LayerCompression, from_plan, roofline
+from compressadvise.knowledge.facts import NAMESPACES, step_facts
+from compressadvise.knowledge.base import builtin
+from compressadvise.knowledge.schema import Constraints
+from compressadvise.measure.verify import _from_module
 
 from models import TinyCNN
 
@@ -155,7 +155,7 @@ def test_fact_table_equals_the_extractors(k):
 
 
 def test_every_condition_fact_but_outcome_has_an_extractor_and_the_docs_print_it():
-    from compressadvise.docsgen import facts_page
+    from compressadvise.ui.docsgen import facts_page
 
     page = facts_page()
     for ns, table in NAMESPACES.items():

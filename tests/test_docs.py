@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from compressadvise import docsgen
+from compressadvise.ui import docsgen
 from compressadvise.errors import InvalidKnowledge
-from compressadvise.knowledge import load_knowledge
-from compressadvise.textdocs import rule_markdown, target_markdown, technique_markdown
+from compressadvise.knowledge.base import load_knowledge
+from compressadvise.knowledge.textdocs import rule_markdown, target_markdown, technique_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -43,7 +43,7 @@ def test_every_rule_has_a_page_with_the_explain_text(kb):
     assert kb.rules, "the built-in knowledge has rules"
     for code, cr in kb.rules.items():
         page = DOCS / "reference" / "rules" / f"{code}.md"
-        assert page.exists(), f"{page} missing: run `python -m compressadvise.docsgen`"
+        assert page.exists(), f"{page} missing: run `python -m compressadvise.ui.docsgen`"
         text = page.read_text(encoding="utf-8")
         assert "## Seen firing" in text
         # Without the generated firing example, the page is exactly what `explain` prints.
@@ -103,7 +103,7 @@ def test_firing_examples_on_rule_pages_reproduce(capsys):
     import json
     import shlex
 
-    from compressadvise.cli import main
+    from compressadvise.ui.cli import main
 
     claims: dict[str, str] = {}
     for page in sorted((DOCS / "reference" / "rules").glob("*.md")):
@@ -122,7 +122,7 @@ def test_firing_examples_on_rule_pages_reproduce(capsys):
 
 # ---------------------------------------------------------------- explain and the docs: one text
 def test_explain_prints_the_rule_page_text(kb, capsys):
-    from compressadvise.cli import main
+    from compressadvise.ui.cli import main
 
     code = sorted(kb.rules)[0]
     with pytest.raises(SystemExit) as e:
@@ -164,7 +164,7 @@ def test_guide_team_playbook_validates_and_fires(tmp_path):
     assert {"TEAM001", "TEAM002"} <= set(k.rules)
     assert k.sources["origin:team-vision"] == "user"
 
-    from compressadvise.engine import recommend
+    from compressadvise.plan.engine import recommend
 
     plan = recommend(None, target="ane-a17", knowledge=k, constraints={"max_latency_ms": 2.0})
     skipped = {s.layer: s.code for step in plan.steps for s in step.skipped}

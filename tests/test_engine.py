@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 import compressadvise as ca
-from compressadvise.engine import recommend
+from compressadvise.plan.engine import recommend
 from compressadvise.errors import InvalidKnowledge
-from compressadvise.knowledge import load_knowledge
-from compressadvise.loading import LoadedModel
-from compressadvise.plan import load_plan, save_plan
+from compressadvise.knowledge.base import load_knowledge
+from compressadvise.model.loading import LoadedModel
+from compressadvise.plan.planfile import load_plan, save_plan
 
 KB = Path(__file__).parent / "fixtures" / "kb"
 
@@ -200,7 +200,7 @@ def test_layer_advice_without_any_step(kb, report):
 
 
 def test_n_m_pruning_sized_from_n_and_m(kb, report):
-    from compressadvise.sizing import pruned_fraction, size_variables
+    from compressadvise.plan.sizing import pruned_fraction, size_variables
 
     params = {"pattern": "n_m", "n": 2, "m": 4, "sparsity": 0.75, "weight_threshold": 0}
     assert pruned_fraction(params) == 0.5

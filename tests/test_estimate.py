@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from compressadvise.analysis import analyze
+from compressadvise.model.analysis import analyze
 from compressadvise.errors import InvalidKnowledge
-from compressadvise.estimate import (LayerCompression, calibrate, detect_compression, estimate_layer,
+from compressadvise.measure.estimate import (LayerCompression, calibrate, detect_compression, estimate_layer,
                                      from_plan, load_calibration, mode_of_setting, roofline)
-from compressadvise.knowledge import builtin
-from compressadvise.schema import Figure, LayerPrediction, ModeSupport
-from compressadvise.verify import _from_module
+from compressadvise.knowledge.base import builtin
+from compressadvise.knowledge.schema import Figure, LayerPrediction, ModeSupport
+from compressadvise.measure.verify import _from_module
 
 BW, FP16, INT8 = 100.0, 2.0, 4.0  # GB/s, TOPS, TOPS
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from compressadvise.cli import main
+from compressadvise.ui.cli import main
 from compressadvise.errors import InputNotFound, InvalidKnowledge
-from compressadvise.plan import load_plan
-from compressadvise.schema import ParamSpec
-from compressadvise.sensitivity import Cache
+from compressadvise.plan.planfile import load_plan
+from compressadvise.knowledge.schema import ParamSpec
+from compressadvise.measure.sensitivity import Cache
 
 # 10 "lol"s, then eight levels of ten aliases each: 10^9 leaves once expanded, in 372 bytes.
 BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
@@ -105,7 +105,7 @@ def test_ampersands_and_stars_in_text_are_not_aliases(tmp_path, capsys):
 def test_builtin_knowledge_uses_no_anchors():
     import yaml
 
-    from compressadvise.knowledge import knowledge_root
+    from compressadvise.knowledge.base import knowledge_root
 
     root = knowledge_root()
     files = [p for kind in ("playbooks", "techniques", "targets") for p in sorted((root / kind).glob("*.yaml"))]
@@ -264,7 +264,7 @@ def test_cache_root_that_is_a_file(tmp_path):
 
 
 def test_cli_cache_file_refused_before_measuring(tmp_path, capsys, monkeypatch):
-    import compressadvise.sensitivity as S
+    import compressadvise.measure.sensitivity as S
 
     def no_measuring(*a, **k):
         raise AssertionError("measured despite a bad --cache")

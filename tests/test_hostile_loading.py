@@ -37,7 +37,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
 def run_subprocess(*args: str) -> subprocess.CompletedProcess:
     """The CLI in a fresh interpreter: sees everything torch prints, tracebacks included."""
     env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-c", "from compressadvise.cli import main; main()", *args],
+    return subprocess.run([sys.executable, "-c", "from compressadvise.ui.cli import main; main()", *args],
                           capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -369,7 +369,7 @@ def test_missing_path_with_colon_is_not_imported(tmp_path, monkeypatch, spec):
 
 
 def test_evaluator_spec_must_be_identifiers(tmp_path, monkeypatch):
-    from compressadvise.loading import import_callable
+    from compressadvise.model.loading import import_callable
 
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "imported"

@@ -23,8 +23,8 @@ from torch import nn
 
 from compressadvise.errors import OutputExists, OutputNotWritable
 from compressadvise.fsutil import PID_MARKER, atomic_dir, sweep_stale, write_text_atomic
-from compressadvise.plan import save_plan
-from compressadvise.schema import Plan, PlanModel, PlanTarget, Step
+from compressadvise.plan.planfile import save_plan
+from compressadvise.knowledge.schema import Plan, PlanModel, PlanTarget, Step
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:
@@ -161,7 +161,7 @@ def test_atomic_dir_refuses_to_replace_a_file(tmp_path):
 def test_unwritable_out_fails_fast_before_any_work(tmp_path, model_file, plan_file):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    script = ("import sys\nfrom compressadvise.cli import main\n"
+    script = ("import sys\nfrom compressadvise.ui.cli import main\n"
               "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
               "    print('RESULT', e.code, 'coremltools' in sys.modules)\n")
     # a path under a regular file, or under /proc: both fail for root too (root ignores chmod)
@@ -270,7 +270,7 @@ def applied(tmp_path_factory, model_file, plan_file):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tempfile, "tempdir", str(private_tmp))
         mp.setattr(tempfile, "mkdtemp", spy)
-        from compressadvise.apply import apply
+        from compressadvise.backends.apply import apply
 
         result = apply(str(model_file), str(plan_file), out)
         left_in_tmp = sorted(p.name for p in private_tmp.iterdir())

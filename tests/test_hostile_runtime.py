@@ -2,7 +2,7 @@
 or exit, labels the model cannot predict, and CLI values that make no sense.
 
 Each test builds its own hostile input and goes through the real entry point (a subprocess
-where signals or pipes matter, `compressadvise.cli.main` in-process otherwise).
+where signals or pipes matter, `compressadvise.ui.cli.main` in-process otherwise).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 import psutil
 import pytest
 
-from compressadvise.cli import main
+from compressadvise.ui.cli import main
 
 ENTRY = [sys.executable, "-c", "from compressadvise.console import main; main()"]  # the console script
 ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
@@ -285,7 +285,7 @@ def test_input_shape_with_x_separators_still_parses(capsys):
     ("--max-latency-ms", "nan", "--max-latency-ms must be a finite number > 0"),
 ])
 def test_nonsense_search_budget_is_a_usage_error_before_loading(capsys, monkeypatch, option, value, text):
-    import compressadvise.sensitivity as S
+    import compressadvise.measure.sensitivity as S
 
     def no_loading(*a, **k):
         raise AssertionError("loaded the model before checking the budget")

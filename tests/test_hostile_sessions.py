@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressadvise import walkthrough as W
+from compressadvise.ui import walkthrough as W
 
 EVIL = "open({marker!r}, 'w').write('imported')\n"
 
@@ -164,9 +164,9 @@ def test_reproduce_script_quotes_every_value(tmp_path):
 
 # ------------------------------------------------------------------ 2. manifest.json names no code
 def _run_dir(tmp_path: Path, source: str, fmt: str = "factory") -> Path:
-    from compressadvise.analysis import analyze
-    from compressadvise.engine import recommend
-    from compressadvise.plan import save_plan
+    from compressadvise.model.analysis import analyze
+    from compressadvise.plan.engine import recommend
+    from compressadvise.plan.planfile import save_plan
 
     run = tmp_path / "run"
     run.mkdir()
@@ -190,7 +190,7 @@ def test_report_model_option_loads_the_original_the_user_names(capsys, tmp_path)
     (tmp_path / "ca_hostile_good.py").write_text(
         "from compressadvise.examples import digits\n\ndef make():\n    return digits.trained_model()\n")
     run = _run_dir(tmp_path, "ca_hostile_good:make")
-    from compressadvise import report as R
+    from compressadvise.ui import report as R
 
     inp = R.gather(run, model="ca_hostile_good:make")
     assert inp.read["model"] == "ca_hostile_good:make" and inp.report.layers
@@ -276,7 +276,7 @@ def test_a_leftover_session_that_never_loaded_its_model_is_replaced(capsys, tmp_
 
 def test_load_artifact_never_imports_a_factory_named_by_the_manifest(tmp_path):
     """The library call itself (not only `verify`) refuses a factory the manifest names."""
-    from compressadvise.apply import load_artifact
+    from compressadvise.backends.apply import load_artifact
     from compressadvise.errors import BadModel
 
     marker, run = _state_dict_run(tmp_path, "ca_hostile_art")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from compressadvise.errors import InvalidKnowledge
-from compressadvise.knowledge import knowledge_root, load_knowledge
+from compressadvise.knowledge.base import knowledge_root, load_knowledge
 
 ROOT = knowledge_root()
 REQUIRED_TECHNIQUES = {

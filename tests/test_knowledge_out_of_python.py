@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from compressadvise import walkthrough as W
-from compressadvise.engine import LayerRules, next_moves
+from compressadvise.ui import walkthrough as W
+from compressadvise.plan.engine import LayerRules, next_moves
 from compressadvise.errors import InvalidKnowledge
-from compressadvise.knowledge import builtin, knowledge_root, load_knowledge
-from compressadvise.sensitivity import Setting, default_grid
-from compressadvise.yamlio import read_yaml
+from compressadvise.knowledge.base import builtin, knowledge_root, load_knowledge
+from compressadvise.measure.sensitivity import Setting, default_grid
+from compressadvise.knowledge.yamlio import read_yaml
 
 ROOT = knowledge_root()
 ALL_MISSED = ["accuracy drop", "size", "latency"]
@@ -111,7 +111,7 @@ def test_a_team_outcome_rule_adds_a_move(tmp_path, bundled):
 # ------------------------------------------------------------------ one kurtosis threshold
 def test_kurtosis_threshold_is_one_cited_value():
     k = builtin()
-    assert k.thresholds == {"heavy_kurtosis": 20.0}
+    assert k.thresholds["heavy_kurtosis"] == 20.0
     th = k.techniques["palettization"].thresholds["heavy_kurtosis"]
     assert th.value == 20.0 and th.citation and all(c.ref for c in th.citation)
     users = {c for c, r in k.rules.items() if "threshold.heavy_kurtosis" in r.rule.when}
@@ -126,8 +126,8 @@ def test_the_walkthrough_reads_the_same_threshold():
     import torch
     from torch import nn
 
-    from compressadvise.analysis import analyze
-    from compressadvise.loading import LoadedModel
+    from compressadvise.model.analysis import analyze
+    from compressadvise.model.loading import LoadedModel
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
@@ -139,7 +139,7 @@ def test_the_walkthrough_reads_the_same_threshold():
     flagged = lambda kn: any(line.startswith("2:") and "kurtosis" in line  # noqa: E731
                              for line in W.expert_notes(report, None, kn).fragile)
     assert kurt > k.thresholds["heavy_kurtosis"] and flagged(k)
-    assert not flagged(dataclasses.replace(k, thresholds={"heavy_kurtosis": kurt + 1.0}))
+    assert not flagged(dataclasses.replace(k, thresholds={**k.thresholds, "heavy_kurtosis": kurt + 1.0}))
 
 
 def test_an_unknown_threshold_is_a_load_error(tmp_path):
@@ -201,8 +201,43 @@ def test_layer_rules_decide_as_recommend_does(bundled):
 
 
 def test_search_uses_no_private_engine_helpers():
-    import compressadvise.search as S
+    import compressadvise.plan.search as S
 
     src = inspect.getsource(S.lesson_candidates)
     assert "LayerRules" in src and not re.search(r"import .*\b_[a-z]", src)
     assert not re.search(r"from \.(engine|sensitivity) import .*\b_[a-z]", inspect.getsource(W))
+
+
+def test_outlier_threshold_is_one_cited_value():
+    """LLM005 and the walkthrough's fragile-layer notes once used 20 and 10 std: one cited value now."""
+    k = builtin()
+    th = k.techniques["linear_quantization"].thresholds["outlier_absmax_std"]
+    assert k.thresholds["outlier_absmax_std"] == th.value == 20.0 and th.citation
+    assert "threshold.outlier_absmax_std" in k.rules["LLM005"].rule.when
+    for code, r in k.rules.items():  # no rule spells an outlier cut-off of its own
+        assert not re.search(r"absmax_over_std\s*[<>]=?\s*[0-9]", r.rule.when), code
+    import compressadvise.ui.walkthrough_notes as notes
+
+    assert not hasattr(notes, "ABSMAX_STD")
+
+
+def test_the_walkthrough_flags_outliers_at_the_rules_threshold():
+    import torch
+    from torch import nn
+
+    from compressadvise.model.analysis import analyze
+    from compressadvise.model.loading import LoadedModel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    with torch.no_grad():
+        w = model[2].weight
+        w[0, 0] = w.mean() + 15 * w.std()  # 15 std: over the old 10, under the cited 20
+    report = analyze(LoadedModel(source="test", format="module", sha256="", has_graph=True, module=model))
+    std = next(x.stats.absmax_over_std for x in report.layers if x.name == "2")
+    assert 10.0 < std < 20.0
+    k = builtin()
+    flagged = lambda kn: any(line.startswith("2:") and "outlier" in line  # noqa: E731
+                             for line in W.expert_notes(report, None, kn).fragile)
+    assert not flagged(k)
+    assert flagged(dataclasses.replace(k, thresholds={**k.thresholds, "outlier_absmax_std": std - 1.0}))

@@ -80,7 +80,7 @@ def test_tied_weights_counted_once(tmp_path):
 
 
 def _loaded_module(m):
-    from compressadvise.loading import LoadedModel
+    from compressadvise.model.loading import LoadedModel
 
     return LoadedModel("test", "factory", "0", has_graph=True, module=m)
 
@@ -169,7 +169,7 @@ def test_streamed_safetensors_never_look_tied(tmp_path):
 def test_pt2_with_dynamic_batch_is_analyzed(tmp_path):
     """Sizes in a program exported with a dynamic batch are symbols: MACs come from their example
     values (int() on them raised a data-dependent guard error: exit 70)."""
-    from compressadvise.analysis import analyze
+    from compressadvise.model.analysis import analyze
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4)).eval()
     batch = torch.export.Dim("batch", min=2, max=64)

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from compressadvise import metrics as M
+from compressadvise.measure import metrics as M
 from compressadvise.errors import InvalidKnowledge
-from compressadvise.verify import parse_metric_overrides
+from compressadvise.measure.verify import parse_metric_overrides
 
 
 def t(*rows):
@@ -115,7 +115,7 @@ def test_metric_overrides_parse_and_reject():
 
 
 def test_result_json_keeps_infinity_valid():
-    from compressadvise.verify import OutputFidelity
+    from compressadvise.measure.verify import OutputFidelity
 
     f = OutputFidelity(name="o", shape=[1], kind="dense", kind_source="auto", metrics={"psnr_db": math.inf})
     assert '"Infinity"' in f.model_dump_json()

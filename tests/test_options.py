@@ -30,7 +30,7 @@ SHARED = {
 
 
 def _commands() -> dict:
-    from compressadvise.cli import app
+    from compressadvise.ui.cli import app
 
     return dict(typer.main.get_command(app).commands)
 
@@ -98,9 +98,9 @@ def test_one_size_budget_only(capsys):
 def test_choices_match_the_library():
     from compressadvise.commands.common import Data, ExecutorKind
     from compressadvise.commands.verify import ComputeUnits
-    from compressadvise.executors import EXECUTORS
-    from compressadvise.latency import COMPUTE_UNITS
-    from compressadvise.schema import Constraints
+    from compressadvise.measure.executors import EXECUTORS
+    from compressadvise.measure.latency import COMPUTE_UNITS
+    from compressadvise.knowledge.schema import Constraints
 
     assert tuple(e.value for e in ExecutorKind) == EXECUTORS
     assert tuple(c.value for c in ComputeUnits) == COMPUTE_UNITS
@@ -108,8 +108,8 @@ def test_choices_match_the_library():
 
 
 def test_recommend_size_fraction_is_that_share_of_fp16(capsys):
-    from compressadvise.analysis import analyze
-    from compressadvise.engine import MB
+    from compressadvise.model.analysis import analyze
+    from compressadvise.plan.engine import MB
 
     assert call_main("recommend", "--size-fraction", "0.25", "--json") == 0
     plan = json.loads(capsys.readouterr().out)
@@ -119,8 +119,8 @@ def test_recommend_size_fraction_is_that_share_of_fp16(capsys):
 
 
 def test_recommend_bits_per_weight_is_per_parameter(capsys):
-    from compressadvise.analysis import analyze
-    from compressadvise.engine import MB
+    from compressadvise.model.analysis import analyze
+    from compressadvise.plan.engine import MB
 
     assert call_main("recommend", "--bits-per-weight", "4", "--json") == 0
     plan = json.loads(capsys.readouterr().out)

@@ -24,7 +24,7 @@ def test_wheel_ships_knowledge_and_example(tmp_path):
     # Installed elsewhere, the package resolves the copied knowledge, not the checkout.
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("from compressadvise.knowledge import knowledge_root, load_knowledge\n"
+    code = ("from compressadvise.knowledge.base import knowledge_root, load_knowledge\n"
             "root = knowledge_root(); k = load_knowledge()\n"
             "assert '_knowledge' in str(root), root\nprint(len(k.rules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
@@ -34,13 +34,15 @@ def test_wheel_ships_knowledge_and_example(tmp_path):
 
 
 def test_api_functions_stay_callable_after_their_modules_load(monkeypatch):
-    """`ca.verify` etc. are functions and modules of the same name: importing the module binds
-    the package attribute to it, so the module must forward calls (it once returned a module)."""
+    """`ca.verify` etc. are package functions whose modules live in stage folders
+    (`compressadvise.measure.verify`): importing a module never rebinds the package attribute
+    (with flat modules of the same name it once returned a module)."""
     import importlib
 
     import compressadvise as ca
 
-    for name in ("apply", "verify", "sensitivity", "search"):
-        mod = importlib.import_module(f"compressadvise.{name}")
+    for name, module in (("apply", "backends.apply"), ("verify", "measure.verify"),
+                         ("sensitivity", "measure.sensitivity"), ("search", "plan.search")):
+        mod = importlib.import_module(f"compressadvise.{module}")
         monkeypatch.setattr(mod, name, lambda *a, **kw: ("called", a, kw))
         assert getattr(ca, name)(1, x=2) == ("called", (1,), {"x": 2}), name

@@ -22,8 +22,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compressadvise import report as R
-from compressadvise.cli import app
+from compressadvise.ui import report as R
+from compressadvise.ui.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -54,9 +54,9 @@ def top1(module: torch.nn.Module, samples) -> float:
 
 @pytest.fixture(scope="module")
 def bundled():
-    from compressadvise.analysis import analyze
-    from compressadvise.engine import recommend
-    from compressadvise.loading import load_model
+    from compressadvise.model.analysis import analyze
+    from compressadvise.plan.engine import recommend
+    from compressadvise.model.loading import load_model
 
     loaded = load_model(None)
     report = analyze(loaded)
@@ -65,9 +65,9 @@ def bundled():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, bundled):
-    verify_mod = pytest.importorskip("compressadvise.verify")
-    from compressadvise.plan import save_plan
-    from compressadvise.samples import load_samples
+    verify_mod = pytest.importorskip("compressadvise.measure.verify")
+    from compressadvise.plan.planfile import save_plan
+    from compressadvise.model.samples import load_samples
 
     loaded, report, plan = bundled
     run = tmp_path_factory.mktemp("run")
@@ -277,7 +277,7 @@ def test_plan_section_links_rules_and_inlines_explain(bundled, tmp_path):
 
 
 def test_run_folder_without_results_degrades(tmp_path, bundled):
-    from compressadvise.plan import save_plan
+    from compressadvise.plan.planfile import save_plan
 
     _, _, plan = bundled
     run = tmp_path / "run"
@@ -291,9 +291,9 @@ def test_run_folder_without_results_degrades(tmp_path, bundled):
 
 
 def sensitivity_report(loaded, report, samples, bits=(8, 4)) -> dict:
-    """Results shaped like `compressadvise.sensitivity` (validated by its own schema), measured
+    """Results shaped like `compressadvise.measure.sensitivity` (validated by its own schema), measured
     here with fake-quantized weights: a uniform 2^bits-level grid is a valid per-tensor LUT."""
-    from compressadvise.sensitivity import LayerRank, Measurement, SensitivityReport
+    from compressadvise.measure.sensitivity import LayerRank, Measurement, SensitivityReport
 
     with torch.no_grad():
         ref = loaded.module(samples.inputs[0])
@@ -323,8 +323,8 @@ def sensitivity_report(loaded, report, samples, bits=(8, 4)) -> dict:
 
 
 def test_sensitivity_results_predict_the_plan_and_uniform_settings(bundled, tmp_path):
-    pytest.importorskip("compressadvise.sensitivity")
-    from compressadvise.samples import load_samples
+    pytest.importorskip("compressadvise.measure.sensitivity")
+    from compressadvise.model.samples import load_samples
 
     loaded, report, plan = bundled
     sens = sensitivity_report(loaded, report, load_samples("bundled"))
@@ -374,7 +374,7 @@ def test_cli_writes_html_png_and_json(run_dir, tmp_path):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    code = "from compressadvise.cli import main; main()"
+    code = "from compressadvise.ui.cli import main; main()"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
 
 

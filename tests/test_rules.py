@@ -30,8 +30,8 @@ class Case:
         plan = plan_for(self.model, self.target, self.os, self.probe, **self.budget)
         if self.missed is None:
             return plan
-        from compressadvise.engine import next_moves
-        from compressadvise.schema import Advisory
+        from compressadvise.plan.engine import next_moves
+        from compressadvise.knowledge.schema import Advisory
 
         k = knowledge(self.probe)
         out = next_moves(plan, report(self.model), self.missed, k, data=plan.constraints.data)

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from compressadvise.errors import BudgetMissed
-from compressadvise.executors import SerialExecutor
-from compressadvise.knowledge import load_knowledge
-from compressadvise.plan import load_plan, save_plan
-from compressadvise.search import (MultipleChoiceKnapsack, search, solve_mckp, solve_two_budgets)
-from compressadvise.sensitivity import (Cache, Setting, applicable, candidate_layers, measure, prepare,
+from compressadvise.measure.executors import SerialExecutor
+from compressadvise.knowledge.base import load_knowledge
+from compressadvise.plan.planfile import load_plan, save_plan
+from compressadvise.plan.search import (MultipleChoiceKnapsack, search, solve_mckp, solve_two_budgets)
+from compressadvise.measure.sensitivity import (Cache, Setting, applicable, candidate_layers, measure, prepare,
                                         setting_bytes)
 
 from test_sensitivity import fragile_mlp, fragile_samples
@@ -187,7 +187,7 @@ def test_cli_search(tmp_path, cache_dir):
     np.savez(tmp_path / "s.npz", inputs=fragile_samples().inputs[0].numpy())
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    exe = [sys.executable, "-c", "from compressadvise.cli import main; main()"]
+    exe = [sys.executable, "-c", "from compressadvise.ui.cli import main; main()"]
     args = ["search", "test_sensitivity:fragile_mlp", "--samples", str(tmp_path / "s.npz"), "--size-fraction", "0.3",
             "--techniques", "palettization:nbits=8|4|2,granularity=per_tensor", "--workers", "1", "--confirm", "2",
             "--lessons", "advise", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "plan.yaml")]

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from compressadvise.errors import CompressionFailed, InvalidKnowledge
-from compressadvise.executors import ProcessExecutor, SerialExecutor, make_executor
-from compressadvise.knowledge import builtin
-from compressadvise.sensitivity import (Cache, Setting, compress_weight, default_grid, parse_settings,
+from compressadvise.measure.executors import ProcessExecutor, SerialExecutor, make_executor
+from compressadvise.knowledge.base import builtin
+from compressadvise.measure.sensitivity import (Cache, Setting, compress_weight, default_grid, parse_settings,
                                         prepare, sensitivity, spearman)
 
 GRID = [
@@ -58,7 +58,7 @@ def fragile_mlp() -> FragileMLP:
 
 
 def fragile_samples(n: int = 96, seed: int = 1):
-    from compressadvise.samples import Samples
+    from compressadvise.model.samples import Samples
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 16, generator=g)
@@ -235,7 +235,7 @@ def test_cli_sensitivity_interrupt_and_resume(tmp_path):
     np.savez(tmp_path / "s.npz", inputs=fragile_samples().inputs[0].numpy())
     env = {**os.environ, "COLUMNS": "160", "NO_COLOR": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    exe = [sys.executable, "-c", "from compressadvise.cli import main; main()"]
+    exe = [sys.executable, "-c", "from compressadvise.ui.cli import main; main()"]
     cache = tmp_path / "c"
     base = ["sensitivity", "test_sensitivity:fragile_mlp", "--samples", str(tmp_path / "s.npz"),
             "--techniques", "palettization:nbits=8|6|4|3|2,granularity=per_tensor", "--techniques", "linear_quantization",

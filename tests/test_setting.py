@@ -11,16 +11,16 @@ import torch
 from torch import nn
 
 import compressadvise as ca
-from compressadvise import report as R
-from compressadvise.apply import effective, resolve
-from compressadvise.engine import _describe, recommend
-from compressadvise.estimate import from_plan, mode_of_setting
-from compressadvise.knowledge import builtin
-from compressadvise.loading import LoadedModel
-from compressadvise.plan import load_plan, save_plan
-from compressadvise.schema import Plan, PlanModel, PlanTarget, Step
-from compressadvise.setting import FP16, Setting
-from compressadvise.whatif import predict
+from compressadvise.ui import report as R
+from compressadvise.backends.apply import effective, resolve
+from compressadvise.plan.engine import _describe, recommend
+from compressadvise.measure.estimate import from_plan, mode_of_setting
+from compressadvise.knowledge.base import builtin
+from compressadvise.model.loading import LoadedModel
+from compressadvise.plan.planfile import load_plan, save_plan
+from compressadvise.knowledge.schema import Plan, PlanModel, PlanTarget, Step
+from compressadvise.plan.setting import FP16, Setting
+from compressadvise.plan.whatif import predict
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_one_label_builder(k, report):
     assert Setting.resolve(k.techniques["pruning"], {"pattern": "n_m"}).label == "pruning 2:4"
     assert FP16.label == "fp16 (unchanged)"
     # the engine and sensitivity use the same builder (sensitivity.Setting is this class)
-    from compressadvise import sensitivity
+    from compressadvise.measure import sensitivity
 
     assert sensitivity.Setting is Setting and sensitivity.FP16 == FP16
     step = Step(technique="linear_quantization", slot="weights", layers=["l1"],
@@ -146,12 +146,17 @@ def test_op_type_params_are_sized_and_applied_with_the_same_parameters(k, report
     jobs = resolve(_plan(step), k, report, k.target("ane-a17"))
     applied = {lj.name: lj.params for lj in jobs[0].layers}
     assert set(applied) == {"l0", "l1", "l2", "l3"}
+    from compressadvise.backends.apply_manifest import _layer_records
+
+    manifest = {r["name"]: r["steps"] for r in _layer_records(report, jobs, {})}
     by_name = {x.name: x for x in report.layers}
     for row in sized.layers:
         (d,) = row.settings
         planned = Setting.from_dict(d)
         assert applied[row.name] == planned.all_params == effective(k.techniques["palettization"], step,
                                                                       by_name[row.name])
+        (entry,) = manifest[row.name]  # the manifest names the setting sizing predicted
+        assert entry["setting"] == {"key": planned.key, "label": planned.label}
         want = 6 if row.name == "l2" else 4  # op_name > op_type (layer type) > step params
         assert planned.p["nbits"] == want and planned.p["granularity"] == "per_grouped_channel"
         x = by_name[row.name]
@@ -171,7 +176,7 @@ def test_trace_prints_only_the_parameters_that_matter(k, report):
 
 # ------------------------------------------------------------------ report joins by key
 def _sensitivity_json(report, k, settings: list[Setting]) -> dict:
-    from compressadvise.sensitivity import LayerRank, Measurement, SensitivityReport
+    from compressadvise.measure.sensitivity import LayerRank, Measurement, SensitivityReport
 
     weights = [x for x in report.layers if len(x.weight_shape) >= 2]
     meas = []

@@ -10,8 +10,8 @@ import torch
 
 from compressadvise.errors import BadModel, InputNotFound
 from compressadvise.examples import digits
-from compressadvise.samples import InvalidSamples
-from compressadvise.verify import Budgets, EvaluatorFailed, judge, verify
+from compressadvise.model.samples import InvalidSamples
+from compressadvise.measure.verify import Budgets, EvaluatorFailed, judge, verify
 from test_verify_models import (FlipBright, NaNOut, Scores, TwoHeads, broken, digits_subset, export,
                                 palettize, slice_samples)
 
@@ -175,7 +175,7 @@ def test_apply_output_folder(pal4_pt2, subset, tmp_path):
 
 
 def test_random_inputs_only_as_a_last_resort_with_a_warning():
-    from compressadvise.loading import load_model
+    from compressadvise.model.loading import load_model
 
     cnn = load_model("models:cnn_factory")
     r = verify(cnn, cnn.module, latency=False, drift=False)
@@ -200,7 +200,7 @@ def test_samples_that_do_not_fit_the_model(original, tmp_path):
 
 def test_different_output_structure():
     x = {"inputs": torch.randn(5, 3)}
-    from compressadvise.samples import Samples
+    from compressadvise.model.samples import Samples
 
     s = Samples([x["inputs"]])
     with pytest.raises(BadModel, match="differ in output structure"):
@@ -245,8 +245,8 @@ def test_evaluator_results_and_failures(original, pal4, tmp_path, monkeypatch):
 
 
 def test_plan_and_calibration_feed_the_estimate(pal4, tmp_path):
-    from compressadvise.analysis import analyze
-    from compressadvise.engine import recommend
+    from compressadvise.model.analysis import analyze
+    from compressadvise.plan.engine import recommend
 
     plan = recommend(analyze(None), target="ane-a17", constraints={"max_size_mb": 0.05})
     cal = tmp_path / "cal.yaml"

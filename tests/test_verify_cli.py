@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from compressadvise.cli import main
+from compressadvise.ui.cli import main
 from compressadvise.examples import digits
 from test_verify_models import broken, digits_subset, export, palettize
 
@@ -33,7 +33,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_table_with_accuracy_worst_class_latency_and_estimate(capsys, models, monkeypatch):
-    from compressadvise import render
+    from compressadvise.ui import render
 
     monkeypatch.setattr(render.out, "width", 200)  # no wrapping inside table cells
     code, out, err = cli(capsys, "verify", "bundled", models["pal4"], "--samples", models["samples"],
@@ -82,7 +82,7 @@ def test_bad_input_is_one_line_with_its_exit_code(capsys, models, tmp_path, make
 def test_gate_exit_code_from_a_real_process(models):
     """The exit code a CI runner sees, through the installed entry point's main()."""
     env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
-    r = subprocess.run([sys.executable, "-c", "from compressadvise.cli import main; main()", "verify", "bundled",
+    r = subprocess.run([sys.executable, "-c", "from compressadvise.ui.cli import main; main()", "verify", "bundled",
                         models["broken"], "--samples", models["samples"], "--max-accuracy-drop", "1",
                         "--no-latency", "--no-drift"],
                        capture_output=True, text=True, env=env, timeout=300)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from compressadvise import latency as L
+from compressadvise.measure import latency as L
 from test_verify_models import Scores
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compressadvise.errors import InputNotFound
-from compressadvise.samples import InvalidSamples, load_samples, random_samples
+from compressadvise.model.samples import InvalidSamples, load_samples, random_samples
 
 
 def data(n=6):

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from compressadvise import learn, walkthrough as W, whatif
+from compressadvise.ui import learn, walkthrough as W
+
+from compressadvise.plan import whatif
 from compressadvise.errors import InvalidKnowledge, OutputExists
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]|\x1b\][^\x07]*\x07")
@@ -26,7 +28,7 @@ STAGES = list(W.STAGES)
 @pytest.fixture(scope="module")
 def bundled():
     from compressadvise import analyze, recommend
-    from compressadvise.knowledge import builtin
+    from compressadvise.knowledge.base import builtin
 
     k = builtin()
     report = analyze(None)
@@ -83,8 +85,8 @@ def test_expert_notes_flag_heavy_tails_in_a_model_built_here():
     import torch
     from torch import nn
 
-    from compressadvise.analysis import analyze
-    from compressadvise.loading import LoadedModel
+    from compressadvise.model.analysis import analyze
+    from compressadvise.model.loading import LoadedModel
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
@@ -141,7 +143,7 @@ def test_reproduce_commands_use_real_options(tmp_path):
     """Every --flag of every printed command is an option the real command declares."""
     import typer.main
 
-    from compressadvise.cli import app
+    from compressadvise.ui.cli import app
 
     s = W.Session(model="my model.pt2", target="ane-a17", os=18, max_size_mb=0.1, max_accuracy_drop=1.0,
                   data="calibration", samples="cal.npz", evaluator="ev:run", input_shape=[1, 3, 8, 8])
@@ -204,7 +206,7 @@ def test_apply_stage_degrades_clearly_when_apply_is_missing(bundled, tmp_path, m
 
 def _cli(*args: str, stdin=subprocess.DEVNULL, timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="100")
-    return subprocess.run([sys.executable, "-m", "compressadvise.cli", *args], stdin=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "compressadvise.ui.cli", *args], stdin=stdin, capture_output=True,
                           text=True, env=env, timeout=timeout)
 
 
@@ -252,7 +254,7 @@ def test_granularity_and_sparsity_numbers_move_the_right_way():
 def test_learn_cli_lists_and_runs_without_a_terminal():
     from typer.testing import CliRunner
 
-    from compressadvise.cli import app
+    from compressadvise.ui.cli import app
 
     runner = CliRunner()
     r = runner.invoke(app, ["learn"])
@@ -270,7 +272,7 @@ pexpect = pytest.importorskip("pexpect")
 
 def _spawn(*args: str, log: Path):
     env = dict(os.environ, COLUMNS="100", LINES="50")
-    child = pexpect.spawn(sys.executable, ["-m", "compressadvise.cli", *args], env=env, encoding="utf-8",
+    child = pexpect.spawn(sys.executable, ["-m", "compressadvise.ui.cli", *args], env=env, encoding="utf-8",
                           timeout=180, dimensions=(50, 100))
     child.logfile_read = log.open("w")
     return child
@@ -288,7 +290,7 @@ def _no_temp_files(out: Path) -> None:
 
 @pytest.mark.slow
 def test_walkthrough_end_to_end_in_a_terminal(tmp_path):
-    from compressadvise.plan import load_plan
+    from compressadvise.plan.planfile import load_plan
 
     out = tmp_path / "session"
     log = tmp_path / "screen.log"
@@ -340,7 +342,7 @@ def test_walkthrough_end_to_end_in_a_terminal(tmp_path):
 
 
 def test_walkthrough_interrupted_during_apply_leaves_valid_files_and_resumes(tmp_path):
-    from compressadvise.plan import load_plan
+    from compressadvise.plan.planfile import load_plan
 
     out = tmp_path / "session"
     log = tmp_path / "screen.log"

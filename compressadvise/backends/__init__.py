@@ -34,7 +34,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Mapping, Protocol, TypeVar, runtime_checkable
 
-from ..errors import Unavailable
+from compressadvise.errors import Unavailable
 
 Side = Literal["torch", "coreml"]
 GUIDANCE = "guidance"  # technique YAML's "advice only, no library runs it": a name, not a backend
@@ -181,6 +181,19 @@ def unregister(backend_id: str) -> None:
         del _HANDLERS[key]
 
 
+def need(p: Mapping[str, Any], name: str) -> Any:
+    """A parameter the resolved setting must carry. Parameters reach a backend through
+    `Step.setting_for`, which fills the technique's defaults from its YAML: a backend never
+    invents its own default (they once disagreed with the YAML and with each other)."""
+    try:
+        return p[name]
+    except KeyError:
+        from compressadvise.errors import CompressionFailed
+
+        raise CompressionFailed(f"parameter {name!r} missing from {dict(p)}: parameters must be resolved "
+                                "with Step.setting_for (technique defaults)") from None
+
+
 def names() -> tuple[str, ...]:
     """Registered backend ids, without importing any backend (the knowledge loader's check)."""
     return tuple(REGISTRY)
@@ -222,6 +235,7 @@ class LayerJob:
     layer_type: str = "linear"
     const: str | None = None  # Core ML weight const name once converted
     match: str = ""  # how the Core ML const was matched: name, value or shape
+    setting: Any = None  # the resolved Setting `params` came from (its key and label go to the manifest)
 
 
 @dataclass

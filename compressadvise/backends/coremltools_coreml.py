@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadModel, CompressionFailed, Unavailable
-from . import Context, HandlerTable, LayerJob, StepJob, handles, import_quietly, quiet, run_handler
+from compressadvise.errors import BadModel, CompressionFailed, Unavailable
+from compressadvise.backends import (Context, HandlerTable, LayerJob, StepJob, handles, import_quietly, need, quiet,
+                                     run_handler)
 
 ID = "coremltools.coreml"
 
@@ -95,17 +96,17 @@ class CoremltoolsCoreML(HandlerTable):
         if job.kind == "quantize":
             gran = p.get("granularity", "per_channel")
             kw: dict[str, Any] = {"mode": p.get("mode", "linear_symmetric"), "granularity": gran,
-                                  "dtype": f"int{int(p.get('nbits', 8))}", "weight_threshold": threshold}
+                                  "dtype": f"int{int(need(p, 'nbits'))}", "weight_threshold": threshold}
             if gran == "per_block":
-                kw["block_size"] = int(p.get("block_size", 32))
+                kw["block_size"] = int(need(p, "block_size"))
             return cto.OpLinearQuantizerConfig(**kw)
         if job.kind == "prune":
             return _pruner_config(lj, p, threshold, mlmodel)
-        kw = {"mode": "kmeans", "nbits": int(p.get("nbits", 8)), "weight_threshold": threshold,
+        kw = {"mode": "kmeans", "nbits": int(need(p, "nbits")), "weight_threshold": threshold,
               "granularity": p.get("granularity", "per_tensor"),
               "enable_per_channel_scale": bool(p.get("enable_per_channel_scale", False))}
         if kw["granularity"] == "per_grouped_channel":
-            kw["group_size"] = int(p.get("group_size", 16))
+            kw["group_size"] = int(need(p, "group_size"))
         return cto.OpPalettizerConfig(**kw)
 
 
@@ -132,14 +133,14 @@ def _pruner_config(lj: LayerJob, p: dict[str, Any], threshold: int, mlmodel: Any
     import numpy as np
     import coremltools.optimize.coreml as cto
 
-    from .coremltools_torch import n_m_ratio
+    from compressadvise.backends.coremltools_torch import n_m_ratio
 
     pattern = p.get("pattern", "unstructured")
-    sparsity = float(p.get("sparsity", 0.5))
+    sparsity = float(need(p, "sparsity"))
     if pattern == "n_m":
         return cto.OpMagnitudePrunerConfig(n_m_ratio=n_m_ratio(p), weight_threshold=threshold)
     if pattern == "block":
-        return cto.OpMagnitudePrunerConfig(target_sparsity=sparsity, block_size=int(p.get("block_size", 4) or 4),
+        return cto.OpMagnitudePrunerConfig(target_sparsity=sparsity, block_size=int(need(p, "block_size")),
                                            weight_threshold=threshold)
     # Unstructured: coremltools' magnitude pruner takes np.percentile of the fp16 weights, which
     # returns NaN (and prunes nothing) for tensors over 65,504 elements (the index overflows

@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..errors import CompressionFailed, Unavailable
-from . import Context, HandlerTable, LayerJob, StepJob, handles, import_quietly, quiet, run_handler
+from compressadvise.errors import CompressionFailed, Unavailable
+from compressadvise.backends import (Context, HandlerTable, LayerJob, StepJob, handles, import_quietly, need, quiet,
+                                     run_handler)
 
 ID = "coremltools.torch"
 
@@ -81,10 +82,10 @@ def _key(module: str) -> str:
 def _palettizer_options(p: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    opts: dict[str, Any] = {"n_bits": int(p.get("nbits", 4))}
+    opts: dict[str, Any] = {"n_bits": int(need(p, "nbits"))}
     if p.get("granularity") == "per_grouped_channel":
         opts["granularity"] = "per_grouped_channel"
-        opts["group_size"] = int(p.get("group_size", 16))
+        opts["group_size"] = int(need(p, "group_size"))
     if p.get("lut_dtype") == "int8":
         opts["lut_dtype"] = torch.int8
     if p.get("enable_per_channel_scale"):
@@ -149,12 +150,12 @@ def _skm_palettize(model: Any, job: StepJob, ctx: Context) -> Any:
 
 def _quantizer_options(p: dict[str, Any]) -> dict[str, Any]:
     opts: dict[str, Any] = {
-        "weight_dtype": f"int{int(p.get('nbits', 8))}",
+        "weight_dtype": f"int{int(need(p, 'nbits'))}",
         "granularity": p.get("granularity", "per_channel"),
         "quantization_scheme": "affine" if p.get("mode") == "linear" else "symmetric",
     }
     if opts["granularity"] == "per_block":
-        opts["block_size"] = int(p.get("block_size", 32))
+        opts["block_size"] = int(need(p, "block_size"))
     return opts
 
 
@@ -207,9 +208,9 @@ def _magnitude_prune(model: Any, job: StepJob, ctx: Context | None = None) -> An
                 raise CompressionFailed(f"step {job.index + 1}: n_m pruning of {lj.name} needs n_m (e.g. '2:4')")
             opts["n_m_ratio"] = ratio
         else:
-            opts["target_sparsity"] = float(p.get("sparsity", 0.5))
+            opts["target_sparsity"] = float(need(p, "sparsity"))
             if pattern == "block":
-                opts["block_size"] = int(p.get("block_size", 4) or 4)
+                opts["block_size"] = int(need(p, "block_size"))
         configs[_key(lj.module)] = ModuleMagnitudePrunerConfig(**opts)
     pruner = MagnitudePruner(model, MagnitudePrunerConfig(global_config=None, module_name_configs=configs))
     model = pruner.prepare(inplace=True)

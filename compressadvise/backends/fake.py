@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import Context, HandlerTable, LayerJob, StepJob, handles, register_backend, run_handler
+from compressadvise.backends import Context, HandlerTable, LayerJob, StepJob, handles, register_backend, run_handler
 
 ID = "fake"
 

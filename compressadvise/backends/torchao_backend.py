@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import Context, HandlerTable, LayerJob, StepJob, handles, import_quietly, quiet, run_handler
+from compressadvise.backends import (Context, HandlerTable, LayerJob, StepJob, handles, import_quietly, need, quiet,
+                                     run_handler)
+from compressadvise.errors import Unavailable
 
 ID = "torchao"
-from ..errors import Unavailable
 
 GPU_ONLY = {
     "int4_weight_only": "torchao's Int4WeightOnlyConfig packs weights for CUDA int4 kernels (tinygemm)",
@@ -58,7 +59,7 @@ class Torchao(HandlerTable):
     @staticmethod
     def _intx(job: StepJob, p: dict[str, Any]) -> bool:
         return job.technique == "intx_weight_only" or (job.technique == "linear_quantization"
-                                                       and int(p.get("nbits", 8)) < 8)
+                                                       and int(need(p, "nbits")) < 8)
 
     def config(self, job: StepJob, p: dict[str, Any]) -> Any:
         """The torchao config object for one layer's parameters."""
@@ -69,22 +70,23 @@ class Torchao(HandlerTable):
         from torchao.quantization.quant_primitives import MappingType
 
         gran = p.get("granularity", "per_channel")
-        block = int(p.get("block_size", p.get("group_size", 32)) or 32)
         if self._intx(job, p):
             mapping = MappingType.ASYMMETRIC if p.get("mode") == "linear" else MappingType.SYMMETRIC
-            return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{int(p.get('nbits', 4))}"),
-                                        granularity=PerGroup(block) if gran == "per_block" else PerAxis(0),
+            return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{int(need(p, 'nbits'))}"),
+                                        granularity=PerGroup(int(need(p, "block_size"))) if gran == "per_block"
+                                        else PerAxis(0),
                                         mapping_type=mapping)
         if job.technique == "int8_dynamic":
             return Int8DynamicActivationInt8WeightConfig(
                 granularity=PerTensor() if gran == "per_tensor" else PerRow())
         if job.technique in ("int8_weight_only", "linear_quantization"):
-            g = PerTensor() if gran == "per_tensor" else PerGroup(block) if gran == "per_block" else PerRow()
+            g = (PerTensor() if gran == "per_tensor" else PerGroup(int(need(p, "block_size"))) if gran == "per_block"
+                 else PerRow())
             return Int8WeightOnlyConfig(granularity=g)
         if job.technique == "int4_weight_only":
             from torchao.quantization import Int4WeightOnlyConfig
 
-            return Int4WeightOnlyConfig(group_size=int(p.get("group_size", p.get("block_size", 128)) or 128))
+            return Int4WeightOnlyConfig(group_size=int(need(p, "block_size")))  # torchao calls the block a group
         if job.technique == "float8":
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig
 

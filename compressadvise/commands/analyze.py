@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import INPUT_SHAPE, JSON, MODEL_ARG, TRUST_PICKLE, parse_shape, progress_bar
+from compressadvise.commands.common import INPUT_SHAPE, JSON, MODEL_ARG, TRUST_PICKLE, parse_shape, progress_bar
 
 
 class Sort(str, Enum):
@@ -33,15 +33,15 @@ def analyze_cmd(
     json_out: bool = JSON,
 ) -> None:
     """Inventory a model: layers, sizes, weight statistics, structure and findings."""
-    from ..analysis import analyze
-    from ..loading import load_model
+    from compressadvise.model.analysis import analyze
+    from compressadvise.model.loading import load_model
 
     loaded = load_model(model, trust_pickle=trust_pickle)
     prog, update = progress_bar("analyzing")
     with prog:
         report = analyze(loaded, input_shape=parse_shape(input_shape), stats=not no_stats, progress=update)
     if json_out:
-        from ..render import emit_json
+        from compressadvise.ui.render import emit_json
 
         emit_json(report.model_dump(mode="json"))
         return
@@ -51,7 +51,7 @@ def analyze_cmd(
 def show_report(report, *, top: int = 20, sort: str = "size") -> None:
     from rich.table import Table
 
-    from ..render import bar, human_bytes, human_count, out
+    from compressadvise.ui.render import bar, human_bytes, human_count, out
 
     out.print(f"[bold]{report.source}[/]  format: {report.format}  family: [bold]{report.family}[/]"
               f" ({'; '.join(report.family_evidence)})")

@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from .common import FORCE, INPUT_SHAPE, JSON, MODEL_ARG, SAMPLES, TRUST_PICKLE, parse_shape
+from compressadvise.commands.common import FORCE, INPUT_SHAPE, JSON, MODEL_ARG, SAMPLES, TRUST_PICKLE, parse_shape
 
 
 def register(app: typer.Typer) -> None:
@@ -26,9 +26,9 @@ def apply_cmd(
 
     --samples are the calibration data of techniques that need it; --input-shape shapes the example
     input for export and conversion."""
-    from .. import backends
-    from ..apply import apply, check_out
-    from ..cli import STATE
+    from compressadvise import backends
+    from compressadvise.backends.apply import apply, check_out
+    from compressadvise.ui.cli import STATE
 
     backends.DEBUG["on"] = bool(STATE.get("debug"))
     check_out(out, model, force=force)  # before the progress bar: a refusal stays one line
@@ -37,7 +37,7 @@ def apply_cmd(
         result = apply(model, plan, out, force=force, samples=samples, progress=progress,
                        input_shape=parse_shape(input_shape), trust_pickle=trust_pickle)
     if json_out:
-        from ..render import emit_json
+        from compressadvise.ui.render import emit_json
 
         emit_json({"out_dir": str(result.out_dir), "torch_artifact": str(result.torch_artifact) if result.torch_artifact else None,
                    "mlpackage": str(result.mlpackage) if result.mlpackage else None, "manifest": result.manifest})
@@ -67,7 +67,7 @@ def _progress():
 def show_result(result) -> None:
     from rich.table import Table
 
-    from ..render import human_bytes, out
+    from compressadvise.ui.render import human_bytes, out
 
     m = result.manifest
     out.print(f"[bold]applied[/] {len(m['steps'])} step(s) to {m['input']['source']} for {m['target']['name']} "

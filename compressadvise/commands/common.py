@@ -155,7 +155,7 @@ def progress_bar(description: str):
     """A Rich progress bar on stderr (so --json stdout stays clean); returns (ctx, callback)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ..render import err
+    from compressadvise.ui.render import err
 
     prog = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=err, transient=True)

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import JSON, TARGET
+from compressadvise.commands.common import JSON, TARGET
 
 PLAYBOOKS_OPT = typer.Option(None, "--playbooks", help="Extra playbook folder or file (repeatable), validated like the built-in ones.")
 playbooks_app = typer.Typer(help="Tools for playbook authors.", no_args_is_help=True)
@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _knowledge(extra: list[str] | None):
-    from ..knowledge import builtin, load_knowledge
+    from compressadvise.knowledge.base import builtin, load_knowledge
 
     return load_knowledge(extra) if extra else builtin()
 
@@ -44,7 +44,7 @@ def rules_cmd(
     rows = list(k.rules.values())
     if playbook:
         if playbook not in k.playbooks:
-            from ..errors import InvalidKnowledge
+            from compressadvise.errors import InvalidKnowledge
 
             raise InvalidKnowledge(f"unknown playbook {playbook!r}", hint=f"known: {', '.join(sorted(k.playbooks))}")
         rows = [r for r in rows if r.playbook == playbook]
@@ -55,7 +55,7 @@ def rules_cmd(
         rows = [r for r in rows if _possible_on(r, k.target(target))]
     rows.sort(key=lambda r: r.code)
     if json_out:
-        from ..render import emit_json
+        from compressadvise.ui.render import emit_json
 
         emit_json([{"code": r.code, "title": r.rule.title, "playbook": r.playbook, "scope": r.rule.scope,
                     "action": r.rule.action.kind, "technique": r.rule.action.technique,
@@ -63,7 +63,7 @@ def rules_cmd(
         return
     from rich.table import Table
 
-    from ..render import out
+    from compressadvise.ui.render import out
 
     t = Table(show_edge=False)
     for col in ("code", "playbook", "scope", "action", "title"):
@@ -80,7 +80,7 @@ def _possible_on(cr, target) -> bool:
     (at any OS it supports), i.e. the rule can never fire there."""
     import re
 
-    from ..engine import target_facts
+    from compressadvise.plan.engine import target_facts
 
     oses = sorted({target.default_os, target.min_os, *(m.min_os for m in target.modes)}) or [0]
     for text, program in cr.condition.conjuncts:
@@ -93,39 +93,50 @@ def _possible_on(cr, target) -> bool:
 
 
 def explain_cmd(
-    code: str = typer.Argument(..., help="Rule code, e.g. PAL003 (case-insensitive)."),
+    code: str = typer.Argument(..., help="Rule code (e.g. WGT001, case-insensitive), technique name "
+                               "(e.g. palettization) or target name (e.g. ane-a17)."),
     playbooks: Optional[List[str]] = PLAYBOOKS_OPT,
     json_out: bool = JSON,
 ) -> None:
-    """Explain one rule: what it does, why, when it fires, an example and its sources."""
-    from ..textdocs import rule_markdown
+    """Explain one rule (what it does, why, when it fires, an example and its sources), one
+    technique (parameters, size formula, where it runs) or one target (modes by OS, when it
+    decompresses weights, figures with sources): the same text as its docs page."""
+    from compressadvise.knowledge.textdocs import rule_markdown, target_markdown, technique_markdown
 
     k = _knowledge(playbooks)
-    cr = k.rule(code)
+    if code in k.techniques or code in k.targets:
+        item = k.techniques.get(code) or k.targets[code]
+        kind = "technique" if code in k.techniques else "target"
+        md = technique_markdown(k, item) if kind == "technique" else target_markdown(k, item)
+        data = {"explains": kind, **item.model_dump(mode="json"), "markdown": md}
+    else:
+        cr = k.rule(code)
+        md = rule_markdown(k, cr)
+        data = {"explains": "rule", "playbook": cr.playbook, "file": cr.file, "line": cr.line,
+                **cr.rule.model_dump(mode="json"), "markdown": md}
     if json_out:
-        from ..render import emit_json
+        from compressadvise.ui.render import emit_json
 
-        emit_json({"playbook": cr.playbook, "file": cr.file, "line": cr.line,
-                   **cr.rule.model_dump(mode="json"), "markdown": rule_markdown(k, cr)})
+        emit_json(data)
         return
     from rich.markdown import Markdown
 
-    from ..render import out
+    from compressadvise.ui.render import out
 
-    out.print(Markdown(rule_markdown(k, cr)))
+    out.print(Markdown(md))
 
 
 def techniques_cmd(json_out: bool = JSON) -> None:
     """List the compression techniques the knowledge base describes."""
     k = _knowledge(None)
     if json_out:
-        from ..render import emit_json
+        from compressadvise.ui.render import emit_json
 
         emit_json([t.model_dump(mode="json") for t in k.techniques.values()])
         return
     from rich.table import Table
 
-    from ..render import out
+    from compressadvise.ui.render import out
 
     t = Table(show_edge=False)
     for col in ("name", "slot", "data", "title"):
@@ -139,13 +150,13 @@ def targets_cmd(json_out: bool = JSON) -> None:
     """List the target profiles (devices and what they accelerate)."""
     k = _knowledge(None)
     if json_out:
-        from ..render import emit_json
+        from compressadvise.ui.render import emit_json
 
         emit_json([t.model_dump(mode="json") for t in k.targets.values()])
         return
     from rich.table import Table
 
-    from ..render import out
+    from compressadvise.ui.render import out
 
     t = Table(show_edge=False)
     for col in ("name", "kind", "OS", "accelerated (at default OS)", "title"):
@@ -162,15 +173,15 @@ def validate_cmd(
     json_out: bool = JSON,
 ) -> None:
     """Validate playbooks (schema, conditions, techniques, duplicate codes) with file:line errors."""
-    from ..knowledge import load_knowledge
+    from compressadvise.knowledge.base import load_knowledge
 
     k = load_knowledge([str(p) for p in paths or []])
     user = [c for c in k.rules.values() if k.sources.get("origin:" + c.playbook) == "user"] if paths else list(k.rules.values())
     if json_out:
-        from ..render import emit_json
+        from compressadvise.ui.render import emit_json
 
         emit_json({"ok": True, "rules": len(user), "playbooks": sorted({c.playbook for c in user})})
         return
-    from ..render import out
+    from compressadvise.ui.render import out
 
     out.print(f"[green]ok[/]: {len(user)} rule(s) in {len({c.playbook for c in user})} playbook(s) valid")

@@ -5,10 +5,10 @@ from typing import List, Optional
 
 import typer
 
-from .common import (BITS_PER_WEIGHT, DATA, DEFAULT_TARGET, FORCE, INPUT_SHAPE, JSON, MAX_ACCURACY_DROP,
+from compressadvise.commands.common import (BITS_PER_WEIGHT, DATA, DEFAULT_TARGET, FORCE, INPUT_SHAPE, JSON, MAX_ACCURACY_DROP,
                      MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS, SIZE_FRACTION, TARGET, TRUST_PICKLE, Data,
                      parse_shape, size_budget_mb, value_of)
-from .knowledge import PLAYBOOKS_OPT
+from compressadvise.commands.knowledge import PLAYBOOKS_OPT
 
 
 def register(app: typer.Typer) -> None:
@@ -34,11 +34,11 @@ def recommend_cmd(
     json_out: bool = JSON,
 ) -> None:
     """Recommend an ordered, explained compression plan for a target and budgets."""
-    from ..analysis import analyze
-    from ..engine import recommend
-    from ..fsutil import check_output
-    from ..knowledge import builtin, load_knowledge
-    from ..loading import load_model
+    from compressadvise.model.analysis import analyze
+    from compressadvise.plan.engine import recommend
+    from compressadvise.fsutil import check_output
+    from compressadvise.knowledge.base import builtin, load_knowledge
+    from compressadvise.model.loading import load_model
 
     target = target or DEFAULT_TARGET
     size_budget_mb(0, 0, max_size_mb=max_size_mb, size_fraction=size_fraction,
@@ -55,17 +55,17 @@ def recommend_cmd(
         "max_size_mb": size_mb or 0.0, "max_latency_ms": max_latency_ms or 0.0,
         "max_accuracy_drop": max_accuracy_drop or 0.0, "data": value_of(data, "none")})
     if out:
-        from ..plan import save_plan
+        from compressadvise.plan.planfile import save_plan
 
         save_plan(plan, out)
     if json_out:
-        from ..render import emit_json
+        from compressadvise.ui.render import emit_json
 
         emit_json(plan.model_dump(mode="json"))
         return
     show_plan(plan, show_trace=trace)
     if out:
-        from ..render import out as console
+        from compressadvise.ui.render import out as console
 
         console.print(f"plan written to [bold]{out}[/]: replay with `compressadvise apply {model or ''} --plan {out}`".replace("  ", " "))
 
@@ -73,7 +73,7 @@ def recommend_cmd(
 def show_plan(plan, *, show_trace: bool = False) -> None:
     from rich.table import Table
 
-    from ..render import bar, human_bytes, out
+    from compressadvise.ui.render import bar, human_bytes, out
 
     p = plan.prediction
     out.print(f"[bold]Plan[/] for {plan.model.source} on [bold]{plan.target.name}[/] (OS {plan.target.os})")

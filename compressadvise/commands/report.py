@@ -5,9 +5,9 @@ from typing import List, Optional
 
 import typer
 
-from .common import (DATA, FORCE, INPUT_SHAPE, JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, OS, TARGET,
+from compressadvise.commands.common import (DATA, FORCE, INPUT_SHAPE, JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, OS, TARGET,
                      TRUST_PICKLE, Data, parse_shape, value_of)
-from .knowledge import PLAYBOOKS_OPT
+from compressadvise.commands.knowledge import PLAYBOOKS_OPT
 
 
 def register(app: typer.Typer) -> None:
@@ -52,10 +52,10 @@ def report_cmd(
     without --plan)."""
     from pathlib import Path
 
-    from ..fsutil import check_output
-    from ..knowledge import builtin, load_knowledge
-    from ..render import err
-    from ..report import write_report
+    from compressadvise.fsutil import check_output
+    from compressadvise.knowledge.base import builtin, load_knowledge
+    from compressadvise.ui.render import err
+    from compressadvise.ui.report import write_report
 
     if model is not None and not (source and Path(source).is_dir()):
         raise typer.BadParameter("--model names the original model of an `apply` output folder; "
@@ -72,7 +72,7 @@ def report_cmd(
             constraints={"max_size_mb": max_size_mb or 0.0, "max_latency_ms": max_latency_ms or 0.0,
                          "max_accuracy_drop": max_accuracy_drop or 0.0, "data": value_of(data, "none")})
     if json_out:
-        from ..render import emit_json
+        from compressadvise.ui.render import emit_json
 
         emit_json(result.model_dump(mode="json"))
         return
@@ -80,7 +80,7 @@ def report_cmd(
 
 
 def show_result(result) -> None:
-    from ..render import human_bytes, out
+    from compressadvise.ui.render import human_bytes, out
 
     out.print(f"report written to [bold]{result.html}[/] ({human_bytes(result.bytes)}, {result.layers} layers, "
               f"charts: {', '.join(result.charts) or 'none'})")

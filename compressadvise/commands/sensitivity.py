@@ -8,9 +8,9 @@ from typing import List, Optional
 
 import typer
 
-from .common import (BITS_PER_WEIGHT, DEFAULT_TARGET, FORCE, JSON, MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS,
+from compressadvise.commands.common import (BITS_PER_WEIGHT, DEFAULT_TARGET, FORCE, JSON, MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS,
                      SAMPLES, SIZE_FRACTION, TARGET, TRUST_PICKLE, ExecutorKind, size_budget_mb, value_of)
-from .knowledge import PLAYBOOKS_OPT
+from compressadvise.commands.knowledge import PLAYBOOKS_OPT
 
 TECHNIQUES_OPT = typer.Option(None, "--techniques", help="Candidate settings: a technique (its default grid) or a "
                               "grid such as 'palettization:nbits=4|3,granularity=per_grouped_channel,group_size=8|16'. "
@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _executor(kind: ExecutorKind, workers: Optional[int], address: Optional[str]):
-    from ..executors import make_executor
+    from compressadvise.measure.executors import make_executor
 
     if address and kind is not ExecutorKind.ray:
         raise typer.BadParameter("--address is for --executor ray")
@@ -46,7 +46,7 @@ def _executor(kind: ExecutorKind, workers: Optional[int], address: Optional[str]
 
 
 def _cache(path: Optional[str], off: bool):
-    from ..sensitivity import Cache
+    from compressadvise.measure.sensitivity import Cache
 
     return Cache(path, enabled=not off)
 
@@ -55,7 +55,7 @@ def _progress():
     """A Rich bar with ETA on stderr (stdout stays clean for --json); phase names update it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from ..render import err
+    from compressadvise.ui.render import err
 
     prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
                     TimeRemainingColumn(), console=err, transient=True)
@@ -89,8 +89,8 @@ def sensitivity_cmd(
     """Measure each layer's sensitivity: compress it alone per setting, compare outputs with the original.
 
     With --target (and --os), settings that target cannot run are left out."""
-    from ..knowledge import builtin
-    from ..sensitivity import parse_settings, prepare, sensitivity
+    from compressadvise.knowledge.base import builtin
+    from compressadvise.measure.sensitivity import parse_settings, prepare, sensitivity
 
     k = builtin()
     if target:
@@ -104,7 +104,7 @@ def sensitivity_cmd(
                           cache=_cache(cache, no_cache), executor=ex,
                           progress=lambda d, t: update("measuring", d, t))
     if json_out:
-        from ..render import emit_json
+        from compressadvise.ui.render import emit_json
 
         emit_json(rep.model_dump(mode="json"))
         return
@@ -124,7 +124,7 @@ def _rho(x: float | None) -> str:
 def show_sensitivity(rep, *, top: int = 20) -> None:  # noqa: ANN001 - SensitivityReport
     from rich.table import Table
 
-    from ..render import bar, human_count, out
+    from compressadvise.ui.render import bar, human_count, out
 
     out.print(f"[bold]Sensitivity[/] of {rep.source}: {len(rep.layers)} layer(s) x {len(rep.settings)} setting(s), "
               f"{rep.samples_used} samples from {rep.samples} [dim](all figures measured)[/]")
@@ -210,10 +210,10 @@ def search_cmd(
     # Each budget was checked while parsing (common.check_budget), before anything is loaded or measured.
     target = target or DEFAULT_TARGET
     size_budget_mb(0, 0, max_size_mb=max_size_mb, size_fraction=size_fraction, bits_per_weight=bits_per_weight)
-    from ..fsutil import check_output
-    from ..knowledge import builtin, load_knowledge
-    from ..search import search
-    from ..sensitivity import parse_settings, prepare
+    from compressadvise.fsutil import check_output
+    from compressadvise.knowledge.base import builtin, load_knowledge
+    from compressadvise.plan.search import search
+    from compressadvise.measure.sensitivity import parse_settings, prepare
 
     if not any((max_size_mb, bits_per_weight, size_fraction, max_latency_ms)):
         raise typer.BadParameter("give a budget: --max-size-mb, --bits-per-weight, --size-fraction or --max-latency-ms")
@@ -231,17 +231,17 @@ def search_cmd(
                      knowledge=k, settings=grid, lessons=value_of(lessons), confirm=confirm,
                      cache=_cache(cache, no_cache), executor=ex, progress=update)
     if out:
-        from ..plan import save_plan
+        from compressadvise.plan.planfile import save_plan
 
         save_plan(res.plan, out)
     if json_out:
-        from ..render import emit_json
+        from compressadvise.ui.render import emit_json
 
         emit_json(res.model_dump(mode="json"))
         return
     show_search(res)
     if out:
-        from ..render import out as console
+        from compressadvise.ui.render import out as console
 
         console.print(f"plan written to [bold]{out}[/]: replay with `compressadvise apply {model or ''} --plan {out}`"
                       .replace("  ", " "))
@@ -250,8 +250,8 @@ def search_cmd(
 def show_search(res) -> None:  # noqa: ANN001 - SearchResult
     from rich.table import Table
 
-    from ..render import human_bytes, human_ms, out
-    from ..search import _pct
+    from compressadvise.ui.render import human_bytes, human_ms, out
+    from compressadvise.plan.search import _pct
 
     p = res.plan.prediction
     out.print(f"[bold]Search[/] for {res.plan.model.source} on [bold]{res.plan.target.name}[/] "

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, OS, SAMPLES, TARGET, TRUST_PICKLE, value_of
+from compressadvise.commands.common import JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, OS, SAMPLES, TARGET, TRUST_PICKLE, value_of
 
 
 class ComputeUnits(str, Enum):
@@ -58,15 +58,15 @@ def verify_cmd(
     A calibration YAML holds `model: original|compressed`, `total_ms` and/or `layers: {name: ms}`.
     The latency budget is the --target estimate with --target, else measured here.
     """
-    from ..errors import BudgetMissed
-    from ..verify import Budgets, verify
+    from compressadvise.errors import BudgetMissed
+    from compressadvise.measure.verify import Budgets, verify
 
     plan_obj = None
     if plan:
-        from ..plan import load_plan
+        from compressadvise.plan.planfile import load_plan
 
         plan_obj = load_plan(plan)
-    from ..render import err
+    from compressadvise.ui.render import err
 
     with err.status("verifying") as status:
         result = verify(
@@ -110,7 +110,7 @@ def _pct(x: float) -> str:
 
 
 def show_result(r) -> None:  # noqa: ANN001 - VerifyResult
-    from ..render import out
+    from compressadvise.ui.render import out
 
     out.print(f"[bold]original[/]   {r.original.source} ({r.original.format})")
     out.print(f"[bold]compressed[/] {r.compressed.source} ({r.compressed.format})")
@@ -128,7 +128,7 @@ def show_result(r) -> None:  # noqa: ANN001 - VerifyResult
 def _before_after(r) -> None:  # noqa: ANN001
     from rich.table import Table
 
-    from ..render import human_bytes, out
+    from compressadvise.ui.render import human_bytes, out
 
     t = Table(title="Before / after", show_edge=False)
     for col, j in (("metric", "left"), ("original", "right"), ("compressed", "right"), ("change", "right"), ("basis", "left")):
@@ -186,7 +186,7 @@ def _before_after(r) -> None:  # noqa: ANN001
 def _slices(r) -> None:  # noqa: ANN001
     from rich.table import Table
 
-    from ..render import out
+    from compressadvise.ui.render import out
 
     for s in r.slices:
         t = Table(title=f"Per {s.by}: {s.metric}", show_edge=False)
@@ -208,7 +208,7 @@ def _slices(r) -> None:  # noqa: ANN001
 def _drift(r) -> None:  # noqa: ANN001
     from rich.table import Table
 
-    from ..render import bar, out
+    from compressadvise.ui.render import bar, out
 
     d = r.drift
     if d is None:
@@ -238,7 +238,7 @@ def _drift(r) -> None:  # noqa: ANN001
 def _estimate(r) -> None:  # noqa: ANN001
     from rich.table import Table
 
-    from ..render import bar, human_bytes, human_count, out
+    from compressadvise.ui.render import bar, human_bytes, human_count, out
 
     if not r.estimate:
         return
@@ -263,7 +263,7 @@ def _estimate(r) -> None:  # noqa: ANN001
 def _budgets(r) -> None:  # noqa: ANN001
     from rich.table import Table
 
-    from ..render import out
+    from compressadvise.ui.render import out
 
     if not r.budgets:
         out.print("[dim]no budgets given: nothing to gate (--max-accuracy-drop, --max-latency-ms, --max-size-mb)[/]")

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional
 
 import typer
 
-from .common import (DATA, FORCE, INPUT_SHAPE, JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS,
+from compressadvise.commands.common import (DATA, FORCE, INPUT_SHAPE, JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS,
                      SAMPLES, TARGET, TRUST_PICKLE, Data, value_of)
 
 INTERRUPTED = 130  # the shell convention for Ctrl-C
@@ -34,7 +34,7 @@ def _keyboard_interrupts() -> Iterator[None]:
 
 
 def _ui_console(json_out: bool):
-    from ..render import err, out
+    from compressadvise.ui.render import err, out
 
     return err if json_out else out
 
@@ -71,15 +71,15 @@ def walkthrough_cmd(
     session.json keeps the answers, never trust: on --resume, unpickling and any code to import
     (a module:function model, the evaluator) must be named on the command line again.
     """
-    from .. import walkthrough as W
-    from .common import parse_shape
+    from compressadvise.ui import walkthrough as W
+    from compressadvise.commands.common import parse_shape
 
     console = _ui_console(json_out)
     if not yes:
         W.require_terminal(console.file)
     folder = Path(resume or out)
     if resume is None:  # --out a file, or an unwritable place: one line before any question is asked
-        from ..fsutil import check_output
+        from compressadvise.fsutil import check_output
 
         check_output(folder, force=True, kind="folder")
     defaults = _default_answers(target=target, os=os, max_size_mb=max_size_mb, max_latency_ms=max_latency_ms,
@@ -105,7 +105,7 @@ def _default_answers(**given: Any) -> dict[str, Any]:
 
 def _say_interrupted(e: Exception, folder: Path, session_file: str) -> None:
     """On stderr: where the interrupted session stopped and the one-line command that resumes it."""
-    from ..render import err
+    from compressadvise.ui.render import err
 
     err.print(f"\n[yellow]interrupted[/] during '{e}': everything written so far is complete "
               f"({folder / session_file} keeps your answers).")
@@ -120,8 +120,8 @@ def learn_cmd(
     json_out: bool = JSON,
 ) -> None:
     """Short lessons with a live experiment on the bundled example (real numbers, a few seconds each)."""
-    from .. import learn as L
-    from .. import walkthrough as W
+    from compressadvise.ui import learn as L
+    from compressadvise.ui import walkthrough as W
 
     console = _ui_console(json_out)
     if topic is None:
@@ -152,7 +152,7 @@ def learn_cmd(
                 with console.status("running the experiment"):
                     result = L.run_lesson(topic, answer)
                 if json_out:
-                    from ..render import emit_json
+                    from compressadvise.ui.render import emit_json
 
                     emit_json(result.model_dump(mode="json"))
                 show_lesson(console, result, lesson)
@@ -174,10 +174,10 @@ def _is_terminal(console) -> bool:
 
 
 def _list_lessons(console, json_out: bool) -> None:
-    from .. import learn as L
+    from compressadvise.ui import learn as L
 
     if json_out:
-        from ..render import emit_json
+        from compressadvise.ui.render import emit_json
 
         emit_json([{"topic": n, "title": les.title} for n, les in L.LESSONS.items()])
         return
@@ -191,7 +191,7 @@ def show_lesson(console, result, lesson) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from ..learn import human
+    from compressadvise.ui.learn import human
 
     t = Table(title=f"{result.title} (measured on {result.samples} held-out digits; float top-1 "
               f"{result.float_accuracy:.2f}%)", show_edge=False)

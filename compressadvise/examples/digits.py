@@ -65,8 +65,8 @@ def load():
     """The bundled example as a LoadedModel (imported lazily by compressadvise.load_model)."""
     import torch
 
-    from ..fsutil import sha256_file
-    from ..loading import LoadedModel
+    from compressadvise.fsutil import sha256_file
+    from compressadvise.model.loading import LoadedModel
 
     return LoadedModel(
         source="bundled:digits-cnn", format="bundled", sha256=sha256_file(WEIGHTS),

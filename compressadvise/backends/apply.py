@@ -1,0 +1,234 @@
+"""Carry out a plan: compressed artefacts through coremltools and torchao, read back and checked.
+
+    result = apply(model, "plan.yaml", "out/")   # model: LoadedModel, path, or None (bundled)
+
+Writes, atomically, into `out/`:
+- `model.pt2`: the torch side's result (torch.export program; a TorchScript or state-dict
+  fallback is recorded in the manifest), loadable with `load_artifact(out)`;
+- `model.mlpackage` for Core ML targets;
+- `plan.yaml` (the plan replayed) and `manifest.json` (input hash, library versions, per layer
+  what was applied or skipped and why, predicted vs measured sizes).
+
+Everything is validated before any work: unknown techniques, layers or parameters, a plan made
+for another model, techniques this machine cannot run, layers whose dimensions the backend
+would silently skip. After writing, every artefact is re-opened and each layer is checked for
+the compression the plan asked for; a silent no-op raises CompressionFailed (exit 8) and
+nothing is left behind.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from compressadvise import backends as B
+from compressadvise.model.analysis import ModelReport, analyze
+from compressadvise.backends.apply_coreml import _coreml_side
+from compressadvise.backends.apply_coreml import MLPACKAGE, _check_coreml  # re-exported
+from compressadvise.backends.apply_manifest import _manifest
+from compressadvise.backends.apply_manifest import MANIFEST_VERSION, SIZE_TOLERANCE  # re-exported
+from compressadvise.backends.apply_resolve import Route, _check_model, _example_inputs, _preflight, _samples, resolve
+from compressadvise.backends.apply_resolve import effective, weight_tensor  # re-exported
+from compressadvise.backends.apply_torch import _check_torch, _save_torch, _torch_side
+from compressadvise.backends.apply_torch import SPARSE_KINDS, SPARSITY_TOLERANCE, TORCH_FILE, check_tensor  # re-exported
+from compressadvise.errors import BadModel, CompressionFailed, InputNotFound, InvalidKnowledge, OutputExists
+from compressadvise.fsutil import atomic_dir, check_output, temp_files_in, write_text_atomic
+from compressadvise.knowledge.base import Knowledge, builtin
+from compressadvise.model.loading import LoadedModel, load_model
+from compressadvise.knowledge.schema import Plan
+
+
+@dataclass
+class ApplyResult:
+    out_dir: Path
+    torch_artifact: Path | None
+    mlpackage: Path | None
+    manifest: dict[str, Any]
+    seconds: float = 0.0
+
+    @property
+    def torch_model_path(self) -> Path | None:
+        return self.torch_artifact
+
+
+# ====================================================================== public API
+def apply(
+    model: LoadedModel | str | Path | None = None,
+    plan: Plan | str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    samples: Any = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    input_shape: list[int] | None = None,
+    trust_pickle: bool = False,
+    knowledge: Knowledge | None = None,
+) -> ApplyResult:
+    """Apply `plan` to `model`, writing the artefacts and manifest into `out`."""
+    started = time.perf_counter()
+    if plan is None or out is None:
+        raise InvalidKnowledge("apply needs a plan and an output folder")
+    if not isinstance(plan, Plan):
+        from compressadvise.plan.planfile import load_plan
+
+        plan = load_plan(plan)
+    out = check_out(out, model, force=force)  # fail fast; atomic_dir checks again when it starts
+    k = knowledge or builtin()
+    target = k.target(plan.target.name)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_pickle=trust_pickle)
+    _check_model(plan, loaded)
+    report = analyze(loaded, stats=False)
+    jobs = resolve(plan, k, report, target)
+    ctx = B.Context(target=target, os=plan.target.os or target.default_os, progress=progress)
+    route = _preflight(jobs, ctx, loaded, target)  # libraries, GPU, model code: before anything else
+    for job in jobs:
+        if job.blocked:  # the divisibility pitfall: refuse rather than let the backend skip silently
+            raise job.blocked[0]
+    ctx.samples = _samples(samples, jobs)
+    ctx.example_inputs = _example_inputs(loaded, ctx.samples, input_shape)
+    if route.coreml and ctx.example_inputs is None and loaded.exported is None:
+        raise BadModel("Core ML conversion needs an example input and the model carries none",
+                       hint="pass --input-shape 1,3,224,224 or --samples FILE")
+    with atomic_dir(out, force=force) as tmp:
+        with temp_files_in(tmp / ".scratch"):  # coremltools' temp .mlpackages: swept if we are killed
+            manifest = _execute(plan, k, loaded, report, jobs, ctx, route, tmp)
+        manifest["seconds"] = round(time.perf_counter() - started, 2)
+        write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
+    return ApplyResult(out_dir=out, torch_artifact=out / manifest["torch_artifact"] if manifest["torch_artifact"] else None,
+                       mlpackage=out / manifest["mlpackage"] if manifest["mlpackage"] else None,
+                       manifest=manifest, seconds=manifest["seconds"])
+
+
+def check_out(out: str | Path, model: LoadedModel | str | Path | None, *, force: bool) -> Path:
+    """`out` is a folder that never holds the input model; --force replaces only an earlier
+    output (or an empty folder), never a folder of other files (`--out . --force`)."""
+    out = Path(out)
+    source = model.source if isinstance(model, LoadedModel) else model
+    check_output(out, force=force, inputs={"model": source}, kind="folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise OutputExists(f"--out {out} is a folder that is not an `apply` output (no manifest.json): "
+                           "--force only replaces those", hint="choose a new or empty --out folder")
+    return out
+
+
+def load_artifact(out_dir: str | Path, *, factory: str | None = None) -> LoadedModel:
+    """The torch side's compressed model from an `apply` output folder, ready to run.
+
+    A state-dict artefact needs its model code: only `factory`, the `module:function` the caller
+    named itself, is imported for it; the manifest (a file we wrote, or anyone did) never chooses it."""
+    out_dir = Path(out_dir)
+    path = out_dir / "manifest.json"
+    if not path.is_file():
+        raise InputNotFound(f"{out_dir} holds no manifest.json (not an `apply` output)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise BadModel(f"{path}: unreadable manifest ({e})") from e
+    artifact = manifest.get("torch_artifact")
+    if not artifact:
+        raise BadModel(f"{path}: no torch artefact was written ({manifest.get('torch_note', 'see the manifest')})")
+    if "torchao" in manifest.get("backends_used", []):
+        B.import_quietly("torchao")  # registers the tensor subclasses the artefact holds
+    fmt = manifest.get("torch_format", "exported")
+    if fmt == "state_dict":
+        return _load_state_dict_artifact(out_dir, manifest, factory)
+    with B.quiet():
+        loaded = load_model(out_dir / artifact)
+    loaded.notes.append(f"compressed by compressadvise apply ({', '.join(s['technique'] for s in manifest.get('steps', []))})")
+    return loaded
+
+
+def _load_state_dict_artifact(out_dir: Path, manifest: dict[str, Any], factory: str | None) -> LoadedModel:
+    import torch
+
+    given = manifest.get("input")
+    if not isinstance(given, dict):
+        raise BadModel(f"{out_dir / 'manifest.json'}: the torch artefact is a state dict and 'input' does not "
+                       "say which model to rebuild it into")
+    source, fmt = str(given.get("source") or ""), given.get("format", "")
+    if fmt not in ("factory", "bundled"):
+        raise BadModel(f"{out_dir}: the torch artefact is a state dict and the input ({source}) has no factory to rebuild it")
+    if fmt == "factory" and source != factory:
+        import shlex
+
+        raise BadModel(f"{out_dir}: its torch artefact is a state dict rebuilt by the Python factory {source} "
+                       "that manifest.json names; a file the tool wrote never chooses code to import",
+                       hint=f"pass the model on the command line: `compressadvise verify {shlex.quote(source)} "
+                       f"{shlex.quote(str(out_dir))}`")
+    base = load_model(None if fmt == "bundled" else source)
+    module = base.module
+    if "torchao" in manifest.get("backends_used", []):
+        plan_path = out_dir / (manifest.get("plan") or "plan.yaml")
+        from compressadvise.plan.planfile import load_plan
+
+        plan = load_plan(plan_path)
+        k = builtin()
+        report = analyze(base, stats=False)
+        for job in resolve(plan, k, report, k.target(plan.target.name)):
+            if job.torch_backend == "torchao":
+                B.get("torchao").run(module, job, B.Context(target=None, os=0))
+    state = torch.load(str(out_dir / manifest["torch_artifact"]), weights_only=True, map_location="cpu")
+    module.load_state_dict(state, strict=False, assign=True)
+    return LoadedModel(source=str(out_dir), format="apply", sha256="", has_graph=True, module=module.eval(),
+                       example_inputs=base.example_inputs)
+
+
+# ====================================================================== the work
+def _execute(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport, jobs: list[B.StepJob],
+             ctx: B.Context, route: Route, tmp: Path) -> dict[str, Any]:
+    from compressadvise.plan.planfile import plan_to_yaml
+
+    outcome: dict[tuple[int, str, str], dict[str, Any]] = {}  # (step, layer, side) -> record
+    torch_info: dict[str, Any] = {"file": None, "format": None, "note": None}
+    compressed = None
+    n = len(jobs)
+    stage = _Stages(ctx, (n + 2 if route.torch_side else 0) + ((n if route.coreml == "native" else 0) + 3
+                                                            if route.coreml else 0) + 1)
+    if route.torch_side:
+        compressed = _torch_side(loaded, jobs, ctx, outcome, stage)
+        stage("torch: save")
+        torch_info = _save_torch(compressed, ctx.example_inputs, tmp)
+        stage("torch: read back")
+        if torch_info["file"]:
+            _check_torch(tmp / torch_info["file"], jobs, outcome, ctx)
+    else:
+        torch_info["note"] = route.notes[0] if route.notes else "no torch-side step"
+    mlinfo: dict[str, Any] = {}
+    if route.coreml:
+        stage("Core ML: conversion")
+        mlinfo = _coreml_side(loaded, compressed, jobs, ctx, route, outcome, tmp, stage)
+    _require_work(jobs, outcome, route)
+    stage("manifest")
+    write_text_atomic(tmp / "plan.yaml", plan_to_yaml(plan))
+    torch_bytes = (tmp / torch_info["file"]).stat().st_size if torch_info["file"] else None
+    return _manifest(plan, k, loaded, report, jobs, route, outcome, torch_info, torch_bytes, mlinfo)
+
+
+def _require_work(jobs: list[B.StepJob], outcome: dict, route: Route) -> None:
+    """A step whose every layer the backends turned down did nothing: refuse to ship that."""
+    applied = {(s, n) for (s, n, _), r in outcome.items() if r.get("status") == "applied"}
+    for job in jobs:
+        if job.layers and not any((job.index, lj.name) in applied for lj in job.layers):
+            reasons = sorted({r.get("reason", "") for (s, _, _), r in outcome.items() if s == job.index and r.get("reason")})
+            raise CompressionFailed(f"plan step {job.index + 1} ({job.technique}) compressed none of its "
+                                    f"{len(job.layers)} layer(s): {'; '.join(reasons)[:400]}")
+        if not job.layers:
+            route.notes.append(f"plan step {job.index + 1} ({job.technique}): every listed layer was skipped "
+                               "(see layers); nothing to compress")
+    if not applied:
+        raise CompressionFailed("the plan compressed no layer at all", hint="see the skip reasons with --debug")
+
+
+class _Stages:
+    """Progress by stage: each call announces the stage that starts now."""
+
+    def __init__(self, ctx: B.Context, total: int) -> None:
+        self.ctx, self.total, self.done = ctx, total, -1
+
+    def __call__(self, label: str) -> None:
+        self.done += 1
+        self.ctx.tick(label, min(self.done, self.total), self.total)
+
+

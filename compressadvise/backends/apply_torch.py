@@ -1,0 +1,224 @@
+"""The torch side of apply: backends run on a copy of the model, the artefact saved, re-opened and checked."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from compressadvise import backends as B
+from compressadvise.errors import CompressionFailed, InvalidKnowledge, Unavailable
+from compressadvise.model.loading import LoadedModel
+from compressadvise.backends import need
+
+TORCH_FILE = "model.pt2"
+SPARSE_KINDS = ("prune", "sparse_palettize", "sparse_quantize")
+SPARSITY_TOLERANCE = 0.01  # achieved sparsity may fall this far short of the target (ties, rounding)
+
+
+def _torch_side(loaded: LoadedModel, jobs: list[B.StepJob], ctx: B.Context,
+                outcome: dict, tick: Callable[[str], None]) -> Any:
+    with B.quiet():
+        model = copy.deepcopy(loaded.module).eval()  # the input model is never modified
+    ctx.float_module = loaded.module
+    for job in jobs:
+        tick(f"torch: step {job.index + 1} {job.technique}")
+        if not job.torch_backend:
+            for lj in job.layers:
+                outcome[(job.index, lj.name, "torch")] = {"status": "not run", "reason": "no torch-side implementation; "
+                                                          "the torch artefact keeps these weights in float"}
+            continue
+        backend = B.get(job.torch_backend)
+        run_job = copy.copy(job)
+        run_job.layers = []
+        for lj in job.layers:
+            module = _submodule(model, lj.module)
+            reason = backend.layer_support(job, lj, module)
+            if reason:
+                outcome[(job.index, lj.name, "torch")] = {"status": "skipped", "reason": reason,
+                                                          "backend": job.torch_backend}
+            else:
+                run_job.layers.append(lj)
+        if not run_job.layers:
+            continue
+        try:
+            model = backend.run(model, run_job, ctx) or model
+        except (CompressionFailed, Unavailable, InvalidKnowledge):
+            raise
+        except Exception as e:
+            raise CompressionFailed(f"plan step {job.index + 1} ({job.technique}) failed in {job.torch_backend}: "
+                                    f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from e
+        if job.kind == "prune":
+            _remember_masks(ctx, run_job, model)
+        for lj in run_job.layers:
+            outcome[(job.index, lj.name, "torch")] = {"status": "applied", "backend": job.torch_backend}
+    _restore_sparsity(ctx, model)
+    return model.eval()
+
+
+def _submodule(model: Any, path: str) -> Any:
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError:
+        return None
+
+
+def _remember_masks(ctx: B.Context, job: B.StepJob, model: Any) -> None:
+    """Remember pruning masks: a later palettization's k-means may turn exact zeros into a centroid."""
+    for lj in job.layers:
+        w = _param(model, lj)
+        if w is not None:
+            ctx.masks[lj.tensor] = (w.detach() == 0)
+            ctx.prior_sparsity[lj.name] = float(ctx.masks[lj.tensor].float().mean())
+
+
+def _restore_sparsity(ctx: B.Context, model: Any) -> None:
+    """Re-zero pruned weights after later steps: Core ML's joint formats keep zeros out of the LUT/grid too."""
+    import torch
+
+    with torch.no_grad():
+        for tensor, mask in ctx.masks.items():
+            module, _, param = tensor.rpartition(".")
+            w = getattr(_submodule(model, module), param, None)
+            if isinstance(w, torch.Tensor) and type(w) in (torch.Tensor, torch.nn.Parameter):
+                w.masked_fill_(mask, 0.0)
+
+
+def _param(model: Any, lj: B.LayerJob) -> Any:
+    return getattr(_submodule(model, lj.module), lj.param, None)
+
+
+def _save_torch(model: Any, example: tuple | None, tmp: Path) -> dict[str, Any]:
+    """torch.export program when possible; TorchScript next; a state dict (+ recipe) last."""
+    import torch
+
+    errors = []
+    with B.quiet():
+        if example:
+            # A dynamic batch axis first, so the artefact runs on batches of any size (verify).
+            # (torch specialises a size-1 axis, hence an example batch of 2 for that attempt).
+            dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() else None for t in example)
+            batch2 = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in example)
+            for args, shapes, label in ((batch2, dynamic, "dynamic batch"), (tuple(example), None, "fixed input shape")):
+                try:
+                    ep = torch.export.export(model, args, dynamic_shapes=shapes)
+                    torch.export.save(ep, str(tmp / TORCH_FILE))
+                    return {"file": TORCH_FILE, "format": "exported",
+                            "note": f"torch.export program, {label} (load_model / load_artifact)"}
+                except Exception as e:
+                    errors.append(f"torch.export ({label}): {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:160] if str(e) else ''}")
+            try:
+                traced = torch.jit.trace(model, tuple(example), check_trace=False)
+                torch.jit.save(traced, str(tmp / "model.ts"))
+                return {"file": "model.ts", "format": "torchscript", "note": "TorchScript (torch.export failed: "
+                        + "; ".join(errors) + ")"}
+            except Exception as e:
+                errors.append(f"torch.jit.trace: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        else:
+            errors.append("no example input to export with")
+        torch.save(model.state_dict(), str(tmp / "state_dict.pt"))
+    return {"file": "state_dict.pt", "format": "state_dict",
+            "note": "state dict; load_artifact rebuilds the model from its factory (" + "; ".join(errors) + ")"}
+
+
+def applied_layers(jobs: list[B.StepJob], outcome: dict, side: str) -> Iterator[tuple[B.StepJob, B.LayerJob, dict]]:
+    """(job, layer, outcome record) of every layer a side reports as applied: what read-back checks."""
+    for job in jobs:
+        for lj in job.layers:
+            rec = outcome.get((job.index, lj.name, side))
+            if rec and rec["status"] == "applied":
+                yield job, lj, rec
+
+
+def _check_torch(path: Path, jobs: list[B.StepJob], outcome: dict, ctx: B.Context) -> None:
+    """Reload the saved torch artefact and check every applied layer really is compressed."""
+    import torch
+
+    with B.quiet():
+        if path.suffix == ".pt2":
+            ep = torch.export.load(str(path))  # our own artefact, written by this run a moment ago
+            state = {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
+        elif path.suffix == ".ts":
+            state = dict(torch.jit.load(str(path)).state_dict())
+        else:
+            state = torch.load(str(path), weights_only=True, map_location="cpu")
+    failures = []
+    for job, lj, rec in applied_layers(jobs, outcome, "torch"):
+        w = state.get(lj.tensor)
+        ok, evidence = (False, f"{lj.tensor} missing from the saved artefact") if w is None else \
+            check_tensor(w, job.kind, lj.params, ctx.prior_sparsity.get(lj.name))
+        rec["evidence"] = evidence
+        if not ok:
+            failures.append(f"{lj.name} ({job.technique}): {evidence}")
+    if failures:
+        raise CompressionFailed("torch artefact read-back: compression did not happen for " + "; ".join(failures[:6])
+                                + (f" (+{len(failures) - 6} more)" if len(failures) > 6 else ""))
+
+
+def check_tensor(w: Any, kind: str, p: dict[str, Any], prior_sparsity: float | None = None) -> tuple[bool, str]:
+    """(ok, evidence): does this weight show the compression `kind` with parameters `p`?"""
+    import torch
+
+    inner = getattr(w, "qdata", None)
+    if inner is not None:  # torchao tensor subclass: integer storage + scales
+        nbits = int(need(p, "nbits"))
+        lo, hi = int(inner.min()), int(inner.max())
+        ok = not inner.is_floating_point() and -(2 ** (nbits - 1)) <= lo and hi <= 2 ** (nbits - 1) - 1
+        return ok, f"{type(w).__name__}: {inner.dtype} storage, values in [{lo}, {hi}] ({nbits}-bit range)"
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        return False, f"unexpected {type(w).__name__}"
+    w = w.detach().float()
+    sparse = ""
+    if kind in SPARSE_KINDS:
+        target = _target_sparsity(p)
+        achieved = float((w == 0).float().mean())
+        sparse = f"sparsity {achieved:.1%} (target {target:.0%})"
+        if achieved < target - SPARSITY_TOLERANCE or kind == "prune":
+            return achieved >= target - SPARSITY_TOLERANCE, sparse
+        prior_sparsity = achieved
+        kind = kind.split("_", 1)[1]
+    if kind not in ("palettize", "quantize"):
+        return True, "not checked"
+    nbits = int(need(p, "nbits"))
+    levels = 2 ** nbits
+    groups = _value_groups(w, kind, p)
+    worst = max(_distinct(g, prior_sparsity) for g in groups)
+    what = "LUT" if kind == "palettize" else "grid"
+    extra = "" if not prior_sparsity else " besides the pruned zeros"
+    text = f"at most {worst} distinct values{extra} per {what} group (<= {levels} for {nbits} bits; {len(groups)} group(s))"
+    return worst <= levels, "; ".join(x for x in (sparse, text) if x)
+
+
+def _distinct(g: Any, prior_sparsity: float | None) -> int:
+    u = g.unique()
+    if prior_sparsity:
+        u = u[u != 0]
+    return int(u.numel())
+
+
+def _target_sparsity(p: dict[str, Any]) -> float:
+    from compressadvise.backends.coremltools_torch import n_m_ratio
+
+    if p.get("pattern") == "n_m" and (r := n_m_ratio(p)):
+        return r[0] / r[1]
+    return float(need(p, "sparsity"))
+
+
+def _value_groups(w: Any, kind: str, p: dict[str, Any]) -> list:
+    rows = w.reshape(w.shape[0], -1)
+    gran = p.get("granularity", "per_tensor" if kind == "palettize" else "per_channel")
+    if kind == "palettize":
+        if p.get("enable_per_channel_scale"):
+            return list(rows)
+        if gran == "per_grouped_channel":
+            gs = int(need(p, "group_size"))
+            return [rows[i:i + gs] for i in range(0, rows.shape[0], gs)]
+        return [rows]
+    if gran == "per_tensor":
+        return [rows]
+    if gran == "per_block":
+        bs = int(need(p, "block_size"))
+        cin = w.shape[1]
+        blocks = w.reshape(w.shape[0], cin, -1)
+        return [blocks[r, c:c + bs] for r in range(w.shape[0]) for c in range(0, cin, bs)]
+    return list(rows)

@@ -1,0 +1,357 @@
+"""Schemas for techniques, target profiles, playbook rules and plans (pydantic, strict keys).
+
+Unknown keys are errors (a typo such as `prioritty` must not silently drop a setting).
+"""
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+PLAN_VERSION = 1
+SLOTS = ("sparsity", "weights", "activations")
+LAYER_TYPES = ("linear", "conv", "depthwise_conv", "embedding", "norm", "attention", "recurrent", "other")
+COMPRESSIBLE = ["linear", "conv", "depthwise_conv", "embedding", "attention"]
+# Weight kinds that are inventoried but that no backend compresses yet, and why (said per layer in
+# plans and in analysis findings rather than left out silently).
+UNSUPPORTED_KINDS = {
+    "recurrent": ("recurrent (LSTM/GRU) weight: no configured backend compresses it yet "
+                  "(coremltools.optimize.torch handles Linear, Conv2d, Embedding, MultiheadAttention; torchao Linear)"),
+}
+
+
+def _finite(value: Any) -> Any:
+    """NaN passes every range check (`nan < min` is false) and inf breaks the size sums, so no
+    free-form parameter may hold either, however deep in a list or mapping."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number, not NaN or infinity")
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _finite(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _finite(v)
+    return value
+
+
+FiniteAny = Annotated[Any, AfterValidator(_finite)]
+Params = dict[str, FiniteAny]
+
+
+class Strict(BaseModel):
+    # allow_inf_nan=False: every float field refuses .nan and .inf, with the key's file:line.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Citation(Strict):
+    source: str = Field(description="short name of the source, e.g. 'coremltools optimization guide'")
+    ref: str | None = Field(None, description="section, table or item, e.g. 'C: Hardware'")
+    url: str | None = None
+    note: str | None = None
+
+    def text(self) -> str:
+        parts = [self.source]
+        if self.ref:
+            parts.append(self.ref)
+        if self.url:
+            parts.append(self.url)
+        return ", ".join(parts)
+
+
+# ---------------------------------------------------------------- techniques
+class ParamSpec(Strict):
+    type: Literal["int", "float", "str", "bool"]
+    description: str
+    default: FiniteAny = None
+    choices: list[FiniteAny] | None = None
+    min: float | None = None
+    max: float | None = None
+
+    def check(self, name: str, value: Any) -> str | None:
+        """Return an error message, or None when the value fits."""
+        py = {"int": int, "float": (int, float), "str": str, "bool": bool}[self.type]
+        if isinstance(value, bool) and self.type != "bool" or not isinstance(value, py):
+            return f"parameter '{name}' must be {self.type}, got {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):  # would pass min/max below
+            return f"parameter '{name}' must be a finite number, got {value!r}"
+        if self.choices is not None and value not in self.choices:
+            return f"parameter '{name}'={value!r} not in {self.choices}"
+        if self.min is not None and value < self.min:
+            return f"parameter '{name}'={value!r} below minimum {self.min}"
+        if self.max is not None and value > self.max:
+            return f"parameter '{name}'={value!r} above maximum {self.max}"
+        return None
+
+
+class SizeModel(Strict):
+    formula: str = Field(description="CEL arithmetic over the size variables; bytes of one weight tensor")
+    note: str | None = None
+
+
+class ModeRequirement(Strict):
+    mode: str = Field(description="runtime mode the target must support, e.g. palettize_grouped")
+    when: str | None = Field(None, description="CEL condition over step facts; always when absent")
+
+
+class BackendImpl(Strict):
+    backend: str = Field(description="a registered backend id (compressadvise.backends.names()), "
+                         "or guidance; checked against the registry at knowledge load")
+    config: str = Field(description="the library's config or function name")
+    note: str | None = None
+
+
+class Threshold(Strict):
+    value: float = Field(description="the cut-off, in the unit of the fact it is compared with")
+    description: str = Field(description="what crossing it means")
+    citation: list[Citation] = Field(min_length=1)
+
+
+class Technique(Strict):
+    name: str
+    title: str
+    summary: str
+    slot: Literal["sparsity", "weights", "activations", "none"]
+    data: Literal["none", "calibration", "training"]
+    guidance_only: bool = False
+    form: Literal["palettize", "quantize", "prune", "activations", "sparse_palettize", "sparse_quantize"] | None = Field(
+        None, description="the stored weight form the backends leave, which apply's read-back checks for "
+        "(absent: checked as quantize)")
+    parameters: dict[str, ParamSpec] = {}
+    size: SizeModel | None = None
+    requires: list[ModeRequirement] = []
+    backends: list[BackendImpl] = []
+    risks: list[str] = []
+    search_grid: list[dict[str, FiniteAny]] = Field([], description=(
+        "candidate settings `sensitivity` and `search` measure by default: each entry maps parameters to a "
+        "value or a list of values, expanded as a product (first key outermost)"))
+    thresholds: dict[str, Threshold] = Field({}, description=(
+        "named, cited cut-offs: a rule condition writes `threshold.NAME` (replaced by the value when the "
+        "playbook loads) and the tool's own notes read the same value"))
+    citation: list[Citation] = Field(min_length=1)
+
+    def defaults(self) -> dict[str, Any]:
+        return {k: p.default for k, p in self.parameters.items() if p.default is not None}
+
+
+# ---------------------------------------------------------------- targets
+class Figure(Strict):
+    value: float
+    unit: str
+    source: str
+    note: str | None = None
+
+
+class ModeSupport(Strict):
+    mode: str
+    min_os: int = Field(0, description="minimum OS major (iOS numbering); 0 = any")
+    behaviour: Literal["accelerated", "decompressed", "unsupported"]
+    streams: Literal["compressed", "full"] | None = Field(None, description=(
+        "what each inference reads from memory once the weights are not expanded at load: the "
+        "compressed bytes or full-size ones; default: full when behaviour is decompressed"))
+    note: str | None = None
+
+
+class Decompression(Strict):
+    """When the runtime expands compressed weights, from an OS major on (the latest entry wins)."""
+
+    min_os: int = Field(0, description="from this OS major on (iOS numbering); 0 = any")
+    at: Literal["load", "just_in_time"] = Field(description=(
+        "load: expanded once when the model loads, so inference streams full-size weights; "
+        "just_in_time: kept compressed in memory and expanded as each layer runs"))
+    summary: str = Field(description="one line shown with a latency estimate")
+    source: str
+
+
+class StatedFact(Strict):
+    """A yes/no property of a target, stated with where it comes from."""
+
+    value: bool
+    source: str
+
+
+class Target(Strict):
+    name: str
+    title: str
+    vendor: Literal["apple", "nvidia", "generic"]
+    kind: Literal["ane", "apple_gpu", "apple_cpu", "x86_cpu", "nvidia_gpu"]
+    coreml: bool
+    compute_units: list[str]
+    backends: list[str]
+    os_family: str | None = None
+    default_os: int = 0
+    min_os: int = 0
+    baseline_bytes_per_param: float = Field(2.0, description="bytes per weight when not compressed")
+    modes: list[ModeSupport]
+    decompression: list[Decompression] = Field([], description=(
+        "when compressed weights are expanded, by OS; none listed: at load (no traffic credit)"))
+    int8_compute: StatedFact | None = Field(None, description=(
+        "int8 math much faster than fp16 (an int8 fast path); absent: no"))
+    figures: dict[str, Figure]
+    notes: list[str] = []
+    citation: list[Citation] = Field(min_length=1)
+
+    def supports(self, os: int) -> list[str]:
+        return [m.mode for m in self.modes if m.behaviour != "unsupported" and m.min_os <= os]
+
+    def accelerates(self, os: int) -> list[str]:
+        return [m.mode for m in self.modes if m.behaviour == "accelerated" and m.min_os <= os]
+
+    def mode(self, name: str) -> ModeSupport | None:
+        return next((m for m in self.modes if m.mode == name), None)
+
+
+# ---------------------------------------------------------------- playbooks
+class LayerSelect(Strict):
+    types: list[str] | None = Field(None, description="layer types the step covers")
+    names: list[str] | None = Field(None, description="glob patterns of layer names")
+    where: str | None = Field(None, description="CEL condition over layer facts")
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, v: list[str] | None) -> list[str] | None:
+        for t in v or []:
+            if t not in LAYER_TYPES:
+                raise ValueError(f"unknown layer type {t!r} (known: {', '.join(LAYER_TYPES)})")
+        return v
+
+
+class Action(Strict):
+    kind: Literal["compress", "override", "keep", "advise"]
+    technique: str | None = None
+    params: Params = {}
+    layers: LayerSelect | None = None
+    slots: list[Literal["sparsity", "weights", "activations"]] | None = None
+    message: str | None = Field(None, description="for advise: the recommended move, imperative; in an "
+                                "outcome rule `{namespace.fact}` is replaced by the fact's value")
+
+
+class Rule(Strict):
+    code: str = Field(pattern=r"^[A-Z]{2,5}[0-9]{3}$")
+    title: str
+    scope: Literal["model", "layer", "outcome"] = Field(description=(
+        "model: once per plan; layer: once per layer of each planned step; outcome: after a verify "
+        "missed a budget, once per plan step when the condition uses step facts, else once"))
+    when: str
+    action: Action
+    priority: int = Field(50, ge=0, le=100)
+    why: str = Field(description="one line: why this lesson holds")
+    rationale: str
+    example: str | None = None
+    citation: list[Citation] = Field(min_length=1)
+    tags: list[str] = []
+
+
+class Playbook(Strict):
+    playbook: str
+    title: str
+    version: int
+    description: str
+    rules: list[Rule]
+
+
+# ---------------------------------------------------------------- plans
+class Skip(Strict):
+    layer: str
+    reason: str
+    code: str | None = Field(None, description="rule that asked for it, or the backend behaviour")
+
+
+class Step(Strict):
+    technique: str
+    slot: str
+    params: Params = {}
+    layers: list[str] = Field(default_factory=list, description="layers the step compresses")
+    op_type_params: dict[str, Params] = {}
+    op_name_params: dict[str, Params] = {}
+    skipped: list[Skip] = []
+    rules: list[str] = []
+    why: str = ""
+    predicted_bytes_after: int | None = Field(None, description="estimate: model size after this step")
+
+    def params_for(self, layer: Any) -> dict[str, Any]:
+        """Step params < op_type_params (layer type, then module class) < op_name_params, like
+        coremltools' OptimizationConfig (global < op type < op name). No technique defaults."""
+        p = dict(self.params)
+        for key in (layer.type, getattr(layer, "module_type", None) or ""):
+            p.update(self.op_type_params.get(key, {}))
+        p.update(self.op_name_params.get(layer.name, {}))
+        return p
+
+    def setting_for(self, layer: Any, tech: "Technique") -> Any:
+        """The one resolver: this step's normalised `Setting` on one layer (technique defaults
+        first). Apply, sizing, the engine, search, what-if and the manifest all ask here."""
+        from compressadvise.plan.setting import Setting
+        return Setting.resolve(tech, self.params_for(layer))
+
+
+class Advisory(Strict):
+    code: str
+    title: str
+    message: str
+    why: str = ""
+    layers: list[str] = []
+
+
+class TraceEntry(Strict):
+    code: str
+    status: Literal["fired", "not_matched", "outranked", "unsupported", "error"]
+    detail: str
+    layers: list[str] = []
+
+
+class LayerPrediction(Strict):
+    name: str
+    setting: str = Field(description="readable label of `settings`; display only, never parsed")
+    settings: list[dict[str, Any]] = Field(
+        default_factory=list, description="the layer's settings in step order ({technique, params}); empty = fp16")
+    bytes_before: int
+    bytes_after: int
+
+
+class PlanModel(Strict):
+    source: str = ""
+    sha256: str | None = None
+    format: str = ""
+    total_params: int = 0
+
+
+class PlanTarget(Strict):
+    name: str
+    os: int = 0
+
+
+class Constraints(Strict):
+    max_size_mb: float = 0.0
+    max_latency_ms: float = 0.0
+    max_accuracy_drop: float = 0.0
+    data: Literal["none", "calibration", "training"] = "none"
+
+
+class Prediction(Strict):
+    label: Literal["estimate"] = "estimate"
+    bytes_before: int
+    bytes_after: int
+    ratio: float
+    meets_size_budget: bool | None = None
+
+
+class Plan(Strict):
+    plan_version: int = PLAN_VERSION
+    generated_by: str = "compressadvise"
+    model: PlanModel = PlanModel()
+    target: PlanTarget
+    constraints: Constraints = Constraints()
+    playbooks: dict[str, int] = {}
+    steps: list[Step] = []
+    advisories: list[Advisory] = []
+    prediction: Prediction | None = None
+    layers: list[LayerPrediction] = []
+    trace: list[TraceEntry] = []
+
+    @field_validator("plan_version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != PLAN_VERSION:
+            raise ValueError(f"plan_version {v} is not supported (this tool reads {PLAN_VERSION})")
+        return v

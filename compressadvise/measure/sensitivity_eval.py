@@ -1,0 +1,296 @@
+"""Sensitivity evaluation: library compression of one weight, the worker context, output metrics, gradient proxies."""
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from compressadvise.errors import BadModel, CompressionFailed
+from compressadvise.plan.setting import Setting
+
+if TYPE_CHECKING:
+    import torch
+
+PROXY_SAMPLES = 64  # samples used for the gradient-based proxies
+HESSIAN_PROBES = 4  # random output probes per batch for the Gauss-Newton diagonal
+FISHER_SAMPLES = 32  # per-sample gradients for the empirical Fisher
+
+
+# ------------------------------------------------------------------ compression (library calls)
+def _holder(w: "torch.Tensor") -> "torch.nn.Module":
+    """A one-module model holding exactly this weight, so the library compresses just it."""
+    import torch
+    from torch import nn
+
+    if w.dim() == 2:
+        mod: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    elif w.dim() in (3, 4, 5):
+        conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[w.dim()]
+        mod = conv(w.shape[1], w.shape[0], tuple(w.shape[2:]), bias=False)
+    else:
+        raise CompressionFailed(f"cannot compress a {w.dim()}-D weight")
+    with torch.no_grad():
+        mod.weight.copy_(w.detach().float())
+    return nn.Sequential(mod)
+
+
+def compress_weight(w: "torch.Tensor", s: Setting, seed: int = 0) -> "torch.Tensor":
+    """The dequantized weight after compressing `w` with coremltools.optimize.torch.
+
+    Palettization runs PostTrainingPalettizer (k-means), linear quantization runs
+    PostTrainingQuantizer; both leave full-precision weights holding the compressed values.
+    Seeded, so the same (weight, setting, seed) gives the same result in every process.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    from compressadvise.backends import quiet  # the same quieting as `apply` uses
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
+    shape = w.shape
+    flat = w.reshape(shape[0], -1) if w.dim() > 5 else w
+    holder = _holder(flat)
+    with quiet():  # k-means progress bars and log lines on stderr
+        mod = _run_library(holder, s)
+    if "_COREML_/weight/compression_type" not in dict(mod.named_buffers()):
+        raise CompressionFailed(f"{s.label}: the backend left a {list(shape)} weight uncompressed "
+                                "(a silent no-op)")
+    return mod.weight.detach().reshape(shape).to(w.dtype).clone()
+
+
+def _run_library(holder: Any, s: Setting) -> Any:
+    """Compress the holder with coremltools.optimize.torch (the same parameter -> config mapping as `apply`)."""
+    from compressadvise.backends.coremltools_torch import _palettizer_options, _quantizer_options
+
+    if s.technique == "palettization":
+        from coremltools.optimize.torch.palettization import (ModulePostTrainingPalettizerConfig,
+                                                              PostTrainingPalettizer,
+                                                              PostTrainingPalettizerConfig)
+
+        cfg = PostTrainingPalettizerConfig(global_config=ModulePostTrainingPalettizerConfig(**_palettizer_options(s.p)))
+        out = PostTrainingPalettizer(holder, cfg).compress()
+    elif s.technique == "linear_quantization":
+        from coremltools.optimize.torch.quantization import (ModulePostTrainingQuantizerConfig,
+                                                             PostTrainingQuantizer,
+                                                             PostTrainingQuantizerConfig)
+
+        cfg = PostTrainingQuantizerConfig(global_config=ModulePostTrainingQuantizerConfig(**_quantizer_options(s.p)))
+        out = PostTrainingQuantizer(holder, cfg).compress()
+    else:
+        raise CompressionFailed(f"sensitivity cannot apply technique {s.technique!r} "
+                                "(supported: palettization, linear_quantization)")
+    return out[0]
+
+
+def seed_of(layer: str, s: Setting) -> int:
+    return zlib.crc32(f"{layer}|{s.key}".encode())
+
+
+# ------------------------------------------------------------------ evaluation context
+@dataclass
+class EvalContext:
+    """Everything a worker needs, shipped once per worker."""
+
+    model: Any  # an eager nn.Module or GraphModule (None when shipped as TorchScript bytes)
+    inputs: list["torch.Tensor"]
+    labels: "torch.Tensor | None"
+    reference: "torch.Tensor"  # (N, D) flattened float outputs of the original model
+    logits: bool  # a single (N, C) output: KL and top-1 agreement apply
+    weights: dict[str, str]  # layer -> parameter name of its weight
+    hessian: dict[str, "torch.Tensor"] = field(default_factory=dict)
+    fisher: dict[str, "torch.Tensor"] = field(default_factory=dict)
+    batch_size: int = 256
+    sha256: str = ""
+    archive: tuple[str, bytes] | None = None  # ("torchscript" | "exported", bytes): these do not pickle
+
+    def runnable(self) -> Any:
+        if self.model is None and self.archive is not None:
+            import io
+
+            import torch
+
+            kind, data = self.archive
+            if kind == "torchscript":
+                self.model = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
+            else:
+                self.model = torch.export.load(io.BytesIO(data)).module()
+        return self.model
+
+
+_STATE: dict[str, Any] = {}
+
+
+def _worker_state(ctx: EvalContext) -> dict[str, Any]:
+    """Parameters by name and pristine copies of the weights, built once per worker."""
+    key = f"{ctx.sha256}:{id(ctx)}"
+    if _STATE.get("key") != key:
+        params = dict(ctx.runnable().named_parameters())
+        missing = [n for n in ctx.weights.values() if n not in params]
+        if missing:
+            raise BadModel(f"cannot find weight {missing[0]!r} among the model's parameters")
+        _STATE.clear()
+        _STATE.update(key=key, params=params,
+                      original={n: params[n].detach().clone() for n in ctx.weights.values()})
+    return _STATE
+
+
+def _float_outputs(out: Any) -> list["torch.Tensor"]:
+    """The floating tensors a model returned (a tensor, tuple, list, dict or `.logits` object)."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        parts = [out]
+    elif isinstance(out, dict):
+        parts = list(out.values())
+    elif isinstance(out, (tuple, list)):
+        parts = list(out)
+    else:
+        parts = [getattr(out, "logits")] if hasattr(out, "logits") else []
+    parts = [p for p in parts if isinstance(p, torch.Tensor) and p.is_floating_point()]
+    if not parts:
+        raise BadModel(f"the model returned {type(out).__name__} with no floating tensor to compare")
+    return parts
+
+
+def _flatten(parts: list["torch.Tensor"]) -> "torch.Tensor":
+    import torch
+
+    b = parts[0].shape[0] if parts[0].dim() else 1
+    return torch.cat([p.reshape(b, -1) for p in parts], 1)
+
+
+def flat_outputs(out: Any) -> "torch.Tensor":
+    """All floating outputs of one batch as (B, D) float64 (tuples, lists and dicts concatenated)."""
+    return _flatten([p.detach().double() for p in _float_outputs(out)])
+
+
+def run_model(model: Any, inputs: list["torch.Tensor"], batch_size: int) -> "torch.Tensor":
+    import torch
+
+    n = int(inputs[0].shape[0])
+    outs = []
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            outs.append(flat_outputs(model(*(t[i:i + batch_size] for t in inputs))))
+    return torch.cat(outs)
+
+
+def output_metrics(ref: "torch.Tensor", out: "torch.Tensor", logits: bool,
+                   labels: "torch.Tensor | None") -> dict[str, float]:
+    """Measured fidelity of `out` against `ref` (both (N, D)), plus accuracy with labels."""
+    from compressadvise.measure import metrics as M
+
+    err = float(((out - ref) ** 2).mean())
+    m = {"output_mse": err, "psnr_db": M.psnr(ref, out), "snr_db": M.snr(ref, out),
+         "cosine": M.cosine_similarity(ref, out)}
+    if logits:
+        m["top1_agreement"] = M.top1_agreement(ref, out)
+        m["kl_divergence"] = max(0.0, M.kl_divergence(ref, out))
+        if labels is not None and labels.dim() == 1 and not labels.is_floating_point():
+            m["accuracy"] = M.topk_accuracy(out, labels, 1)
+    return m
+
+
+def evaluate(ctx: EvalContext, item: dict[str, Any]) -> dict[str, Any]:
+    """Compress the item's layers with their settings, run the model, restore, measure.
+
+    item: {"assign": {layer: setting dict}}. One layer = a sensitivity measurement; all
+    layers = a full candidate plan. Deterministic: each layer's compression is seeded by
+    (layer, setting).
+    """
+    import torch
+
+    t0 = time.perf_counter()
+    st = _worker_state(ctx)
+    params, original = st["params"], st["original"]
+    assign = {layer: Setting.from_dict(d) for layer, d in item["assign"].items()}
+    nan = float("nan")  # a proxy the context carries no scores for is "not computed", not zero
+    proxies = {"weight_rel_error": 0.0, "hessian_output": 0.0 if ctx.hessian else nan,
+               "fisher_labels": 0.0 if ctx.fisher else nan}
+    try:
+        for layer, s in assign.items():
+            if s.is_fp16:
+                continue
+            name = ctx.weights[layer]
+            w0 = original[name]
+            wq = compress_weight(w0, s, seed_of(layer, s))
+            d2 = (wq.double() - w0.double()) ** 2
+            proxies["weight_rel_error"] += float(d2.sum() / (w0.double() ** 2).sum().clamp_min(1e-300))
+            if layer in ctx.hessian:
+                proxies["hessian_output"] += float((ctx.hessian[layer].double() * d2).sum())
+            if layer in ctx.fisher:
+                proxies["fisher_labels"] += float(0.5 * (ctx.fisher[layer].double() * d2).sum())
+            with torch.no_grad():
+                params[name].copy_(wq)
+        out = run_model(ctx.runnable(), ctx.inputs, ctx.batch_size)
+    finally:
+        with torch.no_grad():
+            for layer in assign:
+                name = ctx.weights[layer]
+                params[name].copy_(original[name])
+    result = {"metrics": output_metrics(ctx.reference, out, ctx.logits, ctx.labels), "proxies": proxies,
+              "seconds": time.perf_counter() - t0}
+    if not all(math.isfinite(v) for k, v in result["metrics"].items() if k != "psnr_db" and k != "snr_db"):
+        result["nonfinite"] = True
+    return result
+
+
+# ------------------------------------------------------------------ gradient proxies
+def gradient_proxies(model: Any, inputs: list["torch.Tensor"], weights: dict[str, str], *,
+                     labels: "torch.Tensor | None", logits: bool, n: int = PROXY_SAMPLES,
+                     probes: int = HESSIAN_PROBES, seed: int = 0, batch: int = 32) -> tuple[dict, dict]:
+    """Diagonal second-order scores per weight element (estimates from a few gradients).
+
+    hessian: diag(J^T J) / (N * D), where J is the Jacobian of the flattened outputs of N
+    samples: E_r[(J^T r)^2] over Gaussian probes r. Times the squared weight error it predicts
+    the output MSE the error causes (the Hessian of output MSE at the original weights).
+    fisher: the empirical Fisher diagonal of the cross-entropy loss, mean over samples of the
+    squared per-sample gradient (labels and logits only).
+    """
+    import torch
+
+    params = dict(model.named_parameters())
+    targets = {layer: params[name] for layer, name in weights.items()}
+    flags = {layer: p.requires_grad for layer, p in targets.items()}
+    gen = torch.Generator().manual_seed(seed)
+    n = min(n, int(inputs[0].shape[0]))
+    sub = [t[:n] for t in inputs]
+    hess = {layer: torch.zeros_like(p, dtype=torch.float64) for layer, p in targets.items()}
+    fisher: dict[str, Any] = {}
+    try:
+        for p in targets.values():
+            p.requires_grad_(True)
+        out = None
+        elements = 0
+        for i in range(0, n, batch):
+            xb = tuple(t[i:i + batch] for t in sub)
+            for _ in range(probes):
+                out = _flatten(_float_outputs(model(*xb)))
+                r = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+                grads = torch.autograd.grad((out * r).sum(), list(targets.values()), allow_unused=True)
+                for layer, g in zip(targets, grads):
+                    if g is not None:
+                        hess[layer] += g.double() ** 2 / probes
+            elements += out.numel() if out is not None else 0
+        for layer in hess:
+            hess[layer] /= max(elements, 1)
+        if labels is not None and logits and labels.dim() == 1 and not labels.is_floating_point():
+            m = min(FISHER_SAMPLES, n)
+            fisher = {layer: torch.zeros_like(p, dtype=torch.float64) for layer, p in targets.items()}
+            for i in range(m):
+                out = _flatten(_float_outputs(model(*(t[i:i + 1] for t in sub))))
+                loss = torch.nn.functional.cross_entropy(out, labels[i:i + 1])
+                grads = torch.autograd.grad(loss, list(targets.values()), allow_unused=True)
+                for layer, g in zip(targets, grads):
+                    if g is not None:
+                        fisher[layer] += g.double() ** 2 / m
+    finally:
+        for layer, p in targets.items():
+            p.requires_grad_(flags[layer])
+    return ({k: v.float() for k, v in hess.items()}, {k: v.float() for k, v in fisher.items()})

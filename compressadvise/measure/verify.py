@@ -1,0 +1,240 @@
+"""Verify a compressed model against the original: fidelity, accuracy, slices, drift, latency, size.
+
+The judge for `apply` and for search: both models run on the same real samples, latency is
+measured interleaved on this machine, target latency is a labelled roofline estimate, and every
+budget gets a verdict saying what it was checked against ("measured" or "estimate").
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from pydantic import Field
+
+from compressadvise.errors import BadModel, InputNotFound
+from compressadvise.measure.estimate import ModelEstimate
+from compressadvise.measure.latency import LatencyReport, Timing
+from compressadvise.measure.metrics import ResultModel
+from compressadvise.model.samples import InvalidSamples, Samples, load_samples, random_samples
+from compressadvise.measure.verify_budgets import BudgetVerdict, Budgets, _estimates, judge
+from compressadvise.measure.verify_budgets import ACCURACY_KEY  # re-exported
+from compressadvise.measure.verify_drift import DriftReport, drift_report
+from compressadvise.measure.verify_drift import DRIFT_THRESHOLD_DB, LayerDrift, capture_layers  # re-exported
+from compressadvise.measure.verify_evaluator import evaluator_rows, load_evaluator, run_evaluator
+from compressadvise.measure.verify_evaluator import EvaluatorFailed  # re-exported
+from compressadvise.measure.verify_outputs import (MetricRow, OutputFidelity, SliceReport, _check_structure, _nonfinite, _slices,
+                             accuracy_rows, check_labels, fidelity_report, parse_metric_overrides, run_model)
+from compressadvise.measure.verify_outputs import SliceRow, flatten_outputs, slice_report  # re-exported
+from compressadvise.measure.verify_resolve import ModelSide, _named_spec, _resolve, _Side
+from compressadvise.measure.verify_resolve import _from_module, disk_size  # re-exported
+
+if TYPE_CHECKING:
+    import torch
+
+
+# ------------------------------------------------------------------ result schema
+class SamplesInfo(ResultModel):
+    source: str
+    kind: Literal["file", "bundled", "random"]
+    count: int
+    input_shapes: list[list[int]]
+    has_labels: bool
+    has_slices: bool
+
+
+class CoreMLInfo(ResultModel):
+    available: bool
+    note: str = ""
+    compute_units: str | None = None
+    timing: Timing | None = None
+
+
+class VerifyResult(ResultModel):
+    original: ModelSide
+    compressed: ModelSide
+    samples: SamplesInfo
+    fidelity: list[OutputFidelity]
+    accuracy: list[MetricRow] = Field([], description="measured task metrics from the sample labels")
+    evaluator: list[MetricRow] = Field([], description="measured metrics from the user's evaluator")
+    slices: list[SliceReport] = []
+    drift: DriftReport | None = None
+    latency: LatencyReport | None = None
+    coreml: CoreMLInfo | None = None
+    estimate: dict[str, ModelEstimate] | None = Field(None, description="target roofline, 'original'/'compressed'")
+    target_size_bytes: dict[str, float] | None = Field(None, description="estimate: weight bytes on the target")
+    budgets: list[BudgetVerdict] = []
+    passed: bool = True
+    warnings: list[str] = []
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    def missed(self) -> list[BudgetVerdict]:
+        return [b for b in self.budgets if not b.passed]
+
+
+# ------------------------------------------------------------------ the entry point
+def _budgets(budgets: Any) -> Budgets:
+    """Budgets, a dict (None = no budget, 0 = a strict zero), or a plan's Constraints (0 = none)."""
+    if budgets is None:
+        return Budgets()
+    if isinstance(budgets, Budgets):
+        return budgets
+    if isinstance(budgets, dict):
+        return Budgets(**budgets)
+    names = ("max_accuracy_drop", "max_latency_ms", "max_size_mb")
+    return Budgets(**{k: (getattr(budgets, k, 0.0) or None) for k in names})
+
+
+def _samples(samples: Any, orig: _Side) -> Samples:
+    if isinstance(samples, Samples):
+        return samples
+    if samples is not None:
+        return load_samples(samples)
+    if orig.loaded.format == "bundled":
+        return load_samples("bundled")
+    return random_samples(orig.loaded.example_inputs)
+
+
+def _labels(labels: Any, samples: Samples) -> "torch.Tensor | None":
+    import torch
+
+    if labels is None:
+        return samples.labels
+    t = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
+    if t.dim() == 0 or t.shape[0] != len(samples):
+        raise InvalidSamples(f"{t.shape[0] if t.dim() else 0} labels for {len(samples)} samples")
+    return t
+
+
+def verify(
+    original: Any = None,
+    compressed: Any = None,
+    *,
+    samples: Any = None,
+    labels: Any = None,
+    evaluator: str | Callable | None = None,
+    target: str | None = None,
+    os: int | None = None,
+    budgets: Any = None,
+    latency: bool = True,
+    compile: bool = False,
+    reps: int = 30,
+    warmup: int = 5,
+    metrics: dict[str, str] | list[str] | None = None,
+    plan: Any = None,
+    calibration: Any = None,
+    compute_units: str = "ALL",
+    batch_size: int = 64,
+    drift: bool = True,
+    drift_samples: int = 64,
+    trust_pickle: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> VerifyResult:
+    """Compare `compressed` with `original` on samples and judge the budgets.
+
+    original/compressed: LoadedModel, nn.Module, model path, `apply` output folder, or
+    None/"bundled" for the bundled example (an `apply` folder holding a state dict is rebuilt
+    by the factory its manifest names only when `original` is that same factory).
+    samples: Samples, a sample file or folder, "bundled", or None (bundled samples for the
+    bundled model, else random inputs with a warning). evaluator: `module:function` (or a
+    callable) receiving the model and returning a dict of metrics; its `accuracy` key (else
+    the first) feeds the accuracy budget, in points.
+    """
+    say = progress or (lambda _msg: None)
+    say = progress or (lambda _msg: None)
+    budget = _budgets(budgets)
+    overrides = parse_metric_overrides(metrics)
+    if compressed is None:
+        raise InputNotFound("no compressed model given", hint="verify ORIGINAL COMPRESSED")
+    say("loading models")
+    orig = _resolve(original, trust_pickle)
+    comp = _resolve(compressed, trust_pickle, named=_named_spec(original))  # its factory, if any, is the user's
+    smp = _samples(samples, orig)
+    lab = _labels(labels, smp)
+    _check_target(target)
+    func = load_evaluator(evaluator) if evaluator is not None else None
+    result = _compare(orig, comp, smp, lab, smp.source if labels is None else "labels", overrides, batch_size, say)
+    _diagnose(result, orig, comp, smp, func, drift=drift, drift_samples=drift_samples, batch_size=batch_size,
+              latency=latency, reps=reps, warmup=warmup, compile=compile, say=say)
+    result.coreml = _coreml(comp, smp, target, compute_units)
+    if target is not None:
+        say("estimating target latency")
+        result.estimate, result.target_size_bytes, notes = _estimates(orig, comp, smp, target, os, calibration, plan)
+        result.estimate["compressed"].notes.extend(notes)
+    return judge(result, budget)
+
+
+def _check_target(target: str | None) -> None:
+    """Fail fast on an unknown target name, before any model runs."""
+    if target is not None:
+        from compressadvise.knowledge.base import builtin
+
+        builtin().target(target)
+
+
+def _compare(orig: _Side, comp: _Side, smp: Samples, lab: "torch.Tensor | None", label_source: str,
+             overrides: dict[str, Any], batch_size: int, say: Callable[[str], None]) -> VerifyResult:
+    """Both models on the same samples: output fidelity, label accuracy and slices (the result so far)."""
+    warnings = list(smp.warnings)
+    say(f"running both models on {len(smp)} samples")
+    ref = run_model(orig.fn, smp, batch_size, "the original model")
+    bad = sum(_nonfinite(t) for t in ref.values())
+    if bad:
+        raise BadModel(f"the original model outputs {bad} NaN/inf value(s) on these samples: "
+                       "fidelity cannot be measured against it", hint="check the samples' scaling and dtype")
+    check_labels(lab, ref, label_source)
+    test = run_model(comp.fn, smp, batch_size, "the compressed model")
+    _check_structure(ref, test)
+    fid = fidelity_report(ref, test, overrides)
+    if any(f.nonfinite for f in fid):
+        warnings.append("the compressed model outputs NaN/inf: its metrics are not meaningful")
+    acc, _ = accuracy_rows(ref, test, lab) if lab is not None else ([], None)
+    if lab is not None and not acc:
+        warnings.append("labels given but no output fits them (class logits or an output shaped like the labels)")
+    return VerifyResult(
+        original=orig.info(), compressed=comp.info(),
+        samples=SamplesInfo(source=smp.source, kind=smp.kind, count=len(smp), input_shapes=smp.shapes(),
+                            has_labels=lab is not None, has_slices=smp.slices is not None),
+        fidelity=fid, accuracy=acc, slices=_slices(smp, ref, test, lab), warnings=warnings)
+
+
+def _diagnose(result: VerifyResult, orig: _Side, comp: _Side, smp: Samples, func: Callable | None, *,
+              drift: bool, drift_samples: int, batch_size: int, latency: bool, reps: int, warmup: int,
+              compile: bool, say: Callable[[str], None]) -> None:
+    """The evaluator's metrics, per-layer drift and interleaved latency, each when asked for."""
+    if func is not None:
+        say("running the evaluator")
+        result.evaluator = evaluator_rows(run_evaluator(func, orig.fn, "original"),
+                                          run_evaluator(func, comp.fn, "compressed"))
+    if drift:
+        say("comparing layer outputs (drift)")
+        result.drift = drift_report(orig, comp, smp.subset(min(drift_samples, len(smp))), batch_size)
+    if latency:
+        from compressadvise.measure.latency import measure
+
+        say("timing both models (interleaved)")
+        result.latency = measure({"original": orig.fn, "compressed": comp.fn}, smp.batch(0, 1),
+                                 reps=reps, warmup=warmup, compile=compile)
+
+
+def _coreml(comp: _Side, smp: Samples, target: str | None, compute_units: str) -> CoreMLInfo | None:
+    """Time the .mlpackage on a Mac; elsewhere say plainly that on-device timing is unavailable."""
+    from compressadvise.measure.latency import coreml_available, coreml_timing
+
+    if comp.mlpackage is None and target is None:
+        return None
+    ok, why = coreml_available()
+    if not ok:
+        return CoreMLInfo(available=False, note=why)
+    if comp.mlpackage is None:
+        return CoreMLInfo(available=True, note="no .mlpackage to time (the apply output has none)")
+    import coremltools as ct
+
+    spec = ct.models.MLModel(comp.mlpackage, skip_model_load=True).get_spec()
+    names = [i.name for i in spec.description.input]
+    feed = {n: t.numpy() for n, t in zip(names, smp.batch(0, 1))}
+    timing = coreml_timing(comp.mlpackage, feed, compute_units=compute_units)
+    return CoreMLInfo(available=True, compute_units=compute_units, timing=timing,
+                      note=f"measured on this Mac with compute units {compute_units}")
+
+

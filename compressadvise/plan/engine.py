@@ -1,0 +1,496 @@
+"""The rule engine: playbooks + model facts + target + budgets -> an ordered, explained plan.
+
+Semantics (documented in docs/guides/writing-playbooks.md):
+- model-scope `compress` rules propose a step for their technique's slot (sparsity, weights,
+  activations); per slot the highest priority wins, then the more specific condition (more
+  `&&` terms), then the lower code. A step whose technique needs a mode the target does not
+  support at the chosen OS is set aside ("unsupported") and the next candidate is tried.
+- layer-scope rules run for every (step, layer) pair with `step.*` facts: `keep` leaves the
+  layer out, `override` changes its parameters (a per-name override), `advise` notes it.
+  On one layer the highest priority wins, with the same tie-breaks.
+- the backend's own behaviour (weight_threshold, indivisible group/block sizes) is applied
+  last and every such skip is listed, so nothing is skipped silently.
+- `outcome` rules are not part of a plan: `next_moves` evaluates them after a verify run
+  missed a budget (the walkthrough's next moves); `LayerRules` answers the layer-rule decision
+  for one layer and candidate setting, so search restricts candidates as `recommend` decides.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from pydantic import ValidationError
+
+from compressadvise.model.analysis import LayerInfo, ModelReport, analyze
+from compressadvise.errors import InvalidKnowledge
+from compressadvise.knowledge.expressions import cel
+from compressadvise.knowledge.deployment import Deployment
+from compressadvise.knowledge.facts import extract, step_facts
+from compressadvise.knowledge.base import PLACEHOLDER, CompiledRule, Knowledge, builtin, load_knowledge
+from compressadvise.knowledge.schema import (COMPRESSIBLE, SLOTS, UNSUPPORTED_KINDS, Advisory, Constraints, LayerPrediction, Plan, PlanModel,
+                     PlanTarget, Prediction, Skip, Step, Target, TraceEntry)
+from compressadvise.plan.setting import Setting, stacked_label
+from compressadvise.plan.sizing import NotApplicable, layer_bytes, pruned_fraction
+
+MB = 1e6
+
+
+def model_facts(r: ModelReport) -> dict[str, Any]:
+    return extract("model", r)
+
+
+def layer_facts(x: LayerInfo, n_layers: int) -> dict[str, Any]:
+    return extract("layer", x, n_layers)
+
+
+def target_facts(t: Target | Deployment, os: int | None = None) -> dict[str, Any]:
+    """Target facts of a deployment (or of a profile at an OS, resolved without the min-OS check)."""
+    d = t if isinstance(t, Deployment) else Deployment.resolve(None, t, os, check=False)
+    return extract("target", d)
+
+
+def constraint_facts(c: Constraints, r: ModelReport) -> dict[str, Any]:
+    return extract("constraints", c, r)
+
+
+def _constraints(values: dict[str, Any]) -> Constraints:
+    """Budgets as given by a caller; NaN or inf (refused by the schema) is a one-line error."""
+    try:
+        return Constraints(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        raise InvalidKnowledge(f"constraints: '{key}': {err['msg']} (got {err.get('input')!r})") from None
+
+
+def rule_rank(cr: CompiledRule) -> tuple:
+    return (-cr.rule.priority, -cr.specificity(), cr.code)
+
+
+@dataclass
+class _Candidate:
+    rule: CompiledRule
+    params: dict[str, Any]
+
+
+def missing_modes(k: Knowledge, technique: str, params: dict[str, Any], supported: list[str]) -> list[str]:
+    facts = {"step": step_facts(params, technique, k.techniques[technique].slot)}
+    need = [mode for mode, cond in k.requirement_programs.get(technique, []) if cond is None or cond(facts)]
+    return [m for m in need if m not in supported]
+
+
+def _selected(cr: CompiledRule | None, layers: list[LayerInfo], ctx_for) -> list[LayerInfo]:
+    sel = cr.rule.action.layers if cr else None
+    types = (sel.types if sel and sel.types else COMPRESSIBLE)
+    out = []
+    for x in layers:
+        if x.type not in types or len(x.weight_shape) < 2:
+            continue
+        if sel and sel.names and not any(fnmatch.fnmatchcase(x.name, p) for p in sel.names):
+            continue
+        if cr and cr.where and not cr.where(ctx_for(x)):
+            continue
+        out.append(x)
+    return out
+
+
+def recommend(
+    model: ModelReport | Any = None,
+    *,
+    target: str = "ane-a17",
+    os: int | None = None,
+    constraints: Constraints | dict | None = None,
+    knowledge: Knowledge | None = None,
+    playbooks: Iterable[str] = (),
+) -> Plan:
+    """Evaluate the playbooks against a model's facts and return an explained plan."""
+    k = knowledge or (load_knowledge(playbooks) if playbooks else builtin())
+    report = model if isinstance(model, ModelReport) else analyze(model)
+    dep = Deployment.resolve(k, target, os)  # default OS and min-OS check, once
+    c = constraints if isinstance(constraints, Constraints) else _constraints(constraints or {})
+    base = {"model": model_facts(report), "target": target_facts(dep),
+            "constraints": constraint_facts(c, report)}
+    trace: list[TraceEntry] = []
+    advisories: list[Advisory] = []
+    candidates = _model_rules(k, base, trace, advisories)
+    steps = _choose_steps(k, candidates, dep, trace)
+    _layer_rules(k, report, base, steps, trace, advisories)
+    plan_steps = [s for s, _ in steps]
+    layers, before, after = predict_layers(k, report, plan_steps, dep.target.baseline_bytes_per_param)
+    meets = None if not c.max_size_mb else after / MB <= c.max_size_mb
+    return Plan(
+        model=PlanModel(source=report.source, sha256=report.sha256, format=report.format,
+                        total_params=report.total_params),
+        target=PlanTarget(name=dep.target.name, os=dep.os), constraints=c,
+        playbooks={name: pb.version for name, pb in k.playbooks.items()},
+        steps=plan_steps, advisories=advisories,
+        prediction=Prediction(bytes_before=before, bytes_after=after,
+                              ratio=before / after if after else 0.0, meets_size_budget=meets),
+        layers=layers, trace=trace,
+    )
+
+
+def _model_rules(k: Knowledge, base: dict[str, Any], trace: list[TraceEntry],
+                 advisories: list[Advisory]) -> dict[str, list[_Candidate]]:
+    """Model-scope rules: advice is added at once; compress rules become candidates per slot."""
+    candidates: dict[str, list[_Candidate]] = defaultdict(list)
+    base_ctx = _context(base)
+    for cr in sorted((r for r in k.rules.values() if r.rule.scope == "model"), key=rule_rank):
+        if not cr.condition(base_ctx):
+            trace.append(TraceEntry(code=cr.code, status="not_matched",
+                                    detail="false: " + " && ".join(cr.condition.failing(base))))
+            continue
+        a = cr.rule.action
+        if a.kind == "advise":
+            advisories.append(Advisory(code=cr.code, title=cr.rule.title, message=a.message or "",
+                                       why=cr.rule.why))
+            trace.append(TraceEntry(code=cr.code, status="fired", detail="advice added"))
+        else:
+            slot = k.techniques[a.technique].slot
+            candidates[slot].append(_Candidate(cr, {**k.techniques[a.technique].defaults(), **a.params}))
+    return candidates
+
+
+def _choose_steps(k: Knowledge, candidates: dict[str, list[_Candidate]], dep: Deployment,
+                  trace: list[TraceEntry]) -> list[tuple[Step, CompiledRule]]:
+    """Per slot, the best-ranked candidate whose modes the deployment supports."""
+    steps: list[tuple[Step, CompiledRule]] = []
+    tgt, os_major = dep.target, dep.os
+    supported = tgt.supports(os_major)
+    for slot in SLOTS:
+        winner = None
+        for cand in candidates.get(slot, []):
+            tech = cand.rule.rule.action.technique
+            if winner is not None:
+                trace.append(TraceEntry(code=cand.rule.code, status="outranked",
+                                        detail=f"{slot} step already chosen by {winner.rule.code} "
+                                        f"(priority {winner.rule.rule.priority} vs {cand.rule.rule.priority})"))
+                continue
+            missing = missing_modes(k, tech, cand.params, supported)
+            if missing:
+                trace.append(TraceEntry(code=cand.rule.code, status="unsupported",
+                                        detail=f"{tech} needs {', '.join(missing)}, which {tgt.name} "
+                                        f"does not support at OS {os_major}"))
+                continue
+            winner = cand
+            trace.append(TraceEntry(code=cand.rule.code, status="fired",
+                                    detail=f"{slot} step: {tech} {_fmt(_shown(k, tech, cand.params))}"))
+        if winner:
+            a = winner.rule.rule.action
+            steps.append((Step(technique=a.technique, slot=slot, params=winner.params,
+                               rules=[winner.rule.code], why=winner.rule.rule.why), winner.rule))
+    return steps
+
+
+@dataclass
+class _LayerTally:
+    """Which layers each layer rule decided, lost or advised on, for the trace and advisories."""
+
+    fired_on: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    outranked_on: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    advice: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+
+def _layer_rules(k: Knowledge, report: ModelReport, base: dict[str, Any],
+                 steps: list[tuple[Step, CompiledRule]], trace: list[TraceEntry],
+                 advisories: list[Advisory]) -> None:
+    """Layer-scope rules: keep/override decide each (step, layer); advice is collected."""
+    layer_rules = sorted((r for r in k.rules.values() if r.rule.scope == "layer"), key=rule_rank)
+    n_layers = len(report.layers)
+    lfacts = {x.name: layer_facts(x, n_layers) for x in report.layers}
+    tally = _LayerTally()
+    # Advice that does not depend on a step runs once over every weight layer, so it is given
+    # even when no compression step fired.
+    stepless = [r for r in layer_rules if r.rule.action.kind == "advise" and not _uses_step(r)]
+    neutral = step_facts({}, "", "")
+    for x in report.layers:
+        ctx = _context({**base, "layer": lfacts[x.name], "step": neutral})
+        for r in stepless:
+            if r.condition(ctx):
+                tally.advice[r.code].append(x.name)
+    for step, cr in steps:
+        applicable = [r for r in layer_rules if _applies(r, step) and r not in stepless]
+        _decide_step_layers(step, cr, report, base, lfacts, applicable, tally)
+    _trace_layer_rules(layer_rules, tally, trace)
+    for code, names in tally.advice.items():
+        rr = k.rules[code].rule
+        advisories.append(Advisory(code=code, title=rr.title, message=rr.action.message or "",
+                                   why=rr.why, layers=names))
+
+
+def _match(applicable: list[CompiledRule], ctx: Any
+           ) -> tuple[CompiledRule | None, list[CompiledRule], list[CompiledRule]]:
+    """The one layer-rule decision (recommend's and `LayerRules.decide`'s): of the rules that
+    match, in rank order, the first keep/override decides, later ones are outranked, and every
+    matching advise rule is advice."""
+    decided: CompiledRule | None = None
+    outranked: list[CompiledRule] = []
+    advice: list[CompiledRule] = []
+    for r in applicable:
+        if not r.condition(ctx):
+            continue
+        if r.rule.action.kind == "advise":
+            advice.append(r)
+        elif decided is None:
+            decided = r
+        else:
+            outranked.append(r)
+    return decided, outranked, advice
+
+
+def _decide_step_layers(step: Step, cr: CompiledRule, report: ModelReport, base: dict[str, Any],
+                        lfacts: dict[str, dict[str, Any]], applicable: list[CompiledRule],
+                        tally: _LayerTally) -> None:
+    """Fill the step's layers, skips and per-layer overrides from the highest-ranked rule per layer."""
+    sf = step_facts(step.params, step.technique, step.slot)
+    contexts: dict[str, Any] = {}
+
+    def ctx_for(x: LayerInfo) -> Any:
+        if x.name not in contexts:
+            contexts[x.name] = _context({**base, "layer": lfacts[x.name], "step": sf})
+        return contexts[x.name]
+
+    decided_here: set[str] = set()
+    sel = cr.rule.action.layers if cr else None
+    if not (sel and sel.types):  # a layer kind no backend compresses: said per layer, not left out silently
+        step.skipped += [Skip(layer=x.name, reason=UNSUPPORTED_KINDS[x.type], code="backend")
+                         for x in report.layers if x.type in UNSUPPORTED_KINDS and len(x.weight_shape) >= 2]
+    for x in _selected(cr, report.layers, ctx_for):
+        decided, outranked, advice = _match(applicable, ctx_for(x))
+        for r in advice:
+            if x.name not in tally.advice[r.code]:
+                tally.advice[r.code].append(x.name)
+        for r in outranked:
+            tally.outranked_on[r.code].append(x.name)
+        if decided is not None:
+            tally.fired_on[decided.code].append(x.name)
+            decided_here.add(decided.code)
+        if decided is None:
+            step.layers.append(x.name)
+        elif decided.rule.action.kind == "keep":
+            step.skipped.append(Skip(layer=x.name, reason=decided.rule.why, code=decided.code))
+        else:
+            step.layers.append(x.name)
+            step.op_name_params[x.name] = dict(decided.rule.action.params)
+    step.rules += sorted(decided_here - set(step.rules))
+
+
+def _trace_layer_rules(layer_rules: list[CompiledRule], tally: _LayerTally, trace: list[TraceEntry]) -> None:
+    for r in layer_rules:
+        if r.code in tally.fired_on or r.code in tally.advice:
+            names = tally.fired_on.get(r.code) or tally.advice.get(r.code, [])
+            trace.append(TraceEntry(code=r.code, status="fired", layers=_uniq(names),
+                                    detail=f"{r.rule.action.kind} on {len(_uniq(names))} layer(s)"))
+        elif r.code in tally.outranked_on:
+            trace.append(TraceEntry(code=r.code, status="outranked", layers=_uniq(tally.outranked_on[r.code]),
+                                    detail="matched, but a higher-priority layer rule decided these layers"))
+        else:
+            trace.append(TraceEntry(code=r.code, status="not_matched",
+                                    detail="no layer of any step matched: " + r.rule.when))
+
+
+def _uniq(xs: list[str]) -> list[str]:
+    return list(dict.fromkeys(xs))
+
+
+def _shown(k: Knowledge, technique: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Only the parameters that matter (no group_size on a per-tensor step), in the step's order."""
+    keep = Setting.resolve(k.techniques[technique], params).p
+    return {name: v for name, v in params.items() if name in keep}
+
+
+def _fmt(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items() if k != "weight_threshold")
+
+
+def _context(facts: dict[str, Any]) -> Any:
+    """Convert the facts to CEL values once and reuse them for every rule on this layer:
+    passing a plain dict converts all of it again on each evaluation (10x slower)."""
+    ctx = cel.Context()
+    ctx.update(facts)
+    return ctx
+
+
+def _uses_step(r: CompiledRule) -> bool:
+    return any(f.startswith("step.") for f in r.condition.facts_used)
+
+
+def _applies(r: CompiledRule, step: Step) -> bool:
+    a = r.rule.action
+    if a.technique and a.technique != step.technique:
+        return False
+    if a.slots and step.slot not in a.slots:
+        return False
+    return True
+
+
+def effective_params(k: Knowledge, step: Step, layer: LayerInfo) -> dict[str, Any]:
+    """What the backend gets on this layer: the resolved setting plus backend parameters."""
+    return step.setting_for(layer, k.techniques[step.technique]).all_params
+
+
+def predict_layers(k: Knowledge, report: ModelReport, steps: list[Step], baseline: float
+             ) -> tuple[list[LayerPrediction], int, int]:
+    """Per-layer bytes after all steps; fills each step's cumulative estimate and backend skips."""
+    settings: dict[str, list[Setting]] = defaultdict(list)
+    weight: dict[str, float] = {}
+    sparsity: dict[str, float] = {}
+    before = int(round(report.total_params * baseline))
+    after = before
+    by_name = {x.name: x for x in report.layers}
+    for step in steps:
+        kept = []
+        tech = k.techniques[step.technique]
+        for name in step.layers:
+            x = by_name[name]
+            s = step.setting_for(x, tech)
+            try:
+                if step.slot == "sparsity":
+                    frac = pruned_fraction(s.p)
+                    w = s.weight_bytes(k, x, baseline, frac)
+                    sparsity[name] = frac
+                elif step.slot == "activations" and name in weight:
+                    kept.append(name)  # weights already compressed by an earlier step
+                    continue
+                else:
+                    w = s.weight_bytes(k, x, baseline, sparsity.get(name, 0.0))
+            except NotApplicable as e:
+                step.skipped.append(Skip(layer=name, reason=str(e), code="backend"))
+                step.op_name_params.pop(name, None)
+                continue
+            prev = weight.get(name)
+            weight[name] = w
+            old = layer_bytes(x, prev, baseline)
+            new = layer_bytes(x, w, baseline)
+            after += new - old
+            settings[name].append(s)
+            kept.append(name)
+        step.layers = kept
+        step.predicted_bytes_after = after
+    preds = [
+        LayerPrediction(name=x.name, setting=stacked_label(settings[x.name]),
+                        settings=[s.to_dict() for s in settings[x.name]],
+                        bytes_before=layer_bytes(x, None, baseline),
+                        bytes_after=layer_bytes(x, weight.get(x.name), baseline))
+        for x in report.layers
+    ]
+    return preds, before, after
+
+
+def _describe(k: Knowledge, step: Step, layer: LayerInfo) -> str:
+    """A step's label on one layer: the resolved Setting's (the one label builder)."""
+    return step.setting_for(layer, k.techniques[step.technique]).label
+
+
+# ---------------------------------------------------------------- next moves after a miss
+@dataclass(frozen=True)
+class Move:
+    """One recommended next move, from an `outcome` rule (cited like any other rule)."""
+    code: str
+    message: str
+    step: int = 0  # 1-based plan step it changes; 0: the plan as a whole
+
+
+@dataclass(frozen=True)
+class NextMoves:
+    moves: tuple[Move, ...]
+    trace: tuple[TraceEntry, ...]
+
+    def messages(self) -> list[str]:
+        return [m.message for m in self.moves]
+
+
+def next_moves(plan: Plan, report: ModelReport, missed: Iterable[str], knowledge: Knowledge | None = None,
+               *, data: str = "none", worst_layer: str | None = None) -> NextMoves:
+    """Evaluate the `outcome` rules for the budgets a verify run missed, in code order; a rule
+    whose condition reads step facts runs once per plan step (its message names the step)."""
+    k = knowledge or builtin()
+    tgt = k.target(plan.target.name)
+    missed = list(missed)
+    rules = sorted((r for r in k.rules.values() if r.rule.scope == "outcome"), key=lambda r: r.code)
+    if not missed:
+        return NextMoves((), tuple(TraceEntry(code=r.code, status="not_matched", detail="no budget was missed")
+                                   for r in rules))
+    base = {"model": model_facts(report), "target": target_facts(tgt, plan.target.os),
+            "constraints": constraint_facts(plan.constraints, report)}
+    outcome = _outcome_facts(plan, report, missed, data, worst_layer)
+    moves: list[Move] = []
+    trace: list[TraceEntry] = []
+    for r in rules:
+        views = ([(i, s) for i, s in enumerate(plan.steps, 1)] if _uses_step(r) else [(0, None)])
+        fired = [m for i, s in views if (m := _move(k, r, base, outcome, i, s))]
+        moves += fired
+        trace.append(TraceEntry(code=r.code, status="fired", detail=f"{len(fired)} move(s)") if fired else
+                     TraceEntry(code=r.code, status="not_matched", detail="false: " + r.rule.when))
+    return NextMoves(tuple(moves), tuple(trace))
+
+
+def _move(k: Knowledge, r: CompiledRule, base: dict[str, Any], outcome: dict[str, Any], number: int,
+          step: Step | None) -> Move | None:
+    sf = step_facts(step.params, step.technique, step.slot) if step else step_facts({}, "", "")
+    facts = {**base, "step": sf, "outcome": {**outcome, "step": number, **_nbits_ladder(k, step)}}
+    if not r.condition(_context(facts)):
+        return None
+    text = PLACEHOLDER.sub(lambda m: str(facts[m.group(1)][m.group(2)]), r.rule.action.message or "")
+    return Move(code=r.code, message=" ".join(text.split()), step=number)
+
+
+def _nbits_ladder(k: Knowledge, step: Step | None) -> dict[str, int]:
+    """The neighbouring nbits the step's technique accepts (its YAML choices; 0 when none)."""
+    spec = k.techniques[step.technique].parameters.get("nbits") if step and step.technique in k.techniques else None
+    nbits = int(step.params.get("nbits", 0) or 0) if step else 0
+    choices = sorted(spec.choices or []) if spec and nbits else []
+    lower = [c for c in choices if c < nbits]
+    higher = [c for c in choices if c > nbits]
+    return {"nbits_lower": lower[-1] if lower else 0, "nbits_higher": higher[0] if higher else 0}
+
+
+def _outcome_facts(plan: Plan, report: ModelReport, missed: list[str], data: str,
+                   worst_layer: str | None) -> dict[str, Any]:
+    kept = sorted({sk.layer for s in plan.steps for sk in s.skipped})
+    return {
+        "missed": missed, "data": data, "step": 0,
+        "weight_steps": sum(1 for s in plan.steps if s.slot == "weights"),
+        "activation_steps": sum(1 for s in plan.steps if s.slot == "activations"),
+        "sensitive_layer": worst_layer or _most_kurtotic(plan, report) or "",
+        "kept_layers": len(kept), "kept_preview": ", ".join(kept[:4]),
+        "nbits_lower": 0, "nbits_higher": 0,
+    }
+
+
+def _most_kurtotic(plan: Plan, report: ModelReport) -> str | None:
+    """Without a measurement, the compressed layer with the heaviest tails looks most sensitive."""
+    compressed = {n for s in plan.steps for n in s.layers}
+    ranked = sorted((x for x in report.layers if x.name in compressed and x.stats),
+                    key=lambda x: -(x.stats.kurtosis if x.stats.kurtosis == x.stats.kurtosis else 0.0))
+    return ranked[0].name if ranked else None
+
+
+# ---------------------------------------------------------------- layer decisions, one layer at a time
+@dataclass(frozen=True)
+class LayerRules:
+    """The playbooks' per-layer decision for one model, deployment and budget, as `recommend`
+    makes it: the highest-ranked matching `keep`/`override` layer rule that applies to the step
+    decides (advice never does). Build once (`of`), then ask per layer and candidate setting."""
+    base: dict[str, Any]
+    rules: tuple[CompiledRule, ...]
+    slots: dict[str, str]  # technique -> slot
+    n_layers: int
+
+    @classmethod
+    def of(cls, k: Knowledge, report: ModelReport, target: str, os: int, constraints: Constraints) -> "LayerRules":
+        base = {"model": model_facts(report), "target": target_facts(k.target(target), os),
+                "constraints": constraint_facts(constraints, report)}
+        ranked = sorted((r for r in k.rules.values() if r.rule.scope == "layer"), key=rule_rank)
+        deciding = tuple(r for r in ranked if r.rule.action.kind != "advise")
+        return cls(base, deciding, {n: t.slot for n, t in k.techniques.items()}, len(report.layers))
+
+    def decide(self, layer: LayerInfo, technique: str, params: dict[str, Any]) -> CompiledRule | None:
+        """The rule that keeps this layer out of (or overrides) a step with these parameters;
+        None when no rule decides and the setting stands."""
+        step = Step(technique=technique, slot=self.slots[technique], params=params)
+        ctx = _context({**self.base, "layer": layer_facts(layer, self.n_layers),
+                        "step": step_facts(params, technique, step.slot)})
+        return _match([r for r in self.rules if _applies(r, step)], ctx)[0]

@@ -1,0 +1,91 @@
+"""Search results: the budget, the candidate plans, the frontiers and the per-layer choices."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from compressadvise.model.analysis import ModelReport
+from compressadvise.errors import InvalidKnowledge
+from compressadvise.measure.metrics import ResultModel
+from compressadvise.knowledge.schema import Plan
+
+MB = 1e6
+
+
+class Budget(ResultModel):
+    max_bytes: float | None = Field(None, description="whole-model size budget in bytes")
+    max_latency_ms: float | None = Field(None, description="estimate: roofline latency budget on the target")
+    basis: str = ""
+
+    @classmethod
+    def of(cls, *, max_size_mb: float | None = None, bits_per_weight: float | None = None,
+           max_latency_ms: float | None = None, size_fraction: float | None = None,
+           report: ModelReport | None = None, baseline: float = 2.0) -> "Budget":
+        given = [x for x in (max_size_mb, bits_per_weight, size_fraction) if x]
+        if len(given) > 1:
+            raise InvalidKnowledge("give one size budget: --max-size-mb, --bits-per-weight or --size-fraction")
+        if not given and not max_latency_ms:
+            raise InvalidKnowledge("search needs a budget", hint="--max-size-mb, --bits-per-weight, "
+                                   "--size-fraction or --max-latency-ms")
+        max_bytes, basis = None, []
+        if max_size_mb:
+            max_bytes = max_size_mb * MB
+            basis.append(f"{max_size_mb:g} MB")
+        elif bits_per_weight:
+            if report is None:
+                raise ValueError("bits_per_weight needs the model report")
+            max_bytes = bits_per_weight * report.total_params / 8.0
+            basis.append(f"{bits_per_weight:g} bits per weight ({report.total_params} parameters)")
+        elif size_fraction:
+            if report is None:
+                raise ValueError("size_fraction needs the model report")
+            max_bytes = size_fraction * report.total_params * baseline
+            basis.append(f"{size_fraction:g} of the uncompressed size")
+        if max_latency_ms:
+            basis.append(f"{max_latency_ms:g} ms (estimate)")
+        return cls(max_bytes=max_bytes, max_latency_ms=max_latency_ms or None, basis=" and ".join(basis))
+
+
+class FrontierPoint(ResultModel):
+    bytes: int = Field(description="estimate (technique formulas)")
+    latency_ms: float | None = Field(None, description="estimate (roofline)")
+    predicted_psnr_db: float = Field(description="estimate: from the summed single-layer output MSEs")
+    measured_psnr_db: float | None = Field(None, description="measured, when this plan was confirmed")
+    compressed_layers: int
+
+
+class Candidate(ResultModel):
+    name: str
+    objective: str
+    assignment: dict[str, str] = Field(description="layer -> setting label")
+    settings: dict[str, dict[str, Any]] = Field(description="layer -> {technique, params} (fp16 layers omitted)")
+    estimate: dict[str, float | None] = Field(description="bytes, latency_ms, psnr_db: estimates")
+    measured: dict[str, float] = Field(description="the plan applied in memory, run on the samples")
+    fits: bool
+
+
+class LayerChoice(ResultModel):
+    layer: str
+    setting: str
+    bytes: int = Field(description="estimate")
+    vs_median: float | None = Field(description="measured sensitivity / median layer's")
+    noise_share: float = Field(description="share of the plan's predicted output noise (estimate)")
+    why: str
+    restricted_by: list[str] = []
+
+
+class SearchResult(ResultModel):
+    plan: Plan
+    budget: Budget
+    chosen: Candidate
+    candidates: list[Candidate]
+    frontier_size: list[FrontierPoint]
+    frontier_latency: list[FrontierPoint]
+    layers: list[LayerChoice]
+    reference: dict[str, float] = Field(description="measured on the original model")
+    evaluations: dict[str, int] = Field(description="single_layer (run now), single_layer_cached, full_model")
+    sensitivity_wall_s: float
+    wall_s: float
+    lessons: Literal["apply", "advise"]
+    notes: list[str] = []

@@ -1,0 +1,1 @@
+"""Real pretrained models as test fixtures: builders (model code + weight loading) and a catalog."""

@@ -1,0 +1,135 @@
+"""Analysis on real pretrained weights (tests/real_models): totals, the weight inventory, formats.
+
+The weights come from pinned registry packages that scripts/setup.sh installs with --no-deps;
+nothing is downloaded here. A model whose package is missing is skipped with the reason.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from compressadvise.model.analysis import ModelReport, analyze
+from compressadvise.model.loading import LoadedModel, load_model
+from models import TinyLM, unique_params
+from real_models.catalog import REAL_MODELS, RealModel, pinned_requirements
+
+FORMATS = {"exported": "mobilenet_v2.pt2", "torchscript": "mobilenet_v2.ts", "state_dict": "mobilenet_v2.pt"}
+
+
+@dataclass(frozen=True)
+class Built:
+    spec: RealModel
+    module: nn.Module
+    example: tuple
+
+
+@functools.cache
+def _build(model_id: str) -> Built:
+    spec = REAL_MODELS[model_id]
+    if not spec.installed():
+        pytest.skip(spec.skip_reason())  # not cached: functools.cache keeps no exceptions
+    module, example = spec.build()
+    return Built(spec, module, example)
+
+
+def _analyze_module(built: Built) -> ModelReport:
+    return analyze(LoadedModel(source=f"test:{built.spec.id}", format="module", sha256="", has_graph=True,
+                               module=built.module, example_inputs=built.example))
+
+
+@pytest.fixture(scope="session", params=sorted(REAL_MODELS))
+def real(request: pytest.FixtureRequest) -> Built:
+    return _build(request.param)
+
+
+@pytest.fixture(scope="session")
+def real_report(real: Built) -> ModelReport:
+    return _analyze_module(real)
+
+
+@pytest.fixture(scope="session")
+def mobilenet() -> Built:
+    return _build("mobilenet_v2")
+
+
+@pytest.fixture(scope="session")
+def mobilenet_report(mobilenet: Built) -> ModelReport:
+    return _analyze_module(mobilenet)
+
+
+@pytest.fixture(scope="session")
+def mobilenet_formats(mobilenet: Built, tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelReport]:
+    """The same MobileNetV2 saved three ways, loaded back with load_model and analyzed."""
+    d = tmp_path_factory.mktemp("mobilenet_formats")
+    m, example = mobilenet.module, mobilenet.example
+    with torch.no_grad():
+        torch.export.save(torch.export.export(m, example), d / FORMATS["exported"])
+        torch.jit.trace(m, example, check_trace=False).save(str(d / FORMATS["torchscript"]))
+    torch.save(m.state_dict(), d / FORMATS["state_dict"])
+    reports = {}
+    for fmt, name in FORMATS.items():
+        loaded = load_model(d / name)
+        assert loaded.format == fmt, f"{name} sniffed as {loaded.format}"
+        reports[fmt] = analyze(loaded)
+    return reports
+
+
+def _outputs(out: object) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in _outputs(o)]  # tuples such as (prob, state)
+
+
+def test_catalog_matches_requirements() -> None:
+    assert sorted(m.requirement for m in REAL_MODELS.values()) == sorted(pinned_requirements())
+
+
+def test_forward_is_finite(real: Built) -> None:
+    with torch.no_grad():
+        outs = _outputs(real.module(*real.example))
+    assert outs and all(t.numel() for t in outs)
+    bad = [i for i, t in enumerate(outs) if not torch.isfinite(t).all()]
+    assert not bad, f"{real.spec.id}: non-finite values in output(s) {bad}"
+
+
+def test_total_params_counts_parameters_only(real: Built, real_report: ModelReport) -> None:
+    # BatchNorm running statistics and fixed bases held as buffers are not parameters.
+    assert real_report.total_params == sum(p.numel() for p in real.module.parameters())
+
+
+def test_every_weight_matrix_is_inventoried(real: Built, real_report: ModelReport) -> None:
+    inventoried = {t for layer in real_report.layers for t in layer.tensors}
+    missing = [n for n, p in real.module.named_parameters() if p.ndim >= 2 and n not in inventoried]
+    assert not missing, f"{real.spec.id}: weight tensors in no layer: {missing}"
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_mobilenet_formats_agree(fmt: str, mobilenet: Built, mobilenet_report: ModelReport,
+                                 mobilenet_formats: dict[str, ModelReport]) -> None:
+    # Compared with the in-memory module, so agreement across formats also means agreeing on the truth.
+    ref = mobilenet_report
+    got = mobilenet_formats[fmt]
+    assert [x.name for x in got.layers] == [x.name for x in ref.layers]
+    assert len(got.layers) == len(ref.layers)
+    assert got.total_params == ref.total_params == sum(p.numel() for p in mobilenet.module.parameters())
+
+
+def test_state_dict_loads_weight_only(mobilenet_formats: dict[str, ModelReport]) -> None:
+    assert mobilenet_formats["state_dict"].has_graph is False
+    assert mobilenet_formats["exported"].has_graph and mobilenet_formats["torchscript"].has_graph
+
+
+def test_decoder_tied_embeddings_found() -> None:
+    # TinyLM (tests/models.py): decoder with lm_head.weight tied to embed.weight.
+    torch.manual_seed(0)
+    model = TinyLM().eval()
+    report = analyze(LoadedModel(source="test:tinylm", format="module", sha256="", has_graph=True,
+                                 module=model, example_inputs=(torch.randint(0, 100, (1, 8)),)))
+    assert report.tied_groups, "the tied lm_head/embedding was not found"
+    assert any({"embed.weight", "lm_head.weight"} <= set(g) for g in report.tied_groups)
+    assert report.embedding_share > 0
+    assert report.total_params == unique_params(model)
