@@ -24,8 +24,9 @@ from real_models.catalog import INSTALL, REAL_MODELS, RealModel  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 HEADING = "## Real models"
-COLUMNS = ["model", "params", "weight layers", "layers by type", "compressible", "family",
-           "plan steps", "fp16 -> predicted", "ratio", "analyze + recommend s"]
+COLUMNS = ["model", "params", "weight layers", "layers by type", "compressible", "family", "BN folded",
+           "classifier (graph)", "dead", "plan steps", "fp16 -> predicted", "ratio",
+           "predicted by format: .pt2 / TorchScript / state dict", "analyze + recommend s"]
 
 
 def _mb(n: int) -> str:
@@ -48,9 +49,40 @@ def measure(spec: RealModel, target: str) -> list[str]:
                         if v.count)
     steps = ", ".join(f"{s.technique} ({len(s.layers)} layers)" for s in plan.steps) or "none"
     pred = plan.prediction
+    folded = sum(1 for x in report.layers if x.folded_bn)
+    classifier = ", ".join(x.name for x in report.layers if x.is_classifier) or "none"
+    dead = ", ".join(x.name for x in report.layers if x.is_dead) or "none"
     return [spec.id, f"{report.total_params:,}", str(len(report.layers)), by_type,
-            f"{report.compressible_params / report.total_params:.1%}", report.family, steps,
-            f"{_mb(pred.bytes_before)} -> {_mb(pred.bytes_after)}", f"{pred.ratio:.2f}x", f"{seconds:.1f}"]
+            f"{report.compressible_params / report.total_params:.1%}", report.family, str(folded), classifier,
+            dead, steps, f"{_mb(pred.bytes_before)} -> {_mb(pred.bytes_after)}", f"{pred.ratio:.2f}x",
+            " / ".join(by_format(module, example, target)), f"{seconds:.1f}"]
+
+
+def by_format(module, example, target: str) -> list[str]:
+    """The predicted size when the same model comes as a .pt2, a traced TorchScript file or a
+    state dict (weights only: roles guessed from names, nothing folded)."""
+    import tempfile
+
+    import torch
+
+    from compressadvise.model.analysis import analyze
+    from compressadvise.model.loading import load_model
+    from compressadvise.plan.engine import recommend
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        savers = {"m.pt2": lambda p: torch.export.save(torch.export.export(module, example), p),
+                  "m.ts": lambda p: torch.jit.save(torch.jit.trace(module, example), p),
+                  "m.pt": lambda p: torch.save(module.state_dict(), p)}
+        for name, save in savers.items():
+            path = Path(tmp) / name
+            try:
+                save(str(path))
+                plan = recommend(analyze(load_model(path)), target=target)
+                out.append(_mb(plan.prediction.bytes_after))
+            except Exception as e:  # e.g. LSTMCell does not trace
+                out.append(f"n/a ({type(e).__name__})")
+    return out
 
 
 def table(rows: list[list[str]]) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from compressadvise import backends as B
-from compressadvise.model.analysis import ModelReport, analyze
+from compressadvise.model.analysis import ModelReport, analyze, example_inputs_for
 from compressadvise.backends.apply_coreml import _coreml_side
 from compressadvise.backends.apply_coreml import MLPACKAGE, _check_coreml  # re-exported
 from compressadvise.backends.apply_manifest import _manifest
@@ -79,6 +79,11 @@ def apply(
     target = k.target(plan.target.name)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_pickle=trust_pickle)
     _check_model(plan, loaded)
+    # Compress the form that ships (BatchNorm folded, as the converter would): the converter then
+    # has nothing left to fold, so the compressed weights reach Core ML unchanged.
+    from compressadvise.model.deploy import deployable
+
+    loaded = deployable(loaded, example_inputs_for(loaded, input_shape))
     report = analyze(loaded, stats=False)
     jobs = resolve(plan, k, report, target)
     ctx = B.Context(target=target, os=plan.target.os or target.default_os, progress=progress)
@@ -157,7 +162,14 @@ def _load_state_dict_artifact(out_dir: Path, manifest: dict[str, Any], factory: 
                        "that manifest.json names; a file the tool wrote never chooses code to import",
                        hint=f"pass the model on the command line: `compressadvise verify {shlex.quote(source)} "
                        f"{shlex.quote(str(out_dir))}`")
-    base = load_model(None if fmt == "bundled" else source)
+    from compressadvise.model.deploy import deployable
+
+    base = deployable(load_model(None if fmt == "bundled" else source))  # the form apply compressed
+    want = sorted(f["bn"] for f in manifest.get("folded", []))
+    if sorted(f.bn for f in base.folds) != want:
+        raise BadModel(f"{out_dir / 'manifest.json'}: the artefact was compressed with BatchNorms {want} folded, "
+                       f"and rebuilding {source} folds {sorted(f.bn for f in base.folds)}",
+                       hint="rebuild with the model code and example input apply used")
     module = base.module
     if "torchao" in manifest.get("backends_used", []):
         plan_path = out_dir / (manifest.get("plan") or "plan.yaml")

@@ -74,10 +74,15 @@ def _float_weights(loaded: LoadedModel) -> dict[str, Any]:
     """Weights in fp16 numpy form, to find them by value in the converted program."""
     import torch
 
+    folded: dict[str, Any] = {}
+    if loaded.module is None and loaded.exported is not None:  # the converter folds its BatchNorms
+        from compressadvise.model.deploy import program_folds
+
+        folded = program_folds(loaded.exported)[0]
     out = {}
     for name, t in loaded.tensors():
         if t.is_floating_point() and t.dim() >= 2:
-            out[name] = t.detach().to(dtype=torch.float16).cpu().numpy()
+            out[name] = folded.get(name, t).detach().to(dtype=torch.float16).cpu().numpy()
     return out
 
 

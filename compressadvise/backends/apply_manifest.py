@@ -74,6 +74,9 @@ def _manifest(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport
         "mlpackage": MLPACKAGE if ml else None,
         "coreml": ({k2: v for k2, v in ml.items() if k2 not in ("package_bytes", "weight_file_bytes")} if ml else None),
         "backends_used": used,
+        # BatchNorms folded before compressing (model.deploy): a state-dict artefact is rebuilt the same way.
+        "folded": [{"layer": f.layer, "bn": f.bn, "scale_min": f.scale_min, "scale_max": f.scale_max}
+                   for f in loaded.folds],
         "steps": _step_records(jobs, route, outcome),
         "notes": route.notes,
         "layers": layers,

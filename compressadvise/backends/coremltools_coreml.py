@@ -249,6 +249,20 @@ def weight_consts(mlmodel: Any) -> list[tuple[str, Any, tuple, list[str]]]:
     return out
 
 
+VALUE_TOLERANCE = 2e-3  # of the weight's largest |value|: fp16 rounding of a fold computed another way
+
+
+def _by_value(consts: list, w: Any, claimed: set[str]) -> str | None:
+    """The unclaimed const equal to `w` up to fp16 rounding (the converter folds in fp32, we in
+    float64), if exactly one is that close: same-shaped layers differ by O(1), not by rounding."""
+    import numpy as np
+
+    scale = float(np.abs(w).max()) or 1.0
+    close = [n for n, v, shape, _ in consts if v is not None and shape == tuple(w.shape) and n not in claimed
+             and float(np.abs(v.astype(np.float32) - w.astype(np.float32)).max()) <= VALUE_TOLERANCE * scale]
+    return close[0] if len(close) == 1 else None
+
+
 def map_layers(mlmodel: Any, jobs: list[LayerJob], weights: dict[str, Any]) -> dict[str, str]:
     """Find each layer's weight in the program: by name, then by value, then by a unique shape.
 
@@ -269,11 +283,8 @@ def map_layers(mlmodel: Any, jobs: list[LayerJob], weights: dict[str, Any]) -> d
                 lj.const, lj.match = min(hits, key=len), "name"
                 break
         if lj.const is None and lj.tensor in weights:
-            w = weights[lj.tensor]
-            for n, v, shape, _ in consts:
-                if v is not None and shape == tuple(w.shape) and np.array_equal(v, w.astype(v.dtype)):
-                    lj.const, lj.match = n, "value"
-                    break
+            lj.const = _by_value(consts, weights[lj.tensor], claimed)
+            lj.match = "value" if lj.const else ""
         if lj.const:
             claimed.add(lj.const)
     for lj in jobs:

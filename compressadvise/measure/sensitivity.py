@@ -130,6 +130,10 @@ def prepare(model: "LoadedModel | str | Any" = None, samples: "Samples | str | N
         smp = load_samples(samples)
     if loaded.example_inputs is None:  # one real sample gives analyze the MACs (latency estimates)
         loaded.example_inputs = tuple(t[:1] for t in smp.inputs)
+    from compressadvise.model.deploy import deployable
+
+    loaded = deployable(loaded)  # measure the weights that ship (BatchNorm folded), not the training form
+    runnable = loaded.runnable()
     report = report or analyze(loaded)
     n = min(len(smp), max_samples)
     weights = _weight_names(runnable, candidate_layers(report))

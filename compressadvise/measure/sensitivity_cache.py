@@ -13,7 +13,7 @@ from compressadvise.plan.setting import Setting
 if TYPE_CHECKING:
     from compressadvise.model.samples import Samples
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: measured on the deployable form (BatchNorm folded)
 CACHE_ENV = "COMPRESSADVISE_SENSITIVITY_CACHE"
 
 

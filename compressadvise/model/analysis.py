@@ -65,6 +65,9 @@ class LayerInfo(BaseModel):
     is_embedding: bool
     tied_to: str | None = None
     is_recurrent: bool = False
+    is_dead: bool = Field(False, description="no output depends on this weight (from the graph): left out of plans")
+    folded_bn: str | None = Field(None, description="the BatchNorm that folds into this layer when converted")
+    folded_into: str | None = Field(None, description="this BatchNorm folds into that layer when converted")
     gates: int = Field(0, description="gate blocks stacked in a recurrent weight (LSTM 4, GRU 3, RNN 1; 0 otherwise)")
     out_divisible_by: list[int]
     in_divisible_by: list[int]
@@ -109,6 +112,7 @@ class ModelReport(BaseModel):
     buffers: list[BufferInfo] = Field([], description="non-parameter tensors (running statistics, masks, "
                                       "position ids): not in total_params or the fp16 baseline")
     buffer_elements: int = 0
+    roles_source: str = Field("", description="where first/last/classifier/dead came from: the graph, or a guess")
 
     def layer(self, name: str) -> LayerInfo:
         for layer in self.layers:
@@ -328,6 +332,17 @@ def _macs(model: LoadedModel, input_shape: list[int] | None) -> tuple[dict[str, 
     return found, list(example[0].shape)
 
 
+def example_inputs_for(model: LoadedModel, input_shape: list[int] | None) -> tuple | None:
+    """The model's example inputs, or zeros of the given shape."""
+    if model.example_inputs is not None:
+        return model.example_inputs
+    if input_shape:
+        import torch
+
+        return (torch.zeros(*input_shape),)
+    return None
+
+
 def _example_shape(model: LoadedModel) -> list[int] | None:
     if model.example_inputs:
         return list(model.example_inputs[0].shape)
@@ -373,7 +388,34 @@ def analyze(
     """Inventory a model: per-layer facts, model totals, family guess and findings."""
     if not isinstance(model, LoadedModel):
         model = load_model(model, trust_pickle=trust_pickle)
+    # The inventory is the model's own parameters; the statistics are those of the weights as they
+    # ship (BatchNorm folded, as the converter does), since those are what gets compressed.
+    from compressadvise.model.deploy import deployable_values
+
+    folds, values = deployable_values(model, example_inputs_for(model, input_shape))
     types = _module_types(model)
+    groups, order, tied, total_unique, buffers = _group_tensors(model, values, stats, progress)
+    if total_unique == 0:
+        raise BadModel(f"{model.source}: the model has no parameters")
+    layer_rows = [n for n in order if groups[n]["weight"] is not None]
+    _norms_by_statistics(types, groups, buffers)
+    macs, shape = _macs(model, input_shape) if model.has_graph else ({}, None)
+    from compressadvise.model.graph import output_writers, roles_for
+
+    roles, roles_note = roles_for(model, groups, types)
+    layers = _build_layers(layer_rows, groups, types, total_unique, macs, roles)
+    _mark_folds(layers, folds)
+    report = _report(model, layers, groups, total_unique, tied, macs, shape)
+    report.roles_source, report.buffers, report.buffer_elements = roles_note, buffers, sum(b.elements for b in buffers)
+    if folds:
+        report.notes.append(f"{len(folds)} BatchNorm(s) fold into the layer before them when converted (as Core ML's "
+                            "converter does): their statistics are those of the folded weights that ship")
+    return report
+
+
+def _group_tensors(model: LoadedModel, values: dict[str, Any], stats: bool,
+                   progress: Callable[[int, int], None] | None) -> tuple[dict, list[str], dict[str, str], int, list]:
+    """Tensors into layers: (groups, order, tied aliases, unique parameters, buffers)."""
     seen_storage: dict[tuple[int, int, tuple], str] = {}
     groups: dict[str, dict[str, Any]] = {}
     order: list[str] = []
@@ -412,25 +454,24 @@ def analyze(
             g["weight"] = list(t.shape)
             g["tied_to"] = split_tensor_name(first_owner)[0] if first_owner else None
             if stats and t.is_floating_point() and t.numel():
-                g["stats"] = weight_stats(t)
-    if total_unique == 0:
-        raise BadModel(f"{model.source}: the model has no parameters")
-    layer_rows = [n for n in order if groups[n]["weight"] is not None]
-    for b in buffers:  # a weight-only file's norms: the layer that owns running statistics
-        owner, kind = b.name.rsplit(".", 1) if "." in b.name else ("", b.name)
-        if kind == "running_mean" and owner in groups and owner not in types:
-            types[owner] = ("BatchNorm", 0)
-    macs, shape = _macs(model, input_shape) if model.has_graph else ({}, None)
-    layers = _build_layers(layer_rows, groups, types, total_unique, macs)
-    report = _report(model, layers, groups, total_unique, tied, macs, shape)
-    report.buffers, report.buffer_elements = buffers, sum(b.elements for b in buffers)
-    return report
+                g["stats"] = weight_stats(values.get(tname, t))
+    return groups, order, tied, total_unique, buffers
 
 
-def _build_layers(rows: list[str], groups: dict, types: dict, total: int, macs: dict) -> list[LayerInfo]:
+def _build_layers(rows: list[str], groups: dict, types: dict, total: int, macs: dict,
+                  roles: Any = None) -> list[LayerInfo]:
     layers: list[LayerInfo] = []
     weight_rows = [n for n in rows if len(groups[n]["weight"]) >= 2]
-    first, last = (weight_rows[0], weight_rows[-1]) if weight_rows else (None, None)
+    if roles is not None:  # execution order from the graph; unused layers last
+        ranked = {n: i for i, n in enumerate(roles.order)}
+        weight_rows.sort(key=lambda n: ranked.get(n, len(ranked)))
+        live = [n for n in weight_rows if n not in roles.dead]
+        first, last = (live[0], live[-1]) if live else (None, None)
+    else:
+        first, last = (weight_rows[0], weight_rows[-1]) if weight_rows else (None, None)
+    from compressadvise.model.graph import output_writers
+
+    writers = output_writers(roles, groups) if roles is not None else None
     by_child: dict[str, list[str]] = defaultdict(list)
     for n in weight_rows:
         by_child[n.split(".", 1)[0]].append(n)
@@ -459,7 +500,8 @@ def _build_layers(rows: list[str], groups: dict, types: dict, total: int, macs: 
             out_channels=out_ch, in_channels=in_ch, groups=grp,
             bytes_fp32=g["params"] * 4, bytes_fp16=g["params"] * 2, index=idx,
             is_first=name == first, is_last=name == last, is_boundary=is_2d and name in boundary,
-            is_classifier=name == last and ltype == "linear",
+            is_classifier=(name in writers if writers is not None else name == last) and ltype == "linear",
+            is_dead=roles is not None and name in roles.dead,
             is_embedding=ltype == "embedding", tied_to=g.get("tied_to"),
             is_recurrent=ltype == "recurrent", gates=_gates(name, cls, shape, groups) if ltype == "recurrent" else 0,
             out_divisible_by=[d for d in DIVISORS if out_ch % d == 0],
@@ -468,6 +510,20 @@ def _build_layers(rows: list[str], groups: dict, types: dict, total: int, macs: 
             activation_elements=mac[1] if mac else None,
         ))
     return layers
+
+
+def _norms_by_statistics(types: dict, groups: dict, buffers: list[BufferInfo]) -> None:
+    """A weight-only file's norms: the layer that owns running statistics is a BatchNorm."""
+    for b in buffers:
+        owner, kind = b.name.rsplit(".", 1) if "." in b.name else ("", b.name)
+        if kind == "running_mean" and owner in groups and owner not in types:
+            types[owner] = ("BatchNorm", 0)
+
+
+def _mark_folds(layers: list[LayerInfo], folds: dict[str, str]) -> None:
+    into = {bn: layer for layer, bn in folds.items()}
+    for x in layers:
+        x.folded_bn, x.folded_into = folds.get(x.name), into.get(x.name)
 
 
 def _gates(name: str, cls: str | None, shape: list[int], groups: dict) -> int:
@@ -513,6 +569,11 @@ def _report(model: LoadedModel, layers: list[LayerInfo], groups: dict, total: in
 
 def _findings(layers: list[LayerInfo], tied: dict[str, str]) -> list[str]:
     out = []
+    dead = [x for x in layers if x.is_dead]
+    if dead:
+        out.append(f"{len(dead)} layer(s) no output depends on ({', '.join(x.name for x in dead[:5])}"
+                   f"{', ...' if len(dead) > 5 else ''}): dead weights, left out of plans "
+                   f"({sum(x.params for x in dead):,} parameters)")
     rec = [x for x in layers if x.is_recurrent]
     if rec:
         share = sum(x.share for x in rec)

@@ -57,6 +57,9 @@ class LoadedModel:
     # Streamed tensors live in fresh buffers that are freed one by one, so a later tensor may
     # reuse a freed address: storage identity means nothing (and safetensors cannot tie anyway).
     streamed: bool = False
+    # Set by model.deploy.deployable: the BatchNorms folded into their convs (the form that ships).
+    folds: tuple = ()
+    deployed: bool = False
 
     def tensors(self) -> Iterator[tuple[str, "torch.Tensor"]]:
         """Yield (name, tensor) one at a time: large files are never materialised twice."""

@@ -81,12 +81,15 @@ def missing_modes(k: Knowledge, technique: str, params: dict[str, Any], supporte
     return [m for m in need if m not in supported]
 
 
+DEAD_REASON = "no output depends on it (the graph never reads it into an output): nothing to gain"
+
+
 def _selected(cr: CompiledRule | None, layers: list[LayerInfo], ctx_for) -> list[LayerInfo]:
     sel = cr.rule.action.layers if cr else None
     types = (sel.types if sel and sel.types else COMPRESSIBLE)
     out = []
     for x in layers:
-        if x.type not in types or len(x.weight_shape) < 2:
+        if x.type not in types or len(x.weight_shape) < 2 or x.is_dead:
             continue
         if sel and sel.names and not any(fnmatch.fnmatchcase(x.name, p) for p in sel.names):
             continue
@@ -257,6 +260,8 @@ def _decide_step_layers(step: Step, cr: CompiledRule, report: ModelReport, base:
     if not (sel and sel.types):  # a layer kind no backend compresses: said per layer, not left out silently
         step.skipped += [Skip(layer=x.name, reason=UNSUPPORTED_KINDS[x.type], code="backend")
                          for x in report.layers if x.type in UNSUPPORTED_KINDS and len(x.weight_shape) >= 2]
+    step.skipped += [Skip(layer=x.name, reason=DEAD_REASON, code="graph") for x in report.layers
+                     if x.is_dead and x.type in COMPRESSIBLE and len(x.weight_shape) >= 2]
     for x in _selected(cr, report.layers, ctx_for):
         decided, outranked, advice = _match(applicable, ctx_for(x))
         for r in advice:

@@ -1,0 +1,139 @@
+"""Layer roles from the model's graph, not from parameter order.
+
+The order parameters are registered in says little: a decoder's LM head may be registered
+first, a BERT pooler last although no output uses it, a state dict is sorted by name. The graph
+says what matters to an expert: which layer runs first, which ones write an output directly
+(a classifier, an LM head), and which weights no output depends on (dead: leave them out).
+
+Works on a torch.export program's graph (weights are placeholders) and on a torch.fx trace of an
+eager module (weights are modules or get_attr nodes). Weight-only formats have no graph: analysis
+falls back to names and says so.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+# Ops that pass a value on without mixing in weights of their own: the walk from an output goes
+# through them (and through norms) to the layers that write the output.
+_STOP_TYPES = ("linear", "conv", "depthwise_conv", "embedding", "attention", "recurrent")
+
+
+@dataclass(frozen=True)
+class GraphRoles:
+    order: tuple[str, ...]  # layers in the order their weights are first used
+    feeds_output: frozenset[str]  # compute layers whose output reaches an output through weight-free ops
+    dead: frozenset[str]  # layers whose weights no output depends on
+    source: str  # "torch.export graph" or "torch.fx trace"
+    notes: tuple[str, ...] = field(default=())
+
+
+def roles_from_program(ep: Any, layer_of: Callable[[str], str], type_of: Callable[[str], str]) -> GraphRoles:
+    """Roles from a torch.export program: a weight is a placeholder named in the signature."""
+    params = {**ep.graph_signature.inputs_to_parameters}
+    reads = {}
+    for node in ep.graph.nodes:
+        layers = list(dict.fromkeys(layer_of(params[a.name]) for a in node.all_input_nodes
+                                    if a.op == "placeholder" and a.name in params))
+        if layers and node.op == "call_function":
+            reads[node] = layers
+    every = {layer_of(p) for p in params.values()}
+    return _roles(ep.graph, reads, every, type_of, "torch.export graph")
+
+
+def roles_from_module(module: Any, layer_of: Callable[[str], str], type_of: Callable[[str], str],
+                      layers_under: Callable[[str], list[str]]) -> GraphRoles:
+    """Roles from a torch.fx trace of an eager module (raises where it cannot be traced). torch.nn
+    modules are leaves of the trace, so a call to one (say nn.TransformerEncoder) reads all its
+    layers at once: within one call, parameter order stands for execution order."""
+    import torch
+
+    gm = torch.fx.symbolic_trace(module)
+    attrs = {n: layer_of(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    reads = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            layers = layers_under(str(node.target))
+        elif node.op in ("call_function", "call_method"):
+            layers = list(dict.fromkeys(attrs[a] for a in node.all_input_nodes if a in attrs))
+        else:
+            continue
+        if layers:
+            reads[node] = layers
+    every = {layer_of(n) for n, _ in module.named_parameters(remove_duplicate=False)}
+    return _roles(gm.graph, reads, every, type_of, "torch.fx trace")
+
+
+def _roles(graph: Any, reads: dict[Any, list[str]], every: set[str], type_of: Callable[[str], str],
+           source: str) -> GraphRoles:
+    order: list[str] = []
+    for node in graph.nodes:
+        for layer in reads.get(node, ()):
+            if layer not in order:
+                order.append(layer)
+    outputs = [n for n in graph.nodes if n.op == "output"]
+    live = _ancestors(outputs)
+    used = {layer for node, layers in reads.items() if node in live for layer in layers}
+    return GraphRoles(tuple(order), frozenset(_writers(outputs, reads, type_of)),
+                      frozenset(x for x in every - used if type_of(x) in _STOP_TYPES + ("norm",)), source)
+
+
+def _ancestors(starts: list[Any], stop: Callable[[Any], bool] = lambda node: False) -> set[Any]:
+    """Nodes the starts depend on, not walking past a node where `stop` says so."""
+    seen: set[Any] = set()
+    todo = deque(starts)
+    while todo:
+        node = todo.popleft()
+        if node in seen:
+            continue
+        seen.add(node)
+        if not stop(node):
+            todo.extend(node.all_input_nodes)
+    return seen
+
+
+def _writers(outputs: list[Any], reads: dict[Any, list[str]], type_of: Callable[[str], str]) -> set[str]:
+    """Compute layers an output depends on through weight-free ops and norms only: the walk stops
+    at the first compute layer on each path (what it reads is not an output writer)."""
+    def compute(node: Any) -> list[str]:
+        return [x for x in reads.get(node, ()) if type_of(x) in _STOP_TYPES]
+
+    return {x for node in _ancestors(outputs, lambda n: bool(compute(n))) for x in compute(node)}
+
+
+# ------------------------------------------------------------------ analysis glue
+def output_writers(roles: Any, groups: dict) -> set[str]:
+    """Layers that write an output, with the aliases of tied ones (a head tied to the embedding)."""
+    writers = set(roles.feeds_output)
+    return writers | {n for n, g in groups.items() if g.get("tied_to") in writers}
+
+
+def roles_for(model: Any, groups: dict, types: dict) -> tuple[Any, str]:
+    """Roles from the graph where the format has one, with a note saying where they came from."""
+    from compressadvise.model.analysis import _classify, recurrent_module, split_tensor_name
+
+    def layer_of(tname: str) -> str:
+        return split_tensor_name(tname)[0]
+
+    def type_of(name: str) -> str:
+        g = groups.get(name)
+        if g is None or g["weight"] is None:
+            return "other"
+        rmod = recurrent_module(name)
+        cls, grp = types.get(name) or (types.get(rmod) if rmod is not None else None) or (None, 1)
+        return _classify(name, g["weight"], cls, grp)
+
+    def layers_under(path: str) -> list[str]:
+        return [n for n in groups if n == path or n.startswith(path + ".")]  # parameter order
+
+    try:
+        if model.exported is not None:
+            return roles_from_program(model.exported, layer_of, type_of), "roles from the torch.export graph"
+        if model.module is not None:
+            return roles_from_module(model.module, layer_of, type_of, layers_under), "roles from a torch.fx trace"
+    except Exception as e:  # untraceable eager code (data-dependent control flow): say so, use the order
+        return None, f"roles from parameter order: the module could not be traced ({type(e).__name__})"
+    if model.scripted is not None:
+        return None, "roles from parameter order (TorchScript graph not read)"
+    return None, "roles guessed from names and parameter order (a weight-only file has no graph)"
