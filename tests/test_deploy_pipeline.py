@@ -119,3 +119,27 @@ def test_a_pt2_ships_every_planned_layer_found_by_its_folded_value(tmp_path):
         assert by_name[name]["status"] == "applied", by_name[name]
         (entry,) = by_name[name]["steps"]
         assert entry["coreml"]["matched_by"] == "value", entry["coreml"]  # not a guess by shape
+
+
+def test_a_pt2_is_measured_as_it_ships_and_the_program_is_untouched(tmp_path):
+    """Sensitivity runs a .pt2's graph with the converter's folds applied (same outputs, folded
+    weights); the program itself, which apply converts, keeps its own weights."""
+    from compressadvise.measure.sensitivity import prepare
+    from compressadvise.model.deploy import program_folds
+    from compressadvise.model.loading import load_model
+
+    model = _model()
+    path = tmp_path / "blocks.pt2"
+    torch.export.save(torch.export.export(model.module, model.example_inputs), path)
+    loaded = load_model(path)
+    before = {k: v.clone() for k, v in loaded.exported.state_dict.items()}
+    prepared = prepare(loaded)
+    assert len(prepared.loaded.folds) == 4
+    gm = prepared.model
+    assert not [n for n in gm.graph.nodes if "batch_norm" in str(n.target)]
+    x = torch.randn(1, 3, 16, 16)  # the program was exported for a batch of one
+    assert torch.allclose(gm(x), model.module(x), atol=1e-5)
+    predicted = program_folds(loaded.exported)[0]
+    assert torch.allclose(gm.get_parameter("blocks.1.0.weight"), predicted["blocks.1.0.weight"])
+    after = loaded.exported.state_dict
+    assert all(torch.equal(before[k], after[k]) for k in before)

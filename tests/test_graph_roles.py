@@ -68,7 +68,7 @@ def test_a_tied_head_is_found_in_the_graph_and_the_last_block_is_not_the_classif
     assert any("no output depends on" in f and "pooler" in f for f in r.findings)
 
 
-def test_export_and_trace_agree_and_a_weight_only_file_says_it_guessed(decoder, tmp_path):
+def test_export_trace_and_torchscript_agree_and_a_weight_only_file_says_it_guessed(decoder, tmp_path):
     m, ex = decoder
     eager = analyze(_loaded(m, ex), stats=False)
     path = tmp_path / "dec.pt2"
@@ -76,6 +76,11 @@ def test_export_and_trace_agree_and_a_weight_only_file_says_it_guessed(decoder, 
     program = analyze(load_model(path), stats=False)
     assert program.roles_source == "roles from the torch.export graph"
     assert _roles(program) == _roles(eager)
+    ts = tmp_path / "dec.ts"
+    torch.jit.save(torch.jit.trace(m, ex), ts)
+    script = analyze(load_model(ts), stats=False)
+    assert script.roles_source == "roles from the TorchScript graph"
+    assert _roles(script) == _roles(eager)
     sd = tmp_path / "dec.pt"
     torch.save(m.state_dict(), sd)
     assert "guessed" in analyze(load_model(sd), stats=False).roles_source
@@ -98,3 +103,48 @@ def test_execution_order_not_registration_order():
     assert r.layer("conv1").is_first and not r.layer("fc").is_first
     assert r.layer("fc").is_last and r.layer("fc").is_classifier
     assert not r.layer("conv2").is_classifier
+    assert r.layer("fc").writes_output and not r.layer("conv2").writes_output
+
+
+def test_a_tied_embedding_writes_the_output(decoder):
+    m, ex = decoder
+    r = analyze(_loaded(m, ex), stats=False)
+    assert r.layer("embed").writes_output and not r.layer("blocks.1.down").writes_output
+
+
+def test_torchscript_execution_order(tmp_path):
+    torch.manual_seed(0)
+    m, ex = HeadFirst().eval(), (torch.randn(1, 3, 12, 12),)
+    path = tmp_path / "h.ts"
+    torch.jit.save(torch.jit.trace(m, ex), path)
+    r = analyze(load_model(path), stats=False)
+    assert r.layer("conv1").is_first and r.layer("fc").is_last and r.layer("fc").is_classifier
+
+
+class Stream(TiedDecoder):
+    """Returns the residual stream and a pooled vector: every block reaches the first output
+    through the identity path, but only the last block writes it."""
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed(ids)
+        for b in self.blocks:
+            h = h + b["down"](F.gelu(b["up"](h)))
+        h = self.norm(h)
+        return h, torch.tanh(self.pooler(h[:, 0]))
+
+
+@pytest.mark.parametrize("route", ["fx", "export", "torchscript"])
+def test_in_a_residual_stream_only_the_last_projection_writes_each_output(route, tmp_path):
+    torch.manual_seed(0)
+    m, ex = Stream().eval(), (torch.randint(0, 96, (1, 12)),)
+    if route == "fx":
+        r = analyze(_loaded(m, ex), stats=False)
+    else:
+        path = tmp_path / ("s.pt2" if route == "export" else "s.ts")
+        if route == "export":
+            torch.export.save(torch.export.export(m, ex), path)
+        else:
+            torch.jit.save(torch.jit.trace(m, ex), path)
+        r = analyze(load_model(path), stats=False)
+    assert {x.name for x in r.layers if x.writes_output} == {"blocks.1.down", "pooler"}, r.roles_source
+    assert not r.layer("pooler").is_dead

@@ -91,6 +91,9 @@ LAYER = {
     "is_classifier": Fact("bool", "last layer and a linear one (classifier or LM head)",
                           lambda x, n: x.is_classifier),
     "is_embedding": Fact("bool", "an embedding table", lambda x, n: x.is_embedding),
+    "writes_output": Fact("bool", "writes a model output directly (through weight-free ops and norms), from "
+                          "the graph: a classifier, an LM head, a final conv", lambda x, n: x.writes_output),
+    "is_dead": Fact("bool", "no output depends on it (from the graph)", lambda x, n: x.is_dead),
     "is_recurrent": Fact("bool", "an LSTM/GRU/RNN gate matrix (weight_ih, weight_hh)", lambda x, n: x.is_recurrent),
     "gates": Fact("int", "gate blocks stacked in a recurrent weight (LSTM 4, GRU 3, RNN 1; 0 otherwise)",
                   lambda x, n: x.gates),

@@ -65,6 +65,8 @@ class LayerInfo(BaseModel):
     is_embedding: bool
     tied_to: str | None = None
     is_recurrent: bool = False
+    writes_output: bool = Field(False, description="its output reaches a model output through weight-free ops "
+                                "and norms only (from the graph; the last layer when there is none)")
     is_dead: bool = Field(False, description="no output depends on this weight (from the graph): left out of plans")
     folded_bn: str | None = Field(None, description="the BatchNorm that folds into this layer when converted")
     folded_into: str | None = Field(None, description="this BatchNorm folds into that layer when converted")
@@ -502,6 +504,7 @@ def _build_layers(rows: list[str], groups: dict, types: dict, total: int, macs: 
             is_first=name == first, is_last=name == last, is_boundary=is_2d and name in boundary,
             is_classifier=(name in writers if writers is not None else name == last) and ltype == "linear",
             is_dead=roles is not None and name in roles.dead,
+            writes_output=name in writers if writers is not None else name == last,
             is_embedding=ltype == "embedding", tied_to=g.get("tied_to"),
             is_recurrent=ltype == "recurrent", gates=_gates(name, cls, shape, groups) if ltype == "recurrent" else 0,
             out_divisible_by=[d for d in DIVISORS if out_ch % d == 0],

@@ -85,7 +85,16 @@ def deployable(model: Any, example_inputs: tuple | None = None) -> Any:
     it; its Core ML side is matched by value)."""
     import dataclasses
 
-    if model.deployed or model.module is None:
+    if model.deployed:
+        return model
+    if model.module is None and model.exported is not None:
+        gm, folds = folded_program_module(model.exported)
+        if not folds:
+            return dataclasses.replace(model, deployed=True)
+        return dataclasses.replace(model, program_module=gm, folds=folds, deployed=True, notes=[*model.notes, (
+            f"{len(folds)} BatchNorm(s) folded into the conv before them in the program's graph, as Core ML's "
+            f"converter does: measured as they ship ({describe_span(folds)})")])
+    if model.module is None:
         return model
     inputs = example_inputs if example_inputs is not None else model.example_inputs
     if inputs is None:
@@ -187,6 +196,94 @@ def program_folds(ep: Any) -> tuple[dict[str, torch.Tensor], tuple[Fold, ...]]:
         folds.append(Fold(w_name.rsplit(".", 1)[0], bn_name, "conv", int(scale.numel()),
                           float(scale.min()), float(scale.max())))
     return values, tuple(folds)
+
+
+@torch.no_grad()
+def folded_program_module(ep: Any) -> tuple[Any, tuple[Fold, ...]]:
+    """The program's runnable GraphModule (`ep.module()`) with the same folds `program_folds`
+    predicts applied to its graph: what sensitivity measures for a .pt2 is then what the converter
+    writes. Pairs it cannot rewrite safely (a shared or computed bias) are left unfolded."""
+    gm = ep.module()
+    folds: list[Fold] = []
+    for bn in list(gm.graph.nodes):
+        if bn.op == "call_function" and _op(bn) in ("batch_norm", "_native_batch_norm_legit_no_training"):
+            fold = _fold_graph_pair(gm, bn)
+            if fold is not None:
+                folds.append(fold)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, tuple(folds)
+
+
+def _fold_graph_pair(gm: Any, bn: Any) -> Fold | None:
+    conv = bn.args[0]
+    if (getattr(conv, "op", None) != "call_function" or _op(conv) not in _CONV_OPS or len(conv.users) != 1
+            or (_op(conv) == "convolution" and conv.args[6])):
+        return None
+    native = _op(bn) == "_native_batch_norm_legit_no_training"
+    if not native and bn.args[5]:  # training=True: batch statistics, nothing to fold
+        return None
+    w_node = conv.args[1]
+    b_node = conv.args[2] if len(conv.args) > 2 else None
+    attrs = [_graph_attr(gm, a) for a in (w_node, *bn.args[1:5])]
+    w, gamma, beta, mean, var = attrs
+    if w is None or mean is None or var is None or len(w_node.users) != 1:
+        return None
+    if b_node is not None and (_graph_attr(gm, b_node) is None or len(b_node.users) != 1):
+        return None
+    eps = bn.args[6] if native else bn.args[7]
+    scale = (gamma.double() if gamma is not None else torch.ones_like(var.double())) / torch.sqrt(var.double() + eps)
+    w = _owned(gm, w_node.target)  # ep.module() shares the program's tensors: never write into those
+    w.copy_((w.double() * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+    old_b = _owned(gm, b_node.target) if b_node is not None else None
+    new_b = (((old_b.double() if old_b is not None else torch.zeros_like(mean.double())) - mean.double()) * scale
+             + (beta.double() if beta is not None else 0.0)).to(w.dtype)
+    layer = w_node.target.rpartition(".")[0]
+    if old_b is not None:
+        old_b.copy_(new_b)
+    else:
+        owner = gm.get_submodule(layer) if layer else gm
+        if hasattr(owner, "bias"):
+            return None  # a name in the way: leave this pair to the converter
+        owner.register_parameter("bias", nn.Parameter(new_b, requires_grad=False))
+        with gm.graph.inserting_before(conv):
+            bias_node = gm.graph.get_attr(f"{layer}.bias" if layer else "bias")
+        args = list(conv.args) + [None] * max(0, 3 - len(conv.args))
+        args[2] = bias_node
+        conv.args = tuple(args)
+    for user in list(bn.users) if native else [bn]:
+        user.replace_all_uses_with(conv)
+        if user is not bn:
+            gm.graph.erase_node(user)
+    gm.graph.erase_node(bn)
+    bn_name = bn.args[3].target.rpartition(".")[0] if getattr(bn.args[3], "op", None) == "get_attr" else ""
+    return Fold(layer, bn_name, "conv", int(scale.numel()), float(scale.min()), float(scale.max()))
+
+
+def _owned(gm: Any, target: str) -> torch.Tensor:
+    """Replace the graph module's tensor at `target` with a private copy, and return it."""
+    path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(path) if path else gm
+    value = getattr(owner, name)
+    copy_ = value.detach().clone()
+    if isinstance(value, nn.Parameter):
+        owner.register_parameter(name, nn.Parameter(copy_, requires_grad=False))
+    else:
+        owner.register_buffer(name, copy_)
+    return copy_
+
+
+def _graph_attr(gm: Any, node: Any) -> torch.Tensor | None:
+    if getattr(node, "op", None) != "get_attr":
+        return None
+    try:
+        value = gm.get_parameter(node.target)
+    except AttributeError:
+        try:
+            value = gm.get_buffer(node.target)
+        except AttributeError:
+            return None
+    return value.data if isinstance(value, torch.Tensor) else None
 
 
 # ------------------------------------------------------------------ finding pairs: torch.export

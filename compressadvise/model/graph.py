@@ -65,6 +65,46 @@ def roles_from_module(module: Any, layer_of: Callable[[str], str], type_of: Call
     return _roles(gm.graph, reads, every, type_of, "torch.fx trace")
 
 
+def roles_from_script(scripted: Any, layer_of: Callable[[str], str], type_of: Callable[[str], str]) -> GraphRoles:
+    """Roles from a TorchScript module's inlined graph: a weight is a chain of prim::GetAttr from
+    self, named by the attribute path."""
+    graph = _ScriptGraph(scripted.inlined_graph)
+    params = {n for n, _ in scripted.named_parameters()}
+    path: dict[str, str] = {next(scripted.inlined_graph.inputs()).debugName(): ""}  # value name -> attribute path
+    reads: dict[Any, list[str]] = {}
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        if node.node.kind() == "prim::GetAttr":
+            parent = path.get(next(node.node.inputs()).debugName())
+            if parent is not None:
+                name = node.node.s("name")
+                path[node.node.output().debugName()] = f"{parent}.{name}" if parent else name
+            continue
+        layers = list(dict.fromkeys(layer_of(path[v.debugName()]) for v in node.node.inputs()
+                                    if path.get(v.debugName()) in params))
+        if layers:
+            reads[node] = layers
+    every = {layer_of(n) for n in params}
+    return _roles(graph, reads, every, type_of, "TorchScript graph")
+
+
+class _ScriptGraph:
+    """A TorchScript graph seen the way `_roles` reads an fx graph: nodes in order, an output
+    node, and each node's input nodes."""
+
+    def __init__(self, graph: Any) -> None:
+        self.nodes = [_ScriptNode(n) for n in graph.nodes()] + [_ScriptNode(graph.return_node(), "output")]
+        producer = {o.debugName(): n for n in self.nodes for o in n.node.outputs()}  # values by their unique name
+        for n in self.nodes:
+            n.all_input_nodes = [producer[v.debugName()] for v in n.node.inputs() if v.debugName() in producer]
+
+
+class _ScriptNode:
+    def __init__(self, node: Any, op: str = "call_function") -> None:
+        self.node, self.op, self.all_input_nodes = node, op, []
+
+
 def _roles(graph: Any, reads: dict[Any, list[str]], every: set[str], type_of: Callable[[str], str],
            source: str) -> GraphRoles:
     order: list[str] = []
@@ -75,8 +115,28 @@ def _roles(graph: Any, reads: dict[Any, list[str]], every: set[str], type_of: Ca
     outputs = [n for n in graph.nodes if n.op == "output"]
     live = _ancestors(outputs)
     used = {layer for node, layers in reads.items() if node in live for layer in layers}
-    return GraphRoles(tuple(order), frozenset(_writers(outputs, reads, type_of)),
+    # Per returned value, the writer is the LAST compute layer (in execution order) it depends on
+    # through weight-free ops: a residual stream reaches every block's projection that way, but
+    # only the last one writes the value (the pooler for a pooled output, the head for logits).
+    rank = {layer: i for i, layer in enumerate(order)}
+    writers = {max(w, key=lambda x: rank.get(x, -1)) for value in _returned(outputs)
+               if (w := _writers([value], reads, type_of))}
+    return GraphRoles(tuple(order), frozenset(writers),
                       frozenset(x for x in every - used if type_of(x) in _STOP_TYPES + ("norm",)), source)
+
+
+def _returned(outputs: list[Any]) -> list[Any]:
+    """The values a graph returns, one by one (a TorchScript tuple is unpacked)."""
+    values: list[Any] = []
+    todo = [v for out in outputs for v in out.all_input_nodes]
+    while todo:
+        node = todo.pop(0)
+        kind = node.node.kind() if hasattr(node, "node") and hasattr(node.node, "kind") else ""
+        if kind in ("prim::TupleConstruct", "prim::ListConstruct", "prim::DictConstruct"):
+            todo = list(node.all_input_nodes) + todo
+        else:
+            values.append(node)
+    return values
 
 
 def _ancestors(starts: list[Any], stop: Callable[[Any], bool] = lambda node: False) -> set[Any]:
@@ -130,10 +190,22 @@ def roles_for(model: Any, groups: dict, types: dict) -> tuple[Any, str]:
     try:
         if model.exported is not None:
             return roles_from_program(model.exported, layer_of, type_of), "roles from the torch.export graph"
-        if model.module is not None:
-            return roles_from_module(model.module, layer_of, type_of, layers_under), "roles from a torch.fx trace"
-    except Exception as e:  # untraceable eager code (data-dependent control flow): say so, use the order
-        return None, f"roles from parameter order: the module could not be traced ({type(e).__name__})"
-    if model.scripted is not None:
-        return None, "roles from parameter order (TorchScript graph not read)"
-    return None, "roles guessed from names and parameter order (a weight-only file has no graph)"
+        if model.scripted is not None:
+            return roles_from_script(model.scripted, layer_of, type_of), "roles from the TorchScript graph"
+    except Exception as e:
+        return None, f"roles from parameter order: the graph could not be read ({type(e).__name__})"
+    if model.module is None:
+        return None, "roles guessed from names and parameter order (a weight-only file has no graph)"
+    try:  # fx first (fast, no inputs needed); models it cannot trace (transformers, control flow): export
+        return roles_from_module(model.module, layer_of, type_of, layers_under), "roles from a torch.fx trace"
+    except Exception as fx_error:
+        if model.example_inputs is None:
+            return None, f"roles from parameter order: the module could not be traced ({type(fx_error).__name__})"
+        try:
+            import torch
+
+            ep = torch.export.export(model.module, tuple(model.example_inputs), strict=False)
+            return roles_from_program(ep, layer_of, type_of), "roles from a torch.export trace"
+        except Exception as e:
+            return None, (f"roles from parameter order: the module could not be traced "
+                          f"(fx: {type(fx_error).__name__}, export: {type(e).__name__})")

@@ -60,6 +60,7 @@ class LoadedModel:
     # Set by model.deploy.deployable: the BatchNorms folded into their convs (the form that ships).
     folds: tuple = ()
     deployed: bool = False
+    program_module: Any = None  # a .pt2's runnable graph with those folds applied (sensitivity runs it)
 
     def tensors(self) -> Iterator[tuple[str, "torch.Tensor"]]:
         """Yield (name, tensor) one at a time: large files are never materialised twice."""
@@ -102,6 +103,8 @@ class LoadedModel:
             return self.module
         if self.scripted is not None:
             return self.scripted
+        if self.program_module is not None:
+            return self.program_module
         if self.exported is not None:
             return self.exported.module()
         return None
@@ -187,15 +190,22 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int, int]:
         (n,) = struct.unpack("<Q", f.read(8))  # _sniff checked 8 + n <= file size
         raw = f.read(n)
         size = os.fstat(f.fileno()).st_size
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise BadModel(f"{path}: corrupt safetensors header (not UTF-8 at byte {8 + e.start})") from e
-    except (ValueError, RecursionError) as e:
-        raise BadModel(f"{path}: corrupt safetensors header (not JSON: {str(e)[:120]})") from e
-    if not isinstance(header, dict):
-        raise BadModel(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+    header = json_object(raw, f"{path}: corrupt safetensors header", offset=8)
     return header, 8 + n, size - 8 - n
+
+
+def json_object(raw: bytes, what: str, offset: int = 0) -> dict[str, Any]:
+    """`raw` as a JSON object, or a one-line BadModel starting with `what` (safetensors headers,
+    Hugging Face config files)."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadModel(f"{what} (not UTF-8 at byte {offset + e.start})") from e
+    except (ValueError, RecursionError) as e:
+        raise BadModel(f"{what} (not JSON: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from e
+    if not isinstance(obj, dict):
+        raise BadModel(f"{what} (a JSON {type(obj).__name__}, not an object)")
+    return obj
 
 
 def _check_safetensors_header(path: Path, header: dict[str, Any], data_len: int) -> list[str]:
@@ -383,6 +393,10 @@ def load_model(source: str | os.PathLike | None = None, *, trust_pickle: bool = 
         hint = "a factory must look like package.module:function" if ":" in spec else None
         raise InputNotFound(f"{spec}: no such file", hint=hint)
     if path.is_dir():
+        from compressadvise.model.hf import is_hf_folder, load_hf_folder  # lazy: hf imports this module
+
+        if is_hf_folder(path):
+            return load_hf_folder(path, trust_pickle=trust_pickle)
         raise InputNotFound(f"{spec} is a directory, not a model file")
     fmt = _sniff(path)
     digest = sha256_file(path)

@@ -94,7 +94,7 @@ def gather(
     sens = None
     if sensitivity is not None:
         sens = sensitivity if isinstance(sensitivity, Sensitivity) else load_sensitivity(sensitivity)
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and not _is_hf_folder(Path(source)):
         inp = _from_run_dir(Path(source), trust_pickle, input_shape, model)
     elif model is not None:
         raise ValueError("`model` names the original model of an `apply` output folder; pass a model as `source`")
@@ -389,3 +389,10 @@ def write_report(
     return ReportResult(html=str(out), bytes=len(page.encode("utf-8")), layers=len(data.layers),
                         charts=[c.id for c in data.charts], omitted={o.id: o.reason for o in data.omitted},
                         png=pngs, summary=data.summary, notes=notes)
+
+
+def _is_hf_folder(path: Path) -> bool:
+    """A Hugging Face model folder is a model to report on, not an `apply` output folder."""
+    from compressadvise.model.hf import is_hf_folder
+
+    return is_hf_folder(path)
