@@ -241,3 +241,20 @@ def test_the_walkthrough_flags_outliers_at_the_rules_threshold():
                              for line in W.expert_notes(report, None, kn).fragile)
     assert not flagged(k)
     assert flagged(dataclasses.replace(k, thresholds={**k.thresholds, "outlier_absmax_std": std - 1.0}))
+
+
+@pytest.mark.parametrize("kind", ["techniques", "targets"])
+def test_a_name_defined_twice_is_a_load_error_at_its_line(tmp_path, kind):
+    """Two files naming one technique (or target) in a knowledge root: file:line of the second,
+    and where the first was defined."""
+    import shutil
+
+    from compressadvise.knowledge.base import knowledge_root, load_knowledge
+
+    src = knowledge_root()
+    for d in ("techniques", "targets", "playbooks"):
+        shutil.copytree(src / d, tmp_path / d)
+    first = sorted((tmp_path / kind).glob("*.yaml"))[0]
+    (tmp_path / kind / "zz_copy.yaml").write_text(first.read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(InvalidKnowledge, match=rf"zz_copy.yaml:\d+: {kind[:-1]} '.+' already defined in .*{first.name}"):
+        load_knowledge(root=tmp_path)

@@ -101,12 +101,18 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.y*ml") if p.suffix in (".yaml", ".yml")) if folder.is_dir() else []
 
 
-def _load_technique(k: Knowledge, path: Path) -> None:
+def _read_named(k: Knowledge, path: Path, model: type, kind: str, known: dict) -> tuple[Any, Any]:
+    """A technique or target file, validated, whose name is not taken yet (with its YAML lines)."""
     data, lines = read_yaml(path)
-    t: Technique = validate(Technique, data, str(path), lines)
-    if t.name in k.techniques:
-        raise InvalidKnowledge(f"{path}:{line_of(lines, ('name',))}: technique {t.name!r} "
-                               f"already defined in {k.sources['technique:' + t.name]}")
+    obj = validate(model, data, str(path), lines)
+    if obj.name in known:
+        raise InvalidKnowledge(f"{path}:{line_of(lines, ('name',))}: {kind} {obj.name!r} "
+                               f"already defined in {k.sources[kind + ':' + obj.name]}")
+    return obj, lines
+
+
+def _load_technique(k: Knowledge, path: Path) -> None:
+    t, lines = _read_named(k, path, Technique, "technique", k.techniques)
     for pname, spec in t.parameters.items():
         if spec.default is not None and (msg := spec.check(pname, spec.default)):
             raise InvalidKnowledge(f"{path}:{line_of(lines, ('parameters', pname))}: default: {msg}")
@@ -174,11 +180,7 @@ def with_thresholds(k: Knowledge, text: str, where: str) -> str:
 
 
 def _load_target(k: Knowledge, path: Path) -> None:
-    data, lines = read_yaml(path)
-    t: Target = validate(Target, data, str(path), lines)
-    if t.name in k.targets:
-        raise InvalidKnowledge(f"{path}:{line_of(lines, ('name',))}: target {t.name!r} already defined "
-                               f"in {k.sources['target:' + t.name]}")
+    t, lines = _read_named(k, path, Target, "target", k.targets)
     known = {*backends.names(), *backends.families()}  # a target may name a family: coremltools
     for i, name in enumerate(t.backends):
         if name not in known:
