@@ -80,10 +80,12 @@ def apply(
     loaded = model if isinstance(model, LoadedModel) else load_model(model, trust_pickle=trust_pickle)
     _check_model(plan, loaded)
     # Compress the form that ships (BatchNorm folded, as the converter would): the converter then
-    # has nothing left to fold, so the compressed weights reach Core ML unchanged.
-    from compressadvise.model.deploy import deployable
+    # has nothing left to fold, so the compressed weights reach Core ML unchanged. A .pt2 has no
+    # torch side here: the converter folds it, and its layers are found by their folded values.
+    if loaded.module is not None:
+        from compressadvise.model.deploy import deployable
 
-    loaded = deployable(loaded, example_inputs_for(loaded, input_shape))
+        loaded = deployable(loaded, example_inputs_for(loaded, input_shape))
     report = analyze(loaded, stats=False)
     jobs = resolve(plan, k, report, target)
     ctx = B.Context(target=target, os=plan.target.os or target.default_os, progress=progress)

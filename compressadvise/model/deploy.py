@@ -182,16 +182,12 @@ def program_folds(ep: Any) -> tuple[dict[str, torch.Tensor], tuple[Fold, ...]]:
         w, var, mean = tensor(w_arg), tensor(bn.args[4]), tensor(bn.args[3])
         if w is None or var is None or mean is None or len(w_arg.users) != 1:
             continue
-        gamma, beta = tensor(bn.args[1]), tensor(bn.args[2])
         eps = bn.args[6] if _op(bn) == "_native_batch_norm_legit_no_training" else bn.args[7]
-        scale = (gamma.double() if gamma is not None else torch.ones_like(var.double())) / torch.sqrt(var.double() + eps)
-        w_name = names[w_arg.name]
-        values[w_name] = (w.double() * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
         bias = tensor(conv.args[2]) if len(conv.args) > 2 else None
-        b = (bias.double() if bias is not None else torch.zeros_like(mean.double())) - mean.double()
+        w_name = names[w_arg.name]
         b_name = names.get(getattr(conv.args[2], "name", ""), "") if len(conv.args) > 2 and conv.args[2] is not None else ""
-        values[b_name or w_name.rsplit(".", 1)[0] + ".bias"] = (
-            b * scale + (beta.double() if beta is not None else 0.0)).to(w.dtype)
+        values[w_name], values[b_name or w_name.rsplit(".", 1)[0] + ".bias"], scale = _fold(
+            w, bias, tensor(bn.args[1]), tensor(bn.args[2]), mean, var, eps)
         bn_name = names.get(getattr(bn.args[3], "name", ""), "").rsplit(".", 1)[0]
         folds.append(Fold(w_name.rsplit(".", 1)[0], bn_name, "conv", int(scale.numel()),
                           float(scale.min()), float(scale.max())))
@@ -232,12 +228,10 @@ def _fold_graph_pair(gm: Any, bn: Any) -> Fold | None:
     if b_node is not None and (_graph_attr(gm, b_node) is None or len(b_node.users) != 1):
         return None
     eps = bn.args[6] if native else bn.args[7]
-    scale = (gamma.double() if gamma is not None else torch.ones_like(var.double())) / torch.sqrt(var.double() + eps)
     w = _owned(gm, w_node.target)  # ep.module() shares the program's tensors: never write into those
-    w.copy_((w.double() * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
     old_b = _owned(gm, b_node.target) if b_node is not None else None
-    new_b = (((old_b.double() if old_b is not None else torch.zeros_like(mean.double())) - mean.double()) * scale
-             + (beta.double() if beta is not None else 0.0)).to(w.dtype)
+    new_w, new_b, scale = _fold(w, old_b, gamma, beta, mean, var, eps)
+    w.copy_(new_w)
     layer = w_node.target.rpartition(".")[0]
     if old_b is not None:
         old_b.copy_(new_b)
@@ -418,21 +412,33 @@ def _fx_unfit(root: nn.Module, node: Any, bn: nn.Module, calls: dict[str, int], 
 @torch.no_grad()
 def _apply(root: nn.Module, layer_path: str, bn_path: str) -> Fold:
     layer, bn = root.get_submodule(layer_path), root.get_submodule(bn_path)
-    # float64 so folding adds no rounding of its own beyond the final cast
-    var, mean = bn.running_var.double(), bn.running_mean.double()
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
-    scale = gamma / torch.sqrt(var + bn.eps)
     w = layer.weight
-    layer.weight.copy_(_scaled(layer, w.double(), scale).to(w.dtype))
-    bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(mean)
-    new_bias = ((bias - mean) * scale + beta).to(w.dtype)
+    new_w, new_bias, scale = _fold(w, layer.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps,
+                                   scaled=lambda w64, s: _scaled(layer, w64, s))
+    layer.weight.copy_(new_w)
     if layer.bias is None:
         layer.bias = nn.Parameter(new_bias, requires_grad=w.requires_grad)
     else:
         layer.bias.copy_(new_bias)
     _replace(root, bn_path, nn.Identity())
     return Fold(layer_path, bn_path, _kind(layer), int(scale.numel()), float(scale.min()), float(scale.max()))
+
+
+def _fold(w: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor | None, beta: torch.Tensor | None,
+          mean: torch.Tensor, var: torch.Tensor, eps: float,
+          scaled: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one fold arithmetic (eager modules and program graphs): (weight, bias, per-channel
+    scale) with y = conv(x) * scale + (beta - mean * scale). In float64, so folding adds no
+    rounding of its own beyond the final cast. `scaled` scales the weight per output channel
+    (dim 0 by default; ConvTranspose passes its own layout)."""
+    var64, mean64 = var.double(), mean.double()
+    gamma64 = gamma.double() if gamma is not None else torch.ones_like(var64)
+    beta64 = beta.double() if beta is not None else torch.zeros_like(var64)
+    scale = gamma64 / torch.sqrt(var64 + eps)
+    w64 = w.double()
+    new_w = scaled(w64, scale) if scaled else w64 * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    b64 = bias.double() if bias is not None else torch.zeros_like(mean64)
+    return new_w.to(w.dtype), ((b64 - mean64) * scale + beta64).to(w.dtype), scale
 
 
 def _kind(layer: nn.Module) -> str:
