@@ -14,7 +14,8 @@ EXIT_CODES: dict[int, str] = {
     5: "refused to unpickle an untrusted file (pass --trust-pickle to allow code execution)",
     6: "invalid knowledge, playbook, plan or sample file (schema or expression error), or a failing --eval evaluator",
     7: "requested technique or backend is unavailable on this machine",
-    8: "compression failed or was a silent no-op (caught by the read-back check)",
+    8: "compression failed, was a silent no-op (caught by the read-back check), or the build differs from the plan "
+       "(`apply`: a planned layer not compressed, or weights over 2% off the predicted size; --allow-partial accepts it)",
     9: "output already exists (use --force)",
     70: "internal error (a bug: please report it, rerun with --debug for the traceback)",
 }

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import compressadvise as ca
+from compressadvise.backends.apply_gate import PlanNotBuilt
 from compressadvise import backends as B
 from compressadvise.backends import fake  # noqa: F401  (registers the `fake` backend)
 from compressadvise.errors import CompressionFailed, InvalidKnowledge, Unavailable
@@ -224,8 +225,13 @@ def test_pruning_then_palettization_keep_the_zeros(tmp_path, kb):
 
 
 def test_a_layer_the_backend_turns_down_is_a_reported_skip_and_left_out_of_the_estimate(tmp_path, kb):
+    with pytest.raises(PlanNotBuilt) as e:  # planned but not built: the gate refuses it
+        ca.apply(embed_mlp(), plan(step("palettization", layers=["embed", "fc"], nbits=4)), tmp_path / "a",
+                 knowledge=kb)
+    [row] = e.value.gate["rows"]
+    assert row["layer"] == "embed" and "fake backend handles nn.Linear weights only" in row["reason"]
     both = ca.apply(embed_mlp(), plan(step("palettization", layers=["embed", "fc"], nbits=4)), tmp_path / "a",
-                    knowledge=kb).manifest
+                    knowledge=kb, allow_partial=True).manifest
     [skip] = [e["torch"] for e in entry(both, "embed")]
     assert skip["status"] == "skipped" and "fake backend handles nn.Linear weights only" in skip["reason"]
     only_fc = ca.apply(embed_mlp(), plan(step("palettization", layers=["fc"], nbits=4)), tmp_path / "b",

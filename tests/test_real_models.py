@@ -133,3 +133,53 @@ def test_decoder_tied_embeddings_found() -> None:
     assert any({"embed.weight", "lm_head.weight"} <= set(g) for g in report.tied_groups)
     assert report.embedding_share > 0
     assert report.total_params == unique_params(model)
+
+
+@pytest.fixture(scope="session")
+def minilm_folder() -> tuple[LoadedModel, ModelReport]:
+    spec = REAL_MODELS["minilm_l6"]
+    if not spec.installed():
+        pytest.skip(spec.skip_reason())
+    pytest.importorskip("transformers", reason="the hf extra (scripts/setup.sh installs it)")
+    from real_models.builders import minilm_dir
+
+    loaded = load_model(minilm_dir())
+    return loaded, analyze(loaded)
+
+
+def test_hf_bert_folder_gets_graph_roles(minilm_folder: tuple[LoadedModel, ModelReport]) -> None:
+    # A real BERT-style encoder as shipped (config.json + safetensors), loaded offline by transformers.
+    loaded, report = minilm_folder
+    assert loaded.format == "hf_folder" and report.has_graph
+    assert "guessed" not in report.roles_source, report.roles_source
+    assert report.total_params == sum(p.numel() for p in loaded.module.parameters())
+    inventoried = {t for layer in report.layers for t in layer.tensors}
+    linears = [f"{n}.weight" for n, m in loaded.module.named_modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 6 * 6 + 1 and set(linears) <= inventoried  # q k v o up down per layer + pooler
+    assert report.family == "transformer_encoder"
+    by_name = {x.name: x for x in report.layers}
+    # BertModel returns the last hidden state and the pooled output: the last FFN and the pooler write them.
+    assert by_name["encoder.layer.5.output.dense"].writes_output
+    assert by_name["pooler.dense"].writes_output
+    assert not by_name["encoder.layer.0.output.dense"].writes_output
+    assert by_name["embeddings.word_embeddings"].type == "embedding"
+
+
+def test_hf_bert_folder_agrees_with_the_module(minilm_folder: tuple[LoadedModel, ModelReport]) -> None:
+    # The same weights built as plain torch (MiniBert, no pooler): the encoder's inventory agrees.
+    _, folder = minilm_folder
+    module = _analyze_module(_build("minilm_l6"))
+    pooler = sum(x.params for x in folder.layers if x.name.startswith("pooler."))
+    assert folder.total_params - pooler == module.total_params
+    assert sorted(x.params for x in folder.layers if not x.name.startswith("pooler.")) == \
+        sorted(x.params for x in module.layers)
+
+
+def test_shipped_elements_count_constants_not_folded_statistics() -> None:
+    # What the converted model stores is the size prediction's basis: MobileNetV2's BatchNorm
+    # statistics fold away; akiki's fixed STFT basis (a buffer) ships as a 258x1x256 constant.
+    mobilenet = _analyze_module(_build("mobilenet_v2"))
+    assert mobilenet.buffer_elements > 0 and mobilenet.shipped_elements == mobilenet.total_params
+    akiki = _analyze_module(_build("akiki_vad"))
+    basis = [b for b in akiki.buffers if b.elements == 258 * 256]
+    assert len(basis) == 1 and akiki.shipped_elements == akiki.total_params + 258 * 256

@@ -27,6 +27,7 @@ from compressadvise import backends as B
 from compressadvise.model.analysis import ModelReport, analyze, example_inputs_for
 from compressadvise.backends.apply_coreml import _coreml_side
 from compressadvise.backends.apply_coreml import MLPACKAGE, _check_coreml  # re-exported
+from compressadvise.backends.apply_gate import enforce, planned_vs_built
 from compressadvise.backends.apply_manifest import _manifest
 from compressadvise.backends.apply_manifest import MANIFEST_VERSION, SIZE_TOLERANCE  # re-exported
 from compressadvise.backends.apply_resolve import Route, _check_model, _example_inputs, _preflight, _samples, resolve
@@ -65,8 +66,12 @@ def apply(
     input_shape: list[int] | None = None,
     trust_pickle: bool = False,
     knowledge: Knowledge | None = None,
+    allow_partial: bool = False,
 ) -> ApplyResult:
-    """Apply `plan` to `model`, writing the artefacts and manifest into `out`."""
+    """Apply `plan` to `model`, writing the artefacts and manifest into `out`.
+
+    Raises PlanNotBuilt (exit 8) when the artefact is not what the plan promised (a planned layer
+    left uncompressed, or the weights over 2% off the predicted size), unless `allow_partial`."""
     started = time.perf_counter()
     if plan is None or out is None:
         raise InvalidKnowledge("apply needs a plan and an output folder")
@@ -101,6 +106,7 @@ def apply(
     with atomic_dir(out, force=force) as tmp:
         with temp_files_in(tmp / ".scratch"):  # coremltools' temp .mlpackages: swept if we are killed
             manifest = _execute(plan, k, loaded, report, jobs, ctx, route, tmp)
+        enforce(manifest["planned_vs_built"], allow_partial, manifest["notes"])
         manifest["seconds"] = round(time.perf_counter() - started, 2)
         write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
     return ApplyResult(out_dir=out, torch_artifact=out / manifest["torch_artifact"] if manifest["torch_artifact"] else None,
@@ -202,6 +208,11 @@ def _execute(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport,
                                                             if route.coreml else 0) + 1)
     if route.torch_side:
         compressed = _torch_side(loaded, jobs, ctx, outcome, stage)
+    mlinfo: dict[str, Any] = {}
+    if route.coreml:  # before the torch save: the native route snaps the torch weights to the .mlpackage's
+        stage("Core ML: conversion")
+        mlinfo = _coreml_side(loaded, compressed, jobs, ctx, route, outcome, tmp, stage)
+    if route.torch_side:
         stage("torch: save")
         torch_info = _save_torch(compressed, ctx.example_inputs, tmp)
         stage("torch: read back")
@@ -209,15 +220,16 @@ def _execute(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport,
             _check_torch(tmp / torch_info["file"], jobs, outcome, ctx)
     else:
         torch_info["note"] = route.notes[0] if route.notes else "no torch-side step"
-    mlinfo: dict[str, Any] = {}
-    if route.coreml:
-        stage("Core ML: conversion")
-        mlinfo = _coreml_side(loaded, compressed, jobs, ctx, route, outcome, tmp, stage)
     _require_work(jobs, outcome, route)
     stage("manifest")
     write_text_atomic(tmp / "plan.yaml", plan_to_yaml(plan))
     torch_bytes = (tmp / torch_info["file"]).stat().st_size if torch_info["file"] else None
-    return _manifest(plan, k, loaded, report, jobs, route, outcome, torch_info, torch_bytes, mlinfo)
+    manifest = _manifest(plan, k, loaded, report, jobs, route, outcome, torch_info, torch_bytes, mlinfo)
+    side, built, basis = (("coreml", mlinfo["payload_bytes"], "Core ML weight payload (weight.bin blobs, "
+                           "without the container's headers)") if mlinfo else
+                          ("torch", None, "the torch artefact's file size includes its program, not only weights"))
+    gate = planned_vs_built(plan, jobs, outcome, side, built, basis)
+    return {"manifest_version": manifest.pop("manifest_version"), "planned_vs_built": gate, **manifest}
 
 
 def _require_work(jobs: list[B.StepJob], outcome: dict, route: Route) -> None:

@@ -7,7 +7,8 @@ from typing import Any, Callable
 
 from compressadvise import backends as B
 from compressadvise.backends.apply_resolve import Route
-from compressadvise.backends.apply_torch import SPARSE_KINDS, SPARSITY_TOLERANCE, _target_sparsity, applied_layers
+from compressadvise.backends.apply_torch import (SPARSE_KINDS, SPARSITY_TOLERANCE, _submodule, _target_sparsity,
+                                                  applied_layers)
 from compressadvise.errors import CompressionFailed, Unavailable
 from compressadvise.fsutil import writing
 from compressadvise.model.loading import LoadedModel
@@ -67,7 +68,10 @@ def _coreml_side(loaded: LoadedModel, compressed: Any, jobs: list[B.StepJob], ct
     with writing(path):  # a full disk shows here: one line with the path, not coremltools' error list
         C.save(mlmodel, path)
     stage("Core ML: read back")
-    return _check_coreml(path, jobs, outcome, how)
+    info = _check_coreml(path, jobs, outcome, how)
+    if compressed is not None:
+        _prove_parity(compressed, path, jobs, outcome, route)
+    return info
 
 
 def _float_weights(loaded: LoadedModel) -> dict[str, Any]:
@@ -84,6 +88,98 @@ def _float_weights(loaded: LoadedModel) -> dict[str, Any]:
         if t.is_floating_point() and t.dim() >= 2:
             out[name] = folded.get(name, t).detach().to(dtype=torch.float16).cpu().numpy()
     return out
+
+
+def _prove_parity(model: Any, path: Path, jobs: list[B.StepJob], outcome: dict, route: Route) -> None:
+    """Make the torch artefact's weights the .mlpackage's, and prove it per layer.
+
+    Core ML cannot run here, so verify runs the torch artefact: its weights must be the ones shipped.
+    "convert": the converter encodes the torch side's values; where it re-quantized them instead (a
+    level apart, e.g. SparseGPT's int8), the torch weights are snapped to Core ML's and the gap noted.
+    "native": Core ML compressed the layers itself (an independent k-means picks other LUTs), so the
+    torch weights are snapped to them. Then every compared layer must agree to float tolerance."""
+    dense, evidence = _dense(path, jobs, outcome)
+    if route.coreml == "native":
+        _snap(model, dense, evidence, jobs, outcome, None, "Core ML compressed it itself")
+    off = _parity(dense, evidence, jobs, outcome, _torch_weights(model, jobs, outcome))
+    if off and route.coreml != "native":
+        worst = max(off.values())
+        _snap(model, dense, evidence, jobs, outcome, set(off), "the converter re-encoded it")
+        route.notes.append(f"the converter re-encoded {len(off)} layer(s) instead of keeping the torch side's values "
+                           f"(max |diff| {worst:.3g}): the torch artefact now holds the .mlpackage's weights, so verify "
+                           "measures what ships")
+        off = _parity(dense, evidence, jobs, outcome, _torch_weights(model, jobs, outcome))
+    if off:
+        raise CompressionFailed("Core ML read-back: the .mlpackage's weights are not the torch side's for "
+                                + "; ".join(f"{n}: max |Core ML - torch| = {d:.3g}" for n, d in list(off.items())[:6]),
+                                hint="the fidelity measured on the torch artefact would not be the artefact's; "
+                                "rerun with --debug and report it")
+
+
+def _dense(path: Path, jobs: list[B.StepJob], outcome: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(decompressed weight by head op, evidence by original const) for the Core ML-applied layers."""
+    from compressadvise.backends import coremltools_coreml as C
+
+    prog = C.load_program(path)
+    evidence = C.inspect_program(prog, sorted({rec["const"] for _, _, rec in applied_layers(jobs, outcome, "coreml")}))
+    return C.decompressed(prog, sorted({e.head for e in evidence.values() if e.head})), evidence
+
+
+def _snap(model: Any, dense: dict, evidence: dict, jobs: list[B.StepJob], outcome: dict,
+          names: set[str] | None, why: str) -> None:
+    """Copy each Core ML-applied layer's decompressed weight (all, or `names`) into the torch model."""
+    import torch
+
+    for job, lj, rec in applied_layers(jobs, outcome, "coreml"):
+        value = dense.get(evidence[rec["const"]].head or "")
+        w = getattr(_submodule(model, lj.module), lj.param, None)
+        if (names is not None and lj.name not in names) or value is None \
+                or type(w) not in (torch.Tensor, torch.nn.Parameter) or value.size != w.numel():
+            continue
+        with torch.no_grad():
+            w.copy_(torch.from_numpy(value.reshape(tuple(w.shape))).to(w.dtype))
+        outcome[(job.index, lj.name, "torch")] = {"status": "applied",
+                                                  "backend": f"the .mlpackage's weight, decompressed ({why})"}
+        rec["parity"] = f"snapped: the torch artefact holds this weight as the .mlpackage decompresses it ({why})"
+        if "parity_max_abs_diff" in rec:  # the gap the snap closed, kept as evidence
+            rec["parity_before_snap"] = rec.pop("parity_max_abs_diff")
+
+
+def _torch_weights(model: Any, jobs: list[B.StepJob], outcome: dict) -> dict[str, Any]:
+    """The torch side's compressed weights (float values snapped to the LUT / grid), for parity."""
+    import torch
+
+    weights = {}
+    for _, lj, _ in applied_layers(jobs, outcome, "torch"):
+        w = getattr(_submodule(model, lj.module), lj.param, None)
+        if type(w) in (torch.Tensor, torch.nn.Parameter):  # plain floats, not a tensor subclass
+            weights[lj.tensor] = w.detach().float().cpu().numpy()
+    return weights
+
+
+PARITY_TOLERANCE = 2e-3  # of the weight's largest |value|: fp16 storage of values, LUTs and scales
+
+
+def _parity(dense: dict, evidence: dict, jobs: list[B.StepJob], outcome: dict,
+            torch_weights: dict[str, Any]) -> dict[str, float]:
+    """Record per Core ML-applied layer max |decompressed Core ML weight - torch weight|; return the
+    layers beyond float tolerance with their difference."""
+    import numpy as np
+
+    off: dict[str, float] = {}
+    for _, lj, rec in applied_layers(jobs, outcome, "coreml"):
+        mine, theirs = torch_weights.get(lj.tensor), dense.get(evidence[rec["const"]].head or "")
+        if mine is None:
+            rec["parity"] = "not compared: the torch side did not compress this layer"
+            continue
+        if theirs is None or theirs.size != mine.size:
+            rec["parity"] = "not compared: the Core ML weight could not be decompressed to the torch shape"
+            continue
+        diff = float(np.abs(theirs.reshape(mine.shape) - mine).max())
+        rec["parity_max_abs_diff"] = diff
+        if diff > PARITY_TOLERANCE * (float(np.abs(mine).max()) or 1.0):
+            off[lj.name] = diff
+    return off
 
 
 def _check_coreml(path: Path, jobs: list[B.StepJob], outcome: dict, how: str) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from compressadvise import backends as B
 from compressadvise.model.analysis import LayerInfo, ModelReport, split_tensor_name
 from compressadvise.errors import BadModel, CompressionFailed, InvalidKnowledge, Unavailable
 from compressadvise.knowledge.base import Knowledge
+from compressadvise.knowledge.deployment import Deployment
+from compressadvise.backends.apply_torch import _submodule
 from compressadvise.model.loading import LoadedModel
 from compressadvise.knowledge.schema import COMPRESSIBLE, LAYER_TYPES, SLOTS, Plan, Step, Target, Technique
 from compressadvise.plan.sizing import backend_leaves_alone
@@ -62,7 +64,7 @@ def resolve(plan: Plan, k: Knowledge, report: ModelReport, target: Target) -> li
         where = f"plan step {index + 1} ({step.technique})"
         tech = _step_technique(step, k, where)
         _check_step_params(tech, step, report, by_name, where)
-        if not step.layers:
+        if not step.layers and not step.skipped:
             raise InvalidKnowledge(f"{where}: the step lists no layers to compress")
         kind = tech.form or "quantize"  # the form comes from the technique YAML (absent: as before)
         job = B.StepJob(index=index, technique=tech.name, slot=step.slot, kind=kind,
@@ -70,12 +72,37 @@ def resolve(plan: Plan, k: Knowledge, report: ModelReport, target: Target) -> li
         for s in step.skipped:
             job.skipped.append({"layer": s.layer, "reason": s.reason, "code": s.code or "plan"})
         _add_layers(job, tech, step, report, by_name, seen_slot.setdefault(step.slot, set()), where)
+        if target.coreml:
+            _check_os(job, k, Deployment(target, plan.target.os or target.default_os), where)
         job.torch_backend = _choose(tech, target, "torch")
         job.coreml_backend = _choose(tech, target, "coreml") if target.coreml else None
         jobs.append(job)
     if not jobs:
         raise InvalidKnowledge("the plan has no steps: nothing to apply")
+    if not any(j.layers or j.blocked for j in jobs):
+        first = next((s for j in jobs for s in j.skipped), None)
+        raise InvalidKnowledge("the plan compresses no layer: its steps skip every layer they name"
+                               + (f" (e.g. {first['layer']}: {first['reason']})" if first else ""),
+                               hint="nothing to apply; see the skip reasons in the plan or `compressadvise recommend`")
     return jobs
+
+
+def _check_os(job: B.StepJob, k: Knowledge, dep: Deployment, where: str) -> None:
+    """Refuse, before any work, a setting the deployment OS cannot load (per the target's YAML):
+    coremltools would otherwise fail mid-conversion (grouped LUTs, per-block scales and joint
+    forms are iOS 18 ops)."""
+    for lj in job.layers:
+        missing = dep.missing(lj.setting.modes(k)) if lj.setting is not None else []
+        if not missing:
+            continue
+        needs = [(m, dep.target.mode(m)) for m in missing]
+        listed = [(m, spec.min_os) for m, spec in needs if spec is not None]
+        when = "; ".join(f"{m} from OS {v}" for m, v in listed) or f"{', '.join(missing)}: not listed"
+        raise InvalidKnowledge(
+            f"{where}: layer {lj.name} ({lj.setting.label}) needs runtime mode(s) {', '.join(missing)}, which "
+            f"{dep.target.name} cannot load on OS {dep.os} ({when})",
+            hint=f"raise the plan's minimum OS (--os {max(v for _, v in listed)})" if listed else
+            "choose a setting the target lists (`compressadvise explain " + dep.target.name + "`)")
 
 
 def _step_technique(step: Step, k: Knowledge, where: str) -> Technique:
@@ -197,6 +224,24 @@ class Route:
     notes: list[str] = field(default_factory=list)
 
 
+def _coreml_route(jobs: list[B.StepJob], loaded: LoadedModel) -> str:
+    """"convert" where the torch side compresses every layer with coremltools: the converter then
+    encodes the torch side's own LUTs, scales and masks, so the weights verify measures are the
+    artefact's (parity). Else "native" (optimize.coreml on the converted model: a .pt2, or a layer
+    coremltools.torch does not handle, e.g. Conv1d); apply then snaps the torch artefact's weights to
+    the .mlpackage's, since a second, independent k-means gives other LUTs (3% apart on the digits CNN)."""
+    if loaded.module is not None and all(_torch_handles(j, loaded.module) for j in jobs if j.layers):
+        return "convert"
+    return "native" if all(j.coreml_backend for j in jobs) else "convert"
+
+
+def _torch_handles(job: B.StepJob, module: Any) -> bool:
+    if job.torch_backend != "coremltools.torch":
+        return False
+    backend = B.get(job.torch_backend)
+    return all(backend.layer_support(job, lj, _submodule(module, lj.module)) is None for lj in job.layers)
+
+
 def _preflight(jobs: list[B.StepJob], ctx: B.Context, loaded: LoadedModel, target: Target) -> Route:
     """Everything that can fail for lack of a library, a GPU, model code or an example input."""
     notes: list[str] = []
@@ -225,13 +270,14 @@ def _preflight(jobs: list[B.StepJob], ctx: B.Context, loaded: LoadedModel, targe
                      "only the Core ML artefact is written")
     coreml = None
     if target.coreml:
-        coreml = "native" if all(j.coreml_backend for j in jobs) else "convert"
+        coreml = _coreml_route(jobs, loaded)
         if coreml == "convert":
             if not eager:
                 raise BadModel("a step without a Core ML implementation needs the torch side, which needs "
                                "the model's code", hint="pass module:function for the model")
             notes.append("Core ML artefact converted from the torch side's result (coremltools keeps its "
                          "compression metadata), because " + "; ".join(n for j in jobs for n in j.notes)
-                         if any(j.notes for j in jobs) else "Core ML artefact converted from the torch side's result")
+                         if any(j.notes for j in jobs) else "Core ML artefact converted from the torch side's result "
+                         "(coremltools encodes its compressed weights, so they are the ones verify measures)")
         B.import_quietly("coremltools")
     return Route(torch_side=eager and any(j.torch_backend for j in jobs), coreml=coreml, notes=notes)

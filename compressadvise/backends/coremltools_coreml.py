@@ -170,8 +170,7 @@ def convert(source: Any, example_inputs: tuple | None, os_major: int) -> tuple[A
         if isinstance(source, (torch.export.ExportedProgram, torch.jit.ScriptModule)):
             try:
                 if isinstance(source, torch.export.ExportedProgram):
-                    return ct.convert(source.run_decompositions({}), minimum_deployment_target=target,
-                                      convert_to="mlprogram"), "torch.export program"
+                    return _convert_program(ct, source, example_inputs, target)
                 if not example_inputs:
                     raise BadModel("converting TorchScript to Core ML needs an example input",
                                    hint="pass --input-shape or --samples")
@@ -198,6 +197,40 @@ def convert(source: Any, example_inputs: tuple | None, os_major: int) -> tuple[A
                     f"torch.jit.trace: {_first_line(trace_error)}") from trace_error
 
 
+def _convert_program(ct: Any, ep: Any, example_inputs: tuple | None, target: Any) -> tuple[Any, str]:
+    """A .pt2 through the torch.export frontend; where that frontend lacks an op (LSTM in
+    coremltools 9), through the TorchScript frontend, from a trace of the program's own module
+    (its parameters keep their names, so layers are still found by name or value)."""
+    import torch
+
+    try:
+        return ct.convert(ep.run_decompositions({}), minimum_deployment_target=target,
+                          convert_to="mlprogram"), "torch.export program"
+    except Exception as export_error:
+        example = tuple(example_inputs) if example_inputs else _program_example(ep)
+        if not example:
+            raise
+        try:
+            traced = torch.jit.trace(ep.module(), example, check_trace=False)
+            mlmodel = ct.convert(traced, inputs=_tensor_types(ct, example), minimum_deployment_target=target,
+                                 convert_to="mlprogram")
+        except Exception as trace_error:
+            raise CompressionFailed(f"Core ML conversion failed: torch.export frontend: {_first_line(export_error)}; "
+                                    f"TorchScript frontend: {_first_line(trace_error)}") from trace_error
+        return mlmodel, f"TorchScript trace of the program (torch.export frontend: {_first_line(export_error)})"
+
+
+def _program_example(ep: Any) -> tuple | None:
+    """The example inputs a .pt2 was saved with (torch.export keeps them), as plain tensors."""
+    import torch
+
+    saved = getattr(ep, "example_inputs", None)
+    args = saved[0] if isinstance(saved, tuple) and saved else None
+    if args and all(isinstance(a, torch.Tensor) for a in args):
+        return tuple(a.detach().clone() for a in args)
+    return None
+
+
 def _tensor_types(ct: Any, example_inputs: tuple) -> list:
     import numpy as np
 
@@ -214,8 +247,17 @@ def _first_line(e: Exception) -> str:
 
 
 def _ops(mlmodel_or_prog: Any) -> list:
+    """Every op of the program, including those nested in control flow (a recurrent layer traced
+    to a while_loop keeps its weights inside the loop's body block)."""
     prog = getattr(mlmodel_or_prog, "_mil_program", mlmodel_or_prog)
-    return [op for f in prog.functions.values() for op in f.operations]
+    out: list = []
+    todo = [op for f in prog.functions.values() for op in reversed(f.operations)]
+    while todo:
+        op = todo.pop()
+        out.append(op)
+        for block in reversed(getattr(op, "blocks", None) or []):
+            todo.extend(reversed(block.operations))
+    return out
 
 
 def const_value(mlmodel: Any, name: str) -> Any:
@@ -336,6 +378,7 @@ class WeightEvidence:
     quant_dtype: str | None = None
     sparsity: float | None = None
     per_channel_scale: bool = False
+    head: str | None = None  # the op that now produces the weight (the head of its constexpr chain)
 
     def describe(self) -> str:
         parts = ["+".join(self.ops) or "dense fp16 const"]
@@ -371,17 +414,12 @@ def inspect_program(prog: Any, originals: list[str]) -> dict[str, WeightEvidence
     heads = producer_names(prog)
     by_name = {op.name: op for op in ops}
     for orig in originals:
-        ev = WeightEvidence()
         head = head_for(heads, orig)
+        ev = WeightEvidence(head=head)
         for op in _chain(by_name.get(head) if head else None):
             ev.ops.append(op.op_type)
             if op.op_type in LUT_OPS:
-                lut = op.inputs.get("lut")
-                if lut is not None and lut.shape:
-                    ev.lut_entries = int(lut.shape[-2])
-                idx = op.inputs.get("indices")
-                if idx is not None:
-                    ev.index_bits = _bits(idx.dtype)
+                ev.lut_entries, ev.index_bits = _lut_layout(op)
             if op.op_type in QUANT_OPS:
                 data = op.inputs.get("data", op.inputs.get("quantized_data"))
                 if data is not None and _dtype_name(data.dtype).startswith("fp"):
@@ -391,10 +429,51 @@ def inspect_program(prog: Any, originals: list[str]) -> dict[str, WeightEvidence
             for key in ("mask", "indices_mask", "data_mask"):  # the bitmask, wherever the chain stores it
                 mask = op.inputs.get(key)
                 if mask is not None and mask.val is not None and ev.sparsity is None:
-                    m = np.asarray(mask.val)
-                    ev.sparsity = 1.0 - float(np.count_nonzero(m)) / max(m.size, 1)
+                    ev.sparsity = _sparsity(op, np.asarray(mask.val))
         out[orig] = ev
     return out
+
+
+def decompressed(prog: Any, heads: list[str]) -> dict[str, Any]:
+    """Each weight as Core ML materialises it at load time (LUT[indices], scale x (q - zero point),
+    sparse masks), by coremltools' own decompression pass: run on `prog`, which it rewrites, so pass
+    a private copy (load_program reads one from disk)."""
+    import numpy as np
+    from coremltools.optimize.coreml._quantization_passes import WeightDecompressor
+
+    with quiet():
+        WeightDecompressor(op_selector=lambda op: True).apply(prog)
+    consts = {op.name: op for op in _ops(prog) if op.op_type == "const"}
+    return {h: np.asarray(consts[h].outputs[0].val, dtype=np.float32) for h in heads if h in consts}
+
+
+def _sparsity(op: Any, mask: Any) -> float:
+    """Zero fraction of a sparse weight. iOS 16/17 constexpr_sparse_to_dense packs its mask as
+    uint8 bits with the dense `shape` as an input; iOS 18 stores one uint1 per element."""
+    import numpy as np
+
+    shape = op.inputs.get("shape")
+    if shape is not None and shape.val is not None:
+        n = int(np.prod(shape.val))
+        if mask.dtype == np.uint8 and mask.size * 8 >= n > mask.size:
+            kept = int(np.unpackbits(mask.ravel(), bitorder="little")[:n].sum())
+            return 1.0 - kept / max(n, 1)
+    return 1.0 - float(np.count_nonzero(mask)) / max(mask.size, 1)
+
+
+def _lut_layout(op: Any) -> tuple[int | None, int | None]:
+    """(LUT entries, index bits) of a constexpr_lut_to_dense op, in either opset's layout.
+
+    iOS 16/17: `lut` is [NUM_PALETTES] and `indices` packed uint8 bytes (n_bits = log2 entries);
+    iOS 18: `lut` is [..., NUM_PALETTES, VECTOR_SIZE] and `indices` a sub-byte uint tensor."""
+    lut, idx = op.inputs.get("lut"), op.inputs.get("indices")
+    shape = tuple(lut.shape or ()) if lut is not None else ()
+    if not shape:
+        return None, None
+    if len(shape) == 1:
+        entries = int(shape[0])
+        return entries, max(entries - 1, 1).bit_length()
+    return int(shape[-2]), _bits(idx.dtype) if idx is not None else None
 
 
 def _chain(head: Any) -> list:

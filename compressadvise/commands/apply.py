@@ -20,12 +20,17 @@ def apply_cmd(
     samples: Optional[str] = SAMPLES,
     input_shape: Optional[str] = INPUT_SHAPE,
     trust_pickle: bool = TRUST_PICKLE,
+    allow_partial: bool = typer.Option(
+        False, "--allow-partial",
+        help="Keep a build that differs from the plan (a planned layer left uncompressed, or weights over 2% "
+             "off the predicted size): exit 0 with the planned-vs-built table instead of exit 8."),
     json_out: bool = JSON,
 ) -> None:
     """Apply a compression plan: compressed torch model, .mlpackage for Apple targets, and a manifest.
 
     --samples are the calibration data of techniques that need it; --input-shape shapes the example
-    input for export and conversion."""
+    input for export and conversion. The build is checked against the plan: every planned layer
+    compressed as planned and the weights within 2% of the predicted size, else exit 8."""
     from compressadvise import backends
     from compressadvise.backends.apply import apply, check_out
     from compressadvise.ui.cli import STATE
@@ -33,9 +38,21 @@ def apply_cmd(
     backends.DEBUG["on"] = bool(STATE.get("debug"))
     check_out(out, model, force=force)  # before the progress bar: a refusal stays one line
     prog, progress = _progress()
-    with prog:
-        result = apply(model, plan, out, force=force, samples=samples, progress=progress,
-                       input_shape=parse_shape(input_shape), trust_pickle=trust_pickle)
+    from compressadvise.backends.apply_gate import PlanNotBuilt
+
+    try:
+        with prog:
+            result = apply(model, plan, out, force=force, samples=samples, progress=progress,
+                           input_shape=parse_shape(input_shape), trust_pickle=trust_pickle,
+                           allow_partial=allow_partial)
+    except PlanNotBuilt as e:
+        if json_out:
+            from compressadvise.ui.render import emit_json
+
+            emit_json({"out_dir": None, "planned_vs_built": e.gate})
+        else:
+            show_gate(e.gate, err=True)
+        raise
     if json_out:
         from compressadvise.ui.render import emit_json
 
@@ -70,6 +87,7 @@ def show_result(result) -> None:
     from compressadvise.ui.render import human_bytes, out
 
     m = result.manifest
+    show_gate(m["planned_vs_built"])
     out.print(f"[bold]applied[/] {len(m['steps'])} step(s) to {m['input']['source']} for {m['target']['name']} "
               f"in {result.seconds:.1f} s -> [bold]{result.out_dir}[/]")
     for s in m["steps"]:
@@ -102,3 +120,24 @@ def show_result(result) -> None:
     for note in m.get("notes", []):
         out.print(f"[yellow]note:[/] {note}")
     out.print(f"[dim]manifest: {result.out_dir / 'manifest.json'}[/]")
+
+
+def show_gate(gate: dict, err: bool = False) -> None:
+    """Planned vs built first: the counts, the sizes, and a row per layer that differs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from compressadvise.backends.apply_gate import summarize
+    from compressadvise.ui.render import out
+
+    console = Console(stderr=True, highlight=False) if err else out
+    style = "green" if gate["ok"] else "red"
+    console.print(f"[bold {style}]planned vs built[/] ({gate['side']} side): {summarize(gate)}")
+    if not gate["rows"]:
+        return
+    t = Table(show_edge=False)
+    for col in ("step", "layer", "planned", "built", "why"):
+        t.add_column(col, overflow="fold")
+    for r in gate["rows"]:
+        t.add_row(str(r["step"]), r["layer"], r["planned"], f"[red]{r['built']}[/]", r["reason"])
+    console.print(t)

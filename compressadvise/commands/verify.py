@@ -178,6 +178,8 @@ def _before_after(r) -> None:  # noqa: ANN001
     out.print(t)
     if r.coreml is not None and r.coreml.timing is None and r.coreml.note:
         out.print(f"[dim]{r.coreml.note}[/]")
+    if r.coreml is not None:
+        _show_build(r.coreml)
     if r.latency is not None:
         for n in r.latency.notes:
             out.print(f"[dim]{n}[/]")
@@ -277,3 +279,18 @@ def _budgets(r) -> None:  # noqa: ANN001
                   verdict, b.basis + (f" ({b.detail})" if b.detail else ""))
     out.print(t)
     out.print("[green]all budgets met[/]" if r.passed else "[red]budget missed[/]")
+
+
+def _show_build(c) -> None:
+    """What apply proved about the .mlpackage (its manifest): planned vs built, and parity."""
+    from compressadvise.ui.render import out
+
+    if c.planned_vs_built:
+        out.print(f"planned vs built (at apply): {c.planned_vs_built}")
+    if c.parity_layers:
+        out.print(f"torch <-> Core ML parity (at apply): {c.parity_layers} layer(s), max |diff| "
+                  f"{c.parity_max_abs_diff:.3g}: the fidelity above is the .mlpackage's weights")
+    elif c.planned_vs_built:
+        out.print("[yellow]torch <-> Core ML parity: not measured (no torch side compressed these layers): "
+                  "the fidelity above is not evidence for the .mlpackage[/]")
+

@@ -46,6 +46,9 @@ class CoreMLInfo(ResultModel):
     note: str = ""
     compute_units: str | None = None
     timing: Timing | None = None
+    planned_vs_built: str | None = Field(None, description="from the apply manifest: layers and size vs the plan")
+    parity_layers: int | None = Field(None, description="layers whose .mlpackage weight was compared with the torch side's")
+    parity_max_abs_diff: float | None = Field(None, description="measured at apply: max |Core ML - torch| weight")
 
 
 class VerifyResult(ResultModel):
@@ -156,7 +159,7 @@ def verify(
     result = _compare(orig, comp, smp, lab, smp.source if labels is None else "labels", overrides, batch_size, say)
     _diagnose(result, orig, comp, smp, func, drift=drift, drift_samples=drift_samples, batch_size=batch_size,
               latency=latency, reps=reps, warmup=warmup, compile=compile, say=say)
-    result.coreml = _coreml(comp, smp, target, compute_units)
+    result.coreml = _with_build(_coreml(comp, smp, target, compute_units), comp)
     if target is not None:
         say("estimating target latency")
         result.estimate, result.target_size_bytes, notes = _estimates(orig, comp, smp, target, os, calibration, plan)
@@ -215,6 +218,21 @@ def _diagnose(result: VerifyResult, orig: _Side, comp: _Side, smp: Samples, func
         say("timing both models (interleaved)")
         result.latency = measure({"original": orig.fn, "compressed": comp.fn}, smp.batch(0, 1),
                                  reps=reps, warmup=warmup, compile=compile)
+
+
+def _with_build(info: CoreMLInfo | None, comp: _Side) -> CoreMLInfo | None:
+    """What apply proved about the .mlpackage it built: planned vs built and torch <-> Core ML parity
+    (the evidence, Core ML being unable to run here, that the fidelity above is the artefact's)."""
+    if comp.manifest is None or comp.mlpackage is None:
+        return info
+    from compressadvise.backends.apply_gate import parity_summary, summarize
+
+    info = info or CoreMLInfo(available=False)
+    gate = comp.manifest.get("planned_vs_built")
+    if isinstance(gate, dict) and "layers_planned" in gate:
+        info.planned_vs_built = summarize(gate)
+    info.parity_layers, info.parity_max_abs_diff = parity_summary(comp.manifest)
+    return info
 
 
 def _coreml(comp: _Side, smp: Samples, target: str | None, compute_units: str) -> CoreMLInfo | None:

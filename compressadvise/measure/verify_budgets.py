@@ -65,9 +65,10 @@ def _estimates(orig: _Side, comp: _Side, samples: Samples, target: str, os_versi
 
 def _target_bytes(report: Any, comp: dict[str, LayerCompression], baseline: float) -> float:
     in_layers = sum(x.params for x in report.layers)
-    total = (report.total_params - in_layers) * baseline
+    total = (report.stored() - in_layers) * baseline
     for x in report.layers:
-        total += comp[x.name].bytes if x.name in comp else x.params * baseline
+        if not x.is_dead:  # stored() leaves out what the converter drops
+            total += comp[x.name].bytes if x.name in comp else x.params * baseline
     return total
 
 

@@ -32,6 +32,7 @@ class _Side:
     size_basis: str = ""
     plan: Any = None
     notes: list[str] = field(default_factory=list)
+    manifest: dict | None = None  # an apply folder's: planned vs built and parity, as apply recorded them
 
     def info(self) -> ModelSide:
         return ModelSide(source=self.loaded.source, format=self.loaded.format, sha256=self.loaded.sha256,
@@ -67,7 +68,7 @@ def _from_module(module: Any) -> LoadedModel:
                        has_graph=True, module=module.eval())
 
 
-def _apply_dir(path: Path, named: str | None = None) -> tuple[LoadedModel, str | None, Any, Path]:
+def _apply_dir(path: Path, named: str | None = None) -> tuple[LoadedModel, str | None, Any, Path, dict]:
     """An `apply` output folder: manifest.json names the torch artifact and the .mlpackage.
     `named`: the model spec the caller gave, the only factory a state-dict artefact may import.
     `load_artifact` inspects the artefact like any model file (nothing pickled is loaded)."""
@@ -97,7 +98,7 @@ def _apply_dir(path: Path, named: str | None = None) -> tuple[LoadedModel, str |
         except CompressAdviseError:
             plan = None
     file = path / artifact if artifact and (path / artifact).exists() else path
-    return loaded, mlpath, plan, file
+    return loaded, mlpath, plan, file, manifest
 
 
 def _named_spec(model: Any) -> str | None:
@@ -110,7 +111,7 @@ def _named_spec(model: Any) -> str | None:
 def _resolve(model: Any, trust_pickle: bool, named: str | None = None) -> _Side:
     import torch
 
-    mlpackage = plan = None
+    mlpackage = plan = manifest = None
     size: int | None = None
     basis = ""
     if isinstance(model, LoadedModel):
@@ -118,7 +119,7 @@ def _resolve(model: Any, trust_pickle: bool, named: str | None = None) -> _Side:
     elif isinstance(model, torch.nn.Module):
         loaded = _from_module(model)
     elif model is not None and str(model) != "bundled" and Path(str(model)).is_dir():
-        loaded, mlpackage, plan, file = _apply_dir(Path(str(model)), named)
+        loaded, mlpackage, plan, file, manifest = _apply_dir(Path(str(model)), named)
         if file.is_file():
             size, basis = disk_size(file), "torch artifact on disk (measured)"
     else:
@@ -132,7 +133,7 @@ def _resolve(model: Any, trust_pickle: bool, named: str | None = None) -> _Side:
         size, basis = _model_size(loaded)
     if mlpackage:
         size, basis = disk_size(mlpackage), "Core ML package on disk (measured)"
-    return _Side(loaded, fn, graph, mlpackage, size, basis, plan)
+    return _Side(loaded, fn, graph, mlpackage, size, basis, plan, manifest=manifest)
 
 
 def _model_size(loaded: LoadedModel) -> tuple[int | None, str]:

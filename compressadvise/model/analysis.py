@@ -114,7 +114,12 @@ class ModelReport(BaseModel):
     buffers: list[BufferInfo] = Field([], description="non-parameter tensors (running statistics, masks, "
                                       "position ids): not in total_params or the fp16 baseline")
     buffer_elements: int = 0
+    shipped_elements: int = Field(0, description="values the converted model stores: parameters less dead layers' "
+                                  "plus float buffers that are not folded away (the size prediction's basis)")
     roles_source: str = Field("", description="where first/last/classifier/dead came from: the graph, or a guess")
+
+    def stored(self) -> int:
+        return self.shipped_elements or self.total_params  # 0: a report made before the field existed
 
     def layer(self, name: str) -> LayerInfo:
         for layer in self.layers:
@@ -392,7 +397,7 @@ def analyze(
         model = load_model(model, trust_pickle=trust_pickle)
     # The inventory is the model's own parameters; the statistics are those of the weights as they
     # ship (BatchNorm folded, as the converter does), since those are what gets compressed.
-    from compressadvise.model.deploy import deployable_values
+    from compressadvise.model.deploy import deployable_values, shipped_elements
 
     folds, values = deployable_values(model, example_inputs_for(model, input_shape))
     types = _module_types(model)
@@ -409,6 +414,7 @@ def analyze(
     _mark_folds(layers, folds)
     report = _report(model, layers, groups, total_unique, tied, macs, shape)
     report.roles_source, report.buffers, report.buffer_elements = roles_note, buffers, sum(b.elements for b in buffers)
+    report.shipped_elements = shipped_elements(report)
     if folds:
         report.notes.append(f"{len(folds)} BatchNorm(s) fold into the layer before them when converted (as Core ML's "
                             "converter does): their statistics are those of the folded weights that ship")

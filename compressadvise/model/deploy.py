@@ -504,3 +504,25 @@ def _is_getitem_of(node: Any, src: Any) -> bool:
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+FOLDED_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def shipped_elements(report: Any) -> int:
+    """Values the converted model stores, the basis of every size prediction: the parameters, less
+    dead layers' (the converter drops ops no output uses), plus float buffers, which ship as fp16
+    constants (a fixed STFT basis, a positional table) except the statistics of a BatchNorm that
+    folds into the layer before it (without a graph to tell: of any BatchNorm, most follow a conv)."""
+    folded = {x.name for x in report.layers if x.folded_into}
+    dead = sum(x.params for x in report.layers if x.is_dead)
+    constants = 0
+    for b in report.buffers:
+        owner, _, leaf = b.name.rpartition(".")
+        if not b.dtype.startswith(("float", "bfloat", "half")):
+            continue  # integer ids and counters: tiny int32 constants at most
+        if leaf in FOLDED_STATISTICS and (owner in folded or not report.has_graph):
+            continue
+        constants += b.elements
+    return report.total_params - dead + constants
+

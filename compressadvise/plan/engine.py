@@ -342,7 +342,7 @@ def predict_layers(k: Knowledge, report: ModelReport, steps: list[Step], baselin
     settings: dict[str, list[Setting]] = defaultdict(list)
     weight: dict[str, float] = {}
     sparsity: dict[str, float] = {}
-    before = int(round(report.total_params * baseline))
+    before = int(round(report.stored() * baseline))
     after = before
     by_name = {x.name: x for x in report.layers}
     for step in steps:

@@ -40,7 +40,7 @@ class Budget(ResultModel):
         elif size_fraction:
             if report is None:
                 raise ValueError("size_fraction needs the model report")
-            max_bytes = size_fraction * report.total_params * baseline
+            max_bytes = size_fraction * report.stored() * baseline
             basis.append(f"{size_fraction:g} of the uncompressed size")
         if max_latency_ms:
             basis.append(f"{max_latency_ms:g} ms (estimate)")

@@ -84,7 +84,7 @@ class _Space:
 def _space(k: Knowledge, report: ModelReport, sens: SensitivityReport, layers: list[LayerInfo], target: str,
            os: int, baseline: float) -> _Space:
     options = _options(k, report, sens, layers, target, os, baseline)
-    fixed = int(round(report.total_params * baseline)) - sum(setting_bytes(k, x, FP16, baseline) for x in layers)
+    fixed = int(round(report.stored() * baseline)) - sum(setting_bytes(k, x, FP16, baseline) for x in layers)
     lat_ok = any(o.latency_ms == o.latency_ms for opts in options.values() for o in opts)
     fixed_ms = _fixed_latency(report, k, target, os, {x.name for x in layers}) if lat_ok else 0.0
     return _Space([x.name for x in layers], [options[x.name] for x in layers], fixed, fixed_ms, lat_ok, sens.peak)

@@ -296,6 +296,16 @@ def _latency_estimates(inp: Inputs, k: Any) -> tuple[Any, Any] | None:
     return before, after
 
 
+NOT_BUILT = "planned, not built"
+
+
+def _not_built(manifest: dict[str, Any] | None) -> dict[str, str]:
+    """Layer -> why, for each planned layer the apply manifest's planned-vs-built gate lists."""
+    gate = (manifest or {}).get("planned_vs_built")
+    rows = gate.get("rows", []) if isinstance(gate, dict) else []
+    return {str(r["layer"]): str(r.get("reason", "")) for r in rows if isinstance(r, dict) and "layer" in r}
+
+
 def _layer_rows(inp: Inputs, est: tuple[Any, Any] | None, k: Any = None) -> list[LayerRow]:
     plan_rows = {x.name: x for x in (inp.plan.layers if inp.plan is not None else [])}
     ms_before = {r.name: r.ms for r in est[0].layers} if est else {}
@@ -306,15 +316,18 @@ def _layer_rows(inp: Inputs, est: tuple[Any, Any] | None, k: Any = None) -> list
         drift = {d.name: d.snr_db for d in inp.verify.drift.layers}
     applied = {x["name"]: str(x.get("status", "")) for x in (inp.manifest or {}).get("layers", [])
                if isinstance(x, dict) and "name" in x}
+    missed = _not_built(inp.manifest)
+    applied.update({name: f"{NOT_BUILT}: {why}" for name, why in missed.items()})
     baseline = FP16_BYTES  # only for layers the plan does not list
     rows: list[LayerRow] = []
     if inp.report is not None:
         for x in inp.report.layers:
             p = plan_rows.get(x.name)
             before = p.bytes_before if p else int(x.params * baseline)
-            rows.append(LayerRow(
+            rows.append(LayerRow(  # a planned layer apply did not build is drawn as it shipped: uncompressed
                 index=x.index, name=x.name, type=x.type, params=x.params, bytes_before=before,
-                bytes_after=p.bytes_after if p else before, setting=p.setting if p else "fp16 (no plan)",
+                bytes_after=p.bytes_after if p and x.name not in missed else before,
+                setting=p.setting if p else "fp16 (no plan)",
                 setting_key=row_key(p, k) if p and k else "",
                 latency_ms_before=ms_before.get(x.name), latency_ms_after=ms_after.get(x.name),
                 sensitivity=sens.get(x.name), drift_snr_db=_finite(drift.get(x.name)), applied=applied.get(x.name)))

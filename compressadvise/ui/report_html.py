@@ -275,7 +275,8 @@ def _row_html(r: LayerRow, total_b: int, total_t: float, has_drift: bool, has_ap
         cells.append(_num_cell(r.drift_snr_db, 3))
     cells.append(f"<td class=setting>{_e(r.setting)}</td>")
     if has_applied:
-        cells.append(f"<td>{_e(r.applied or '—')}</td>")
+        missed = (r.applied or "").startswith("planned, not built")
+        cells.append(f"<td class=notbuilt>{_e(r.applied)}</td>" if missed else f"<td>{_e(r.applied or '—')}</td>")
     return f'<tr data-changed="{int(_changed(r.setting))}">{"".join(cells)}</tr>'
 
 

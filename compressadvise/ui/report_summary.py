@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 
 def _summary(inp: Inputs, est: tuple[Any, Any] | None) -> list[SummaryRow]:
-    rows: list[SummaryRow] = []
+    rows: list[SummaryRow] = _built_rows(inp.manifest)  # an apply folder leads with planned vs built
     plan, ver = inp.plan, inp.verify
     if plan is not None and plan.prediction is not None:
         p = plan.prediction
@@ -28,6 +28,21 @@ def _summary(inp: Inputs, est: tuple[Any, Any] | None) -> list[SummaryRow]:
     if ver is None:
         rows.append(SummaryRow(metric="accuracy", basis="not measured yet", note=_verify_hint(inp)))
     return rows
+
+
+def _built_rows(manifest: dict[str, Any] | None) -> list[SummaryRow]:
+    """The planned-vs-built gate `apply` recorded: planned MB against built MB (measured)."""
+    gate = (manifest or {}).get("planned_vs_built")
+    if not isinstance(gate, dict) or "layers_planned" not in gate:
+        return []
+    from compressadvise.backends.apply_gate import summarize
+
+    planned, built = gate.get("planned_bytes"), gate.get("built_bytes")
+    verdict = "built as planned" if gate.get("ok") else "DIFFERS from the plan"
+    return [SummaryRow(metric=f"planned vs built: {verdict}",
+                       before=planned / 1e6 if isinstance(planned, (int, float)) else None,
+                       after=built / 1e6 if isinstance(built, (int, float)) else None, unit="MB",
+                       basis="measured (apply read-back) vs the plan's estimate", note=summarize(gate))]
 
 
 def _target_label(est: Any) -> str:

