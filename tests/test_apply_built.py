@@ -83,8 +83,10 @@ def test_os_by_technique(fmt, form, os_major, mlp_pt2, tmp_path):
         if fmt == "eager":  # the torch side compressed it: the .mlpackage must hold the same values
             w = small_mlp().module.get_submodule(name).weight
             assert rec["parity_max_abs_diff"] <= 2e-3 * float(w.abs().max())
-        else:
-            assert "parity" not in rec or rec["parity"].startswith("not compared")
+        else:  # no torch side: the torch artefact is the program carrying the .mlpackage's weights
+            assert rec["parity"].startswith("snapped") and rec["parity_max_abs_diff"] == 0
+    if fmt == "pt2":
+        assert m["torch_artifact"] == "model.pt2" and "the .mlpackage's weights" in m["torch_note"]
 
 
 def test_parity_mismatch_fails_apply(monkeypatch, tmp_path):
@@ -188,3 +190,44 @@ def test_report_of_a_partial_build_draws_what_was_built(tmp_path):
     row = html[html.index("<td class=name>stem</td>"):]
     row = row[:row.index("</tr>")]
     assert "<td class=notbuilt>planned, not built:" in row and "weight_threshold" in row
+
+
+def test_pt2_torch_artefact_is_the_folded_program_with_the_shipped_weights(tmp_path):
+    # A conv + BatchNorm CNN as a .pt2: Core ML folds and compresses it; the torch artefact verify runs
+    # must be that folded, compressed model (not the float program, which has no torch side to compress).
+    from compressadvise.backends.apply import load_artifact
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.BatchNorm2d(64),
+                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 40)).eval()
+    for bn in (m[1], m[4]):  # statistics far from identity, so a fold that did not happen shows
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.05, 4)
+        bn.weight.data.uniform_(0.5, 2)
+    x = torch.randn(1, 16, 16, 16)
+    path = tmp_path / "cnn.pt2"
+    torch.export.save(torch.export.export(m, (x,)), path)
+    out = ca.apply(load_model(path), _plan("palettization", "weights", {"nbits": 6}, 18, layers=["0", "3", "8"]),
+                   tmp_path / "o").manifest
+    assert out["planned_vs_built"]["ok"] and {_coreml(out, n)["matched_by"] for n in ("0", "3")} == {"value"}
+    art = load_artifact(tmp_path / "o")
+    weights = dict(art.tensors())
+    assert len(torch.unique(weights["0.weight"])) <= 64 and len(torch.unique(weights["3.weight"])) <= 64
+    with torch.no_grad():
+        ref, got = m(x), art.runnable()(x)
+    assert float((ref - got).norm() / ref.norm()) < 0.05  # 6-bit LUTs of the folded weights, BN folded in
+    assert not any("batch_norm" in str(n.target) for n in torch.export.load(tmp_path / "o" / "model.pt2").graph.nodes)
+
+
+@pytest.mark.parametrize("os_major", [16, 17])
+def test_recurrent_weights_are_predicted_at_the_width_the_os_stores(os_major, tmp_path):
+    # Core ML's lstm op is fp32-only before iOS 17 (the targets' `storage`): the plan must predict
+    # the fp32 weights it will build, or the gate (rightly) fails a plan that "meets its budget".
+    torch.manual_seed(0)
+    loaded = LoadedModel(source="test:convlstm", format="module", sha256="convlstm", has_graph=True,
+                         module=ConvLSTM().eval(), example_inputs=(torch.randn(1, 16, 20),))
+    plans = {os: ca.recommend(loaded, target="ane-a14", os=os) for os in (16, 17)}
+    lstm = sum(p.numel() for n, p in loaded.module.named_parameters() if n.startswith("lstm."))  # and biases
+    assert plans[16].prediction.bytes_after - plans[17].prediction.bytes_after == 2 * lstm
+    gate = ca.apply(loaded, plans[os_major], tmp_path / "o").manifest["planned_vs_built"]
+    assert gate["ok"] and abs(gate["size_error"]) <= 0.02, gate

@@ -293,4 +293,4 @@ def test_coremltools_temp_packages_stay_inside_our_temp_folder(applied):
         assert not p.exists()
     assert not any(n.endswith(".mlpackage") for n in applied["left_in_tmp"]), applied["left_in_tmp"]
     # the output holds neither the marker nor the scratch folder
-    assert sorted(p.name for p in applied["out"].iterdir()) == ["manifest.json", "model.mlpackage", "plan.yaml"]
+    assert sorted(p.name for p in applied["out"].iterdir()) == ["manifest.json", "model.mlpackage", "model.pt2", "plan.yaml"]

@@ -116,6 +116,7 @@ def test_mobilenet_formats_agree(fmt: str, mobilenet: Built, mobilenet_report: M
     assert [x.name for x in got.layers] == [x.name for x in ref.layers]
     assert len(got.layers) == len(ref.layers)
     assert got.total_params == ref.total_params == sum(p.numel() for p in mobilenet.module.parameters())
+    assert got.shipped_elements == ref.shipped_elements  # folded statistics ship in no format
 
 
 def test_state_dict_loads_weight_only(mobilenet_formats: dict[str, ModelReport]) -> None:

@@ -211,10 +211,15 @@ def _execute(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport,
     mlinfo: dict[str, Any] = {}
     if route.coreml:  # before the torch save: the native route snaps the torch weights to the .mlpackage's
         stage("Core ML: conversion")
+        if compressed is None and route.coreml == "native" and loaded.exported is not None:
+            compressed = _program_to_snap(loaded)
         mlinfo = _coreml_side(loaded, compressed, jobs, ctx, route, outcome, tmp, stage)
-    if route.torch_side:
+    if compressed is not None:
         stage("torch: save")
-        torch_info = _save_torch(compressed, ctx.example_inputs, tmp)
+        torch_info = _save_torch(compressed, ctx.example_inputs or _saved_example(loaded), tmp)
+        if not route.torch_side:
+            torch_info["note"] += ("; no torch-side compression (no eager code): the input program with its "
+                                   "BatchNorms folded and the .mlpackage's weights, decompressed, for verify")
         stage("torch: read back")
         if torch_info["file"]:
             _check_torch(tmp / torch_info["file"], jobs, outcome, ctx)
@@ -230,6 +235,23 @@ def _execute(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport,
                           ("torch", None, "the torch artefact's file size includes its program, not only weights"))
     gate = planned_vs_built(plan, jobs, outcome, side, built, basis)
     return {"manifest_version": manifest.pop("manifest_version"), "planned_vs_built": gate, **manifest}
+
+
+def _program_to_snap(loaded: LoadedModel) -> Any:
+    """A .pt2's runnable module, folded as the converter folds it and on private copies of every
+    tensor, to take the .mlpackage's weights: the torch artefact verify can run."""
+    import copy
+
+    from compressadvise.model.deploy import folded_program_module
+
+    with B.quiet():
+        return copy.deepcopy(folded_program_module(loaded.exported)[0])
+
+
+def _saved_example(loaded: LoadedModel) -> tuple | None:
+    from compressadvise.backends.coremltools_coreml import _program_example
+
+    return _program_example(loaded.exported) if loaded.exported is not None else None
 
 
 def _require_work(jobs: list[B.StepJob], outcome: dict, route: Route) -> None:

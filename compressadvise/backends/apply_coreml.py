@@ -96,19 +96,20 @@ def _prove_parity(model: Any, path: Path, jobs: list[B.StepJob], outcome: dict, 
     Core ML cannot run here, so verify runs the torch artefact: its weights must be the ones shipped.
     "convert": the converter encodes the torch side's values; where it re-quantized them instead (a
     level apart, e.g. SparseGPT's int8), the torch weights are snapped to Core ML's and the gap noted.
-    "native": Core ML compressed the layers itself (an independent k-means picks other LUTs), so the
-    torch weights are snapped to them. Then every compared layer must agree to float tolerance."""
+    "native": Core ML compressed the layers itself (an independent k-means picks other LUTs: the gap
+    is kept as parity_before_snap), so the torch weights are snapped to them. Then every compared
+    layer must agree to float tolerance."""
     dense, evidence = _dense(path, jobs, outcome)
+    off = _parity(dense, evidence, jobs, outcome, _torch_weights(model, jobs, outcome))  # the gap, recorded
     if route.coreml == "native":
         _snap(model, dense, evidence, jobs, outcome, None, "Core ML compressed it itself")
-    off = _parity(dense, evidence, jobs, outcome, _torch_weights(model, jobs, outcome))
-    if off and route.coreml != "native":
+    elif off:
         worst = max(off.values())
         _snap(model, dense, evidence, jobs, outcome, set(off), "the converter re-encoded it")
         route.notes.append(f"the converter re-encoded {len(off)} layer(s) instead of keeping the torch side's values "
                            f"(max |diff| {worst:.3g}): the torch artefact now holds the .mlpackage's weights, so verify "
                            "measures what ships")
-        off = _parity(dense, evidence, jobs, outcome, _torch_weights(model, jobs, outcome))
+    off = _parity(dense, evidence, jobs, outcome, _torch_weights(model, jobs, outcome))
     if off:
         raise CompressionFailed("Core ML read-back: the .mlpackage's weights are not the torch side's for "
                                 + "; ".join(f"{n}: max |Core ML - torch| = {d:.3g}" for n, d in list(off.items())[:6]),

@@ -30,7 +30,7 @@ def _versions() -> dict[str, str]:
 
 
 def _predict_applied(k: Knowledge, report: ModelReport, jobs: list[B.StepJob], outcome: dict, side: str,
-                     baseline: float) -> int:
+                     baseline: float, target: Target | None = None, os: int = 0) -> int:
     """The size formulas over the layers really compressed on one side (estimate)."""
     from compressadvise.plan.engine import predict_layers
 
@@ -40,7 +40,7 @@ def _predict_applied(k: Knowledge, report: ModelReport, jobs: list[B.StepJob], o
         steps.append(Step(technique=job.technique, slot=job.slot, params=job.params,
                           layers=[lj.name for lj in done], op_name_params={lj.name: _sized(lj.params) for lj in done}))
     try:
-        _, _, after = predict_layers(k, report, steps, baseline)
+        _, _, after = predict_layers(k, report, steps, baseline, target, os)
     except Exception:  # a technique without a size formula
         return 0
     return after
@@ -117,7 +117,7 @@ def _sizes(plan: Plan, k: Knowledge, report: ModelReport, jobs: list[B.StepJob],
         sizes["plan_estimate_bytes"] = {"value": plan.prediction.bytes_after, "label": "estimate",
                                         "basis": "the plan's prediction (technique size formulas, layers as planned)"}
     side = "coreml" if ml else "torch"
-    applied = _predict_applied(k, report, jobs, outcome, side, baseline)
+    applied = _predict_applied(k, report, jobs, outcome, side, baseline, target, plan.target.os or target.default_os)
     if applied:
         sizes["applied_estimate_bytes"] = {"value": applied, "label": "estimate",
                                            "basis": f"size formulas over the layers compressed on the {side} side, "

@@ -10,7 +10,6 @@ from compressadvise.model.analysis import LayerInfo, ModelReport, split_tensor_n
 from compressadvise.errors import BadModel, CompressionFailed, InvalidKnowledge, Unavailable
 from compressadvise.knowledge.base import Knowledge
 from compressadvise.knowledge.deployment import Deployment
-from compressadvise.backends.apply_torch import _submodule
 from compressadvise.model.loading import LoadedModel
 from compressadvise.knowledge.schema import COMPRESSIBLE, LAYER_TYPES, SLOTS, Plan, Step, Target, Technique
 from compressadvise.plan.sizing import backend_leaves_alone
@@ -224,22 +223,14 @@ class Route:
     notes: list[str] = field(default_factory=list)
 
 
-def _coreml_route(jobs: list[B.StepJob], loaded: LoadedModel) -> str:
-    """"convert" where the torch side compresses every layer with coremltools: the converter then
-    encodes the torch side's own LUTs, scales and masks, so the weights verify measures are the
-    artefact's (parity). Else "native" (optimize.coreml on the converted model: a .pt2, or a layer
-    coremltools.torch does not handle, e.g. Conv1d); apply then snaps the torch artefact's weights to
-    the .mlpackage's, since a second, independent k-means gives other LUTs (3% apart on the digits CNN)."""
-    if loaded.module is not None and all(_torch_handles(j, loaded.module) for j in jobs if j.layers):
-        return "convert"
+def _coreml_route(jobs: list[B.StepJob]) -> str:
+    """"native" (optimize.coreml on the converted model) where every step has a Core ML
+    implementation, else "convert" (the converter encodes the torch side's compression metadata).
+    Native is preferred for memory: coremltools 9 converting torch palettization metadata maps
+    weights to LUT entries at float64 x entries x weights (24 GB for a 22M-parameter BERT at
+    8 bits; 0.7 GB natively). Either way apply then proves the torch artefact holds the shipped
+    weights (apply_coreml._prove_parity)."""
     return "native" if all(j.coreml_backend for j in jobs) else "convert"
-
-
-def _torch_handles(job: B.StepJob, module: Any) -> bool:
-    if job.torch_backend != "coremltools.torch":
-        return False
-    backend = B.get(job.torch_backend)
-    return all(backend.layer_support(job, lj, _submodule(module, lj.module)) is None for lj in job.layers)
 
 
 def _preflight(jobs: list[B.StepJob], ctx: B.Context, loaded: LoadedModel, target: Target) -> Route:
@@ -265,12 +256,12 @@ def _preflight(jobs: list[B.StepJob], ctx: B.Context, loaded: LoadedModel, targe
         if not eager and job.torch_backend and not (target.coreml and job.coreml_backend):
             raise BadModel(f"{where}: the torch side needs the model's code, but {loaded.source} is a "
                            f"{loaded.format} file", hint="pass module:function for the model")
-    if not eager:
+    if not eager and not (target.coreml and loaded.exported is not None):
         notes.append(f"the input is a {loaded.format} file without eager code: the torch side cannot run, "
                      "only the Core ML artefact is written")
     coreml = None
     if target.coreml:
-        coreml = _coreml_route(jobs, loaded)
+        coreml = _coreml_route(jobs)
         if coreml == "convert":
             if not eager:
                 raise BadModel("a step without a Core ML implementation needs the torch side, which needs "

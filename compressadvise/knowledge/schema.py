@@ -170,6 +170,15 @@ class StatedFact(Strict):
     source: str
 
 
+class Storage(Strict):
+    """Layers the runtime stores wider than the baseline before an OS major (uncompressed)."""
+
+    module_types: list[str] = Field(description="module classes as analysis names them, e.g. LSTM")
+    before_os: int = Field(description="applies below this OS major (iOS numbering)")
+    bytes_per_param: float
+    source: str
+
+
 class Target(Strict):
     name: str
     title: str
@@ -185,6 +194,7 @@ class Target(Strict):
     modes: list[ModeSupport]
     decompression: list[Decompression] = Field([], description=(
         "when compressed weights are expanded, by OS; none listed: at load (no traffic credit)"))
+    storage: list[Storage] = Field([], description="layer types stored wider than the baseline on older OS versions")
     int8_compute: StatedFact | None = Field(None, description=(
         "int8 math much faster than fp16 (an int8 fast path); absent: no"))
     figures: dict[str, Figure]
@@ -199,6 +209,11 @@ class Target(Strict):
 
     def mode(self, name: str) -> ModeSupport | None:
         return next((m for m in self.modes if m.mode == name), None)
+
+    def stored_bytes(self, module_type: str | None, os: int) -> float:
+        """Bytes per uncompressed weight of a layer of that module class at that OS (the baseline unless listed)."""
+        wide = [x.bytes_per_param for x in self.storage if module_type in x.module_types and os < x.before_os]
+        return max(wide, default=self.baseline_bytes_per_param)
 
 
 # ---------------------------------------------------------------- playbooks

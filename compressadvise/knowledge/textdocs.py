@@ -174,6 +174,12 @@ def target_markdown(k: Knowledge, t: Target, *, link_prefix: str = "") -> str:
         lines.append(f"| `{m.mode}` | {os_txt} | {m.behaviour} | {_mode_users(k, m.mode, link_prefix)} "
                      f"| {cell(m.note or '')} |")
     lines += _runtime_facts(t)
+    if t.storage:
+        lines += ["", "## Stored wider", "", "Uncompressed layers of these module classes cost more on older OS versions "
+                  "(the size prediction counts it):", "", "| modules | before OS | bytes per weight | source |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {', '.join(x.module_types)} | {t.os_family or 'OS'} {x.before_os} | {x.bytes_per_param:g} | {cell(x.source)} |"
+                  for x in t.storage]
     lines += ["", "## Figures", "", "| figure | value | source |", "| --- | --- | --- |"]
     for name, f in t.figures.items():
         lines.append(f"| {name} | {f.value:g} {cell(f.unit)} | {cell(f.source)}"

@@ -513,15 +513,17 @@ def shipped_elements(report: Any) -> int:
     """Values the converted model stores, the basis of every size prediction: the parameters, less
     dead layers' (the converter drops ops no output uses), plus float buffers, which ship as fp16
     constants (a fixed STFT basis, a positional table) except the statistics of a BatchNorm that
-    folds into the layer before it (without a graph to tell: of any BatchNorm, most follow a conv)."""
+    folds into the layer before it. Folds are found for eager modules and .pt2 programs; elsewhere
+    (TorchScript, weight-only files) every BatchNorm is taken to fold: most follow a conv."""
     folded = {x.name for x in report.layers if x.folded_into}
+    folds_known = report.has_graph and report.format != "torchscript"
     dead = sum(x.params for x in report.layers if x.is_dead)
     constants = 0
     for b in report.buffers:
         owner, _, leaf = b.name.rpartition(".")
         if not b.dtype.startswith(("float", "bfloat", "half")):
             continue  # integer ids and counters: tiny int32 constants at most
-        if leaf in FOLDED_STATISTICS and (owner in folded or not report.has_graph):
+        if leaf in FOLDED_STATISTICS and (owner in folded or not folds_known):
             continue
         constants += b.elements
     return report.total_params - dead + constants

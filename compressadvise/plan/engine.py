@@ -121,7 +121,8 @@ def recommend(
     steps = _choose_steps(k, candidates, dep, trace)
     _layer_rules(k, report, base, steps, trace, advisories)
     plan_steps = [s for s, _ in steps]
-    layers, before, after = predict_layers(k, report, plan_steps, dep.target.baseline_bytes_per_param)
+    layers, before, after = predict_layers(k, report, plan_steps, dep.target.baseline_bytes_per_param,
+                                           dep.target, dep.os)
     meets = None if not c.max_size_mb else after / MB <= c.max_size_mb
     return Plan(
         model=PlanModel(source=report.source, sha256=report.sha256, format=report.format,
@@ -336,13 +337,17 @@ def effective_params(k: Knowledge, step: Step, layer: LayerInfo) -> dict[str, An
     return step.setting_for(layer, k.techniques[step.technique]).all_params
 
 
-def predict_layers(k: Knowledge, report: ModelReport, steps: list[Step], baseline: float
-             ) -> tuple[list[LayerPrediction], int, int]:
-    """Per-layer bytes after all steps; fills each step's cumulative estimate and backend skips."""
+def predict_layers(k: Knowledge, report: ModelReport, steps: list[Step], baseline: float,
+                   target: Target | None = None, os: int = 0) -> tuple[list[LayerPrediction], int, int]:
+    """Per-layer bytes after all steps; fills each step's cumulative estimate and backend skips.
+    With a target: layer types it stores wider on this OS (its `storage`) count at their width."""
     settings: dict[str, list[Setting]] = defaultdict(list)
     weight: dict[str, float] = {}
     sparsity: dict[str, float] = {}
-    before = int(round(report.stored() * baseline))
+    width = {x.name: target.stored_bytes(x.module_type, os) for x in report.layers} if target is not None else {}
+    width = {n: b for n, b in width.items() if b != baseline}
+    before = int(round(report.stored() * baseline + sum((width[x.name] - baseline) * x.params for x in report.layers
+                                                         if x.name in width and not x.is_dead)))
     after = before
     by_name = {x.name: x for x in report.layers}
     for step in steps:
@@ -367,8 +372,8 @@ def predict_layers(k: Knowledge, report: ModelReport, steps: list[Step], baselin
                 continue
             prev = weight.get(name)
             weight[name] = w
-            old = layer_bytes(x, prev, baseline)
-            new = layer_bytes(x, w, baseline)
+            old = layer_bytes(x, prev, width.get(name, baseline))
+            new = layer_bytes(x, w, width.get(name, baseline))
             after += new - old
             settings[name].append(s)
             kept.append(name)
@@ -377,8 +382,8 @@ def predict_layers(k: Knowledge, report: ModelReport, steps: list[Step], baselin
     preds = [
         LayerPrediction(name=x.name, setting=stacked_label(settings[x.name]),
                         settings=[s.to_dict() for s in settings[x.name]],
-                        bytes_before=layer_bytes(x, None, baseline),
-                        bytes_after=layer_bytes(x, weight.get(x.name), baseline))
+                        bytes_before=layer_bytes(x, None, width.get(x.name, baseline)),
+                        bytes_after=layer_bytes(x, weight.get(x.name), width.get(x.name, baseline)))
         for x in report.layers
     ]
     return preds, before, after

@@ -112,7 +112,7 @@ def _build_plan(k: Knowledge, report: ModelReport, prep: Prepared, target: str, 
     from compressadvise.plan.engine import predict_layers, recommend
 
     steps = _plan_steps(k, space, picks, choices, lesson_notes, lessons, budget)
-    pred_layers, before, after = predict_layers(k, report, steps, baseline)
+    pred_layers, before, after = predict_layers(k, report, steps, baseline, k.target(target), os)
     trace = _plan_trace(prep, choices, lesson_notes, lessons, chosen)
     advisories: list[Advisory] = []
     try:

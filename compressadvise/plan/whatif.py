@@ -32,7 +32,8 @@ def predict(plan: Plan, report: ModelReport, knowledge: Knowledge | None = None)
         retry = [s.layer for s in step.skipped if s.code == "backend"]
         step.skipped = [s for s in step.skipped if s.code != "backend"]
         step.layers = sorted(set(step.layers) | set(retry), key=lambda n: order.get(n, 1 << 30))
-    layers, before, after = predict_layers(k, report, new.steps, tgt.baseline_bytes_per_param)
+    layers, before, after = predict_layers(k, report, new.steps, tgt.baseline_bytes_per_param, tgt,
+                                           plan.target.os or tgt.default_os)
     new.layers = layers
     budget = new.constraints.max_size_mb
     new.prediction = Prediction(bytes_before=before, bytes_after=after,
