@@ -122,8 +122,10 @@ def section(body: str, skipped: list[str]) -> str:
         --allow-partial` (so a gap is a row, not a stop) and `verify` of the torch artefact on the model's
         example input. *built MB* is the Core ML weight payload (measured); the gate passes when every planned
         layer is compressed and the payload is within 2% of the plan's prediction. *parity*: max |weight in
-        the .mlpackage, decompressed - torch side's compressed weight| over the compared layers (a .pt2 has
-        no torch side here, so nothing to compare). Peak RSS is the row's own process. Install: `{INSTALL}`.
+        the .mlpackage, decompressed - the torch artefact's weight| over the compressed layers, after apply
+        snapped the torch artefact to the shipped weights (0: verify's fidelity is the .mlpackage's; the
+        independent torch-side k-means gap is in each manifest as `parity_before_snap`). Peak RSS is the
+        row's own process. Install: `{INSTALL}`.
         """)
     tail = "\n\nNot run: " + "; ".join(skipped) if skipped else ""
     return intro + "\n" + body + tail + "\n"

@@ -231,3 +231,30 @@ def test_recurrent_weights_are_predicted_at_the_width_the_os_stores(os_major, tm
     assert plans[16].prediction.bytes_after - plans[17].prediction.bytes_after == 2 * lstm
     gate = ca.apply(loaded, plans[os_major], tmp_path / "o").manifest["planned_vs_built"]
     assert gate["ok"] and abs(gate["size_error"]) <= 0.02, gate
+
+
+def test_drift_compares_a_folded_layer_with_the_original_batchnorm(tmp_path):
+    # The digits CNN's stem is kept at fp16, but its BatchNorm is folded into it: per-layer drift must
+    # compare the folded stem with the original stem_bn output (it read -12.5 dB against the bare conv).
+    from compressadvise.measure.verify import verify
+
+    plan = _plan("palettization", "weights", {"nbits": 8}, 18, layers=["conv", "fc"], target="ane-a17")
+    run = tmp_path / "run"
+    m = ca.apply(None, plan, run).manifest
+    assert any(f["layer"] == "stem" for f in m["folded"])
+    drift = {r.name: r for r in verify("bundled", run, latency=False).drift.layers}
+    assert drift["stem"].snr_db > 80, drift["stem"]  # uncompressed: only float rounding of the fold
+
+
+def test_a_core_ml_weight_in_another_layout_is_never_snapped(monkeypatch, tmp_path):
+    # Snapping copies the .mlpackage's weight into the torch artefact: a weight that is not a compressed
+    # form of the torch one (here: rows reversed, as a gate reorder would be) must fail, not be copied.
+    real = apply_coreml._dense
+
+    def reversed_rows(*a, **k):
+        dense, evidence = real(*a, **k)
+        return {h: v[::-1].copy() for h, v in dense.items()}, evidence
+
+    monkeypatch.setattr(apply_coreml, "_dense", reversed_rows)
+    with pytest.raises(CompressionFailed, match="is not a compressed form of the torch weight"):
+        ca.apply(small_mlp(), _plan("palettization", "weights", {"nbits": 4}, 18), tmp_path / "o")

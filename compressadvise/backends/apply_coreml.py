@@ -137,8 +137,14 @@ def _snap(model: Any, dense: dict, evidence: dict, jobs: list[B.StepJob], outcom
         if (names is not None and lj.name not in names) or value is None \
                 or type(w) not in (torch.Tensor, torch.nn.Parameter) or value.size != w.numel():
             continue
+        new = torch.from_numpy(value.reshape(tuple(w.shape))).to(w.dtype)
+        rel = float((new - w.detach()).norm() / w.detach().norm().clamp_min(1e-30))
+        if rel > SNAP_LIMIT:  # not this weight compressed, but another layout (e.g. gates reordered)
+            raise CompressionFailed(f"Core ML read-back: the .mlpackage's weight for {lj.name} is not a compressed "
+                                    f"form of the torch weight (relative difference {rel:.2f})",
+                                    hint="a layer matched to the wrong Core ML weight; rerun with --debug and report it")
         with torch.no_grad():
-            w.copy_(torch.from_numpy(value.reshape(tuple(w.shape))).to(w.dtype))
+            w.copy_(new)
         outcome[(job.index, lj.name, "torch")] = {"status": "applied",
                                                   "backend": f"the .mlpackage's weight, decompressed ({why})"}
         rec["parity"] = f"snapped: the torch artefact holds this weight as the .mlpackage decompresses it ({why})"
@@ -158,6 +164,7 @@ def _torch_weights(model: Any, jobs: list[B.StepJob], outcome: dict) -> dict[str
     return weights
 
 
+SNAP_LIMIT = 1.0  # relative error of another tensor of the same spread: ~1.41; 1-bit LUTs ~0.6, 90% pruning ~0.8
 PARITY_TOLERANCE = 2e-3  # of the weight's largest |value|: fp16 storage of values, LUTs and scales
 
 

@@ -109,7 +109,12 @@ def drift_report(orig: _Side, comp: _Side, samples: Samples, batch_size: int = 6
     except Exception as e:  # drift is a diagnostic: never fail the verdict over it
         return DriftReport(samples=n, threshold_db=threshold_db, note=f"per-layer drift unavailable: {_first_line(e)}")
     rows = []
+    # A layer apply folded its BatchNorm into computes what the original's BatchNorm output: compare those.
+    folded = {str(f.get("layer")): str(f.get("bn")) for f in (comp.manifest or {}).get("folded", []) or []
+              if isinstance(f, dict)}
     for name, (cls, ra) in a.items():
+        if name in folded and folded[name] in a:
+            ra = a[folded[name]][1]
         if name not in b or b[name][1].shape != ra.shape:
             continue
         rb = b[name][1]
