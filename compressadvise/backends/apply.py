@@ -216,7 +216,7 @@ def _execute(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport,
         mlinfo = _coreml_side(loaded, compressed, jobs, ctx, route, outcome, tmp, stage)
     if compressed is not None:
         stage("torch: save")
-        torch_info = _save_torch(compressed, ctx.example_inputs or _saved_example(loaded), tmp)
+        torch_info = _save_torch(compressed, ctx.example_inputs, tmp)
         if not route.torch_side:
             torch_info["note"] += ("; no torch-side compression (no eager code): the input program with its "
                                    "BatchNorms folded and the .mlpackage's weights, decompressed, for verify")
@@ -246,12 +246,6 @@ def _program_to_snap(loaded: LoadedModel) -> Any:
 
     with B.quiet():
         return copy.deepcopy(folded_program_module(loaded.exported)[0])
-
-
-def _saved_example(loaded: LoadedModel) -> tuple | None:
-    from compressadvise.backends.coremltools_coreml import _program_example
-
-    return _program_example(loaded.exported) if loaded.exported is not None else None
 
 
 def _require_work(jobs: list[B.StepJob], outcome: dict, route: Route) -> None:

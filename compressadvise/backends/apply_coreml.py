@@ -68,9 +68,9 @@ def _coreml_side(loaded: LoadedModel, compressed: Any, jobs: list[B.StepJob], ct
     with writing(path):  # a full disk shows here: one line with the path, not coremltools' error list
         C.save(mlmodel, path)
     stage("Core ML: read back")
-    info = _check_coreml(path, jobs, outcome, how)
+    info, prog, evidence = _read_back(path, jobs, outcome, how)
     if compressed is not None:
-        _prove_parity(compressed, path, jobs, outcome, route)
+        _prove_parity(compressed, prog, evidence, jobs, outcome, route)
     return info
 
 
@@ -90,7 +90,8 @@ def _float_weights(loaded: LoadedModel) -> dict[str, Any]:
     return out
 
 
-def _prove_parity(model: Any, path: Path, jobs: list[B.StepJob], outcome: dict, route: Route) -> None:
+def _prove_parity(model: Any, prog: Any, evidence: dict, jobs: list[B.StepJob], outcome: dict,
+                  route: Route) -> None:
     """Make the torch artefact's weights the .mlpackage's, and prove it per layer.
 
     Core ML cannot run here, so verify runs the torch artefact: its weights must be the ones shipped.
@@ -99,7 +100,7 @@ def _prove_parity(model: Any, path: Path, jobs: list[B.StepJob], outcome: dict, 
     "native": Core ML compressed the layers itself (an independent k-means picks other LUTs: the gap
     is kept as parity_before_snap), so the torch weights are snapped to them. Then every compared
     layer must agree to float tolerance."""
-    dense, evidence = _dense(path, jobs, outcome)
+    dense, evidence = _dense(prog, evidence, jobs, outcome)
     off = _parity(dense, evidence, jobs, outcome, _torch_weights(model, jobs, outcome))  # the gap, recorded
     if route.coreml == "native":
         _snap(model, dense, evidence, jobs, outcome, None, "Core ML compressed it itself")
@@ -117,13 +118,13 @@ def _prove_parity(model: Any, path: Path, jobs: list[B.StepJob], outcome: dict, 
                                 "rerun with --debug and report it")
 
 
-def _dense(path: Path, jobs: list[B.StepJob], outcome: dict) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(decompressed weight by head op, evidence by original const) for the Core ML-applied layers."""
+def _dense(prog: Any, evidence: dict, jobs: list[B.StepJob], outcome: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(decompressed weight by head op, evidence by original const) for the Core ML-applied layers;
+    decompressing rewrites `prog`, the read-back's private copy, once its sizes are taken."""
     from compressadvise.backends import coremltools_coreml as C
 
-    prog = C.load_program(path)
-    evidence = C.inspect_program(prog, sorted({rec["const"] for _, _, rec in applied_layers(jobs, outcome, "coreml")}))
-    return C.decompressed(prog, sorted({e.head for e in evidence.values() if e.head})), evidence
+    heads = {evidence[rec["const"]].head for _, _, rec in applied_layers(jobs, outcome, "coreml")}
+    return C.decompressed(prog, sorted(h for h in heads if h)), evidence
 
 
 def _snap(model: Any, dense: dict, evidence: dict, jobs: list[B.StepJob], outcome: dict,
@@ -192,6 +193,12 @@ def _parity(dense: dict, evidence: dict, jobs: list[B.StepJob], outcome: dict,
 
 def _check_coreml(path: Path, jobs: list[B.StepJob], outcome: dict, how: str) -> dict[str, Any]:
     """Re-open the saved .mlpackage and check each applied layer's constexpr ops."""
+    return _read_back(path, jobs, outcome, how)[0]
+
+
+def _read_back(path: Path, jobs: list[B.StepJob], outcome: dict, how: str) -> tuple[dict[str, Any], Any, dict]:
+    """The read-back check and the .mlpackage's sizes, with the program and per-const evidence it
+    read, so the parity proof decompresses that same program rather than parsing the file again."""
     from compressadvise.backends import coremltools_coreml as C
 
     prog = C.load_program(path)
@@ -214,9 +221,10 @@ def _check_coreml(path: Path, jobs: list[B.StepJob], outcome: dict, how: str) ->
                                 hint="a silent no-op in the converter or compression pass; rerun with --debug")
     sizes = C.blob_layout(prog)
     total, weight_file = C.package_sizes(path)
-    return {"conversion": how, "op_counts": counts, "blobs": len(sizes), "payload_bytes": sum(sizes),
+    info = {"conversion": how, "op_counts": counts, "blobs": len(sizes), "payload_bytes": sum(sizes),
             "package_bytes": total, "weight_file_bytes": weight_file,
             "overhead_estimate": C.container_overhead(len(sizes))}
+    return info, prog, evidence
 
 
 def _coreml_ok(kind: str, p: dict[str, Any], ev: Any) -> tuple[bool, str]:

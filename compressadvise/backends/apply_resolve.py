@@ -213,6 +213,17 @@ def _example_inputs(loaded: LoadedModel, data: Any, input_shape: list[int] | Non
         return tuple(loaded.example_inputs)
     if data is not None:
         return data.batch(0, 1)
+    return _saved_example(loaded.exported) if loaded.exported is not None else None
+
+
+def _saved_example(ep: Any) -> tuple | None:
+    """The example inputs a .pt2 was saved with (torch.export keeps them), as plain tensors."""
+    import torch
+
+    saved = getattr(ep, "example_inputs", None)
+    args = saved[0] if isinstance(saved, tuple) and saved else None
+    if args and all(isinstance(a, torch.Tensor) for a in args):
+        return tuple(a.detach().clone() for a in args)
     return None
 
 

@@ -207,9 +207,9 @@ def _convert_program(ct: Any, ep: Any, example_inputs: tuple | None, target: Any
         return ct.convert(ep.run_decompositions({}), minimum_deployment_target=target,
                           convert_to="mlprogram"), "torch.export program"
     except Exception as export_error:
-        example = tuple(example_inputs) if example_inputs else _program_example(ep)
-        if not example:
+        if not example_inputs:
             raise
+        example = tuple(example_inputs)
         try:
             traced = torch.jit.trace(ep.module(), example, check_trace=False)
             mlmodel = ct.convert(traced, inputs=_tensor_types(ct, example), minimum_deployment_target=target,
@@ -218,17 +218,6 @@ def _convert_program(ct: Any, ep: Any, example_inputs: tuple | None, target: Any
             raise CompressionFailed(f"Core ML conversion failed: torch.export frontend: {_first_line(export_error)}; "
                                     f"TorchScript frontend: {_first_line(trace_error)}") from trace_error
         return mlmodel, f"TorchScript trace of the program (torch.export frontend: {_first_line(export_error)})"
-
-
-def _program_example(ep: Any) -> tuple | None:
-    """The example inputs a .pt2 was saved with (torch.export keeps them), as plain tensors."""
-    import torch
-
-    saved = getattr(ep, "example_inputs", None)
-    args = saved[0] if isinstance(saved, tuple) and saved else None
-    if args and all(isinstance(a, torch.Tensor) for a in args):
-        return tuple(a.detach().clone() for a in args)
-    return None
 
 
 def _tensor_types(ct: Any, example_inputs: tuple) -> list:
