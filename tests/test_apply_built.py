@@ -121,6 +121,23 @@ def test_size_off_the_plan_fails_unless_allowed(tmp_path):
     assert m["planned_vs_built"]["ok"] is False and m["notes"][0].startswith("planned vs built differ")
 
 
+def test_torch_only_target_is_gated_on_the_bytes_its_artefact_stores(tmp_path):
+    # x86-cpu ships the torch artefact: the gate compares the plan's prediction with the tensors read
+    # back from it (int8 data + scales + float tensors), not with a re-estimate or the file size.
+    model = small_mlp()
+    plan = ca.recommend(model, target="x86-cpu", constraints={"max_size_mb": 0.05})
+    assert plan.steps and plan.steps[0].layers
+    gate = ca.apply(small_mlp(), plan, tmp_path / "ok").manifest["planned_vs_built"]
+    assert gate["side"] == "torch" and gate["ok"] and abs(gate["size_error"]) <= 0.02, gate
+    int8 = sum(p.numel() for n, p in model.module.named_parameters() if n.split(".")[0] in plan.steps[0].layers
+               and n.endswith("weight"))
+    assert gate["built_bytes"] < sum(p.numel() * 4 for p in model.module.parameters()) - 2 * int8
+    off = plan.model_copy(update={"prediction": plan.prediction.model_copy(
+        update={"bytes_after": int(gate["built_bytes"] * 0.5)})})
+    with pytest.raises(PlanNotBuilt, match=r"\(\+100\.0%, tolerance 2%\)"):
+        ca.apply(small_mlp(), off, tmp_path / "bad")
+
+
 def test_planned_layer_left_alone_is_a_gate_row(tmp_path):
     # `head` (640 weights) is under coremltools' weight_threshold: planned, so it must not vanish silently.
     plan = _plan("palettization", "weights", {"nbits": 4}, 18, layers=["fc1", "fc2", "head"])

@@ -222,7 +222,7 @@ def _execute(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport,
                                    "BatchNorms folded and the .mlpackage's weights, decompressed, for verify")
         stage("torch: read back")
         if torch_info["file"]:
-            _check_torch(tmp / torch_info["file"], jobs, outcome, ctx)
+            torch_info["stored_bytes"] = _check_torch(tmp / torch_info["file"], jobs, outcome, ctx)
     else:
         torch_info["note"] = route.notes[0] if route.notes else "no torch-side step"
     _require_work(jobs, outcome, route)
@@ -232,7 +232,8 @@ def _execute(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport,
     manifest = _manifest(plan, k, loaded, report, jobs, route, outcome, torch_info, torch_bytes, mlinfo)
     side, built, basis = (("coreml", mlinfo["payload_bytes"], "Core ML weight payload (weight.bin blobs, "
                            "without the container's headers)") if mlinfo else
-                          ("torch", None, "the torch artefact's file size includes its program, not only weights"))
+                          ("torch", torch_info.get("stored_bytes"), "bytes the torch artefact's tensors store "
+                           "(read back: integer data, scales, float tensors; its program not counted)"))
     gate = planned_vs_built(plan, jobs, outcome, side, built, basis)
     return {"manifest_version": manifest.pop("manifest_version"), "planned_vs_built": gate, **manifest}
 

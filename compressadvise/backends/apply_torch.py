@@ -130,8 +130,9 @@ def applied_layers(jobs: list[B.StepJob], outcome: dict, side: str) -> Iterator[
                 yield job, lj, rec
 
 
-def _check_torch(path: Path, jobs: list[B.StepJob], outcome: dict, ctx: B.Context) -> None:
-    """Reload the saved torch artefact and check every applied layer really is compressed."""
+def _check_torch(path: Path, jobs: list[B.StepJob], outcome: dict, ctx: B.Context) -> int:
+    """Reload the saved torch artefact and check every applied layer really is compressed; returns
+    the bytes its tensors store (what the torch-only targets' gate compares with the plan)."""
     import torch
 
     with B.quiet():
@@ -153,6 +154,31 @@ def _check_torch(path: Path, jobs: list[B.StepJob], outcome: dict, ctx: B.Contex
     if failures:
         raise CompressionFailed("torch artefact read-back: compression did not happen for " + "; ".join(failures[:6])
                                 + (f" (+{len(failures) - 6} more)" if len(failures) > 6 else ""))
+    seen: set[int] = set()
+    return sum(tensor_bytes(v, seen) for v in state.values())
+
+
+def tensor_bytes(t: Any, seen: set[int]) -> int:
+    """Bytes a saved value stores: a torchao subclass by its inner tensors (integer data, scales),
+    a quantized tensor by its integers and per-channel parameters; shared storage counted once."""
+    import torch
+
+    if isinstance(t, (list, tuple)):
+        return sum(tensor_bytes(x, seen) for x in t)
+    if not isinstance(t, torch.Tensor):
+        return 0
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        return sum(tensor_bytes(getattr(t, name), seen) for name in t.__tensor_flatten__()[0])
+    if t.is_quantized:
+        extra = 0
+        if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            extra = sum(tensor_bytes(x, seen) for x in (t.q_per_channel_scales(), t.q_per_channel_zero_points()))
+        return t.numel() * t.element_size() + extra
+    key = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+    if key in seen and t.numel():
+        return 0
+    seen.add(key)
+    return t.numel() * t.element_size()
 
 
 def check_tensor(w: Any, kind: str, p: dict[str, Any], prior_sparsity: float | None = None) -> tuple[bool, str]:

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from compressadvise.errors import BadModel, CompressionFailed, Unavailable
+from compressadvise.backends.coreml_convert_gaps import (Flexible, dynamic_shapes, fixed_position_lookup,
+                                                          lut_decompression, register_missing_ops)
 from compressadvise.backends import (Context, HandlerTable, LayerJob, StepJob, handles, import_quietly, need, quiet,
                                      run_handler)
 
@@ -167,6 +169,7 @@ def convert(source: Any, example_inputs: tuple | None, os_major: int) -> tuple[A
 
     target = deployment_target(os_major)
     with quiet():
+        register_missing_ops()
         if isinstance(source, (torch.export.ExportedProgram, torch.jit.ScriptModule)):
             try:
                 if isinstance(source, torch.export.ExportedProgram):
@@ -183,18 +186,41 @@ def convert(source: Any, example_inputs: tuple | None, os_major: int) -> tuple[A
         if not example_inputs:
             raise BadModel("Core ML conversion needs an example input and the model carries none",
                            hint="pass --input-shape, --samples, or return (module, example_inputs) from the factory")
-        try:
-            ep = torch.export.export(source, tuple(example_inputs)).run_decompositions({})
-            return ct.convert(ep, minimum_deployment_target=target, convert_to="mlprogram"), "torch.export"
-        except Exception as export_error:  # fall back to tracing, which covers other models
+        return _convert_module(ct, torch, source, tuple(example_inputs), target)
+
+
+def _convert_module(ct: Any, torch: Any, module: Any, example: tuple, target: Any) -> tuple[Any, str]:
+    """An eager module: torch.export, else a TorchScript trace (LSTM, LSTMCell...); each with a
+    flexible sequence dimension where a position table needs one, then at the example's shapes."""
+    errors: list[str] = []
+    flex = None
+    try:
+        static = torch.export.export(module, example)
+        flex = fixed_position_lookup(static, example)
+        programs = ([(_flexible(torch, module, example, flex), flex)] if flex else []) + [(static, None)]
+        for ep, f in programs:
+            if ep is None:
+                continue
             try:
-                traced = torch.jit.trace(source, tuple(example_inputs), check_trace=False)
-                return ct.convert(traced, inputs=_tensor_types(ct, example_inputs), minimum_deployment_target=target,
-                                  convert_to="mlprogram"), "torch.jit.trace"
-            except Exception as trace_error:
-                raise CompressionFailed(
-                    f"Core ML conversion failed: torch.export: {_first_line(export_error)}; "
-                    f"torch.jit.trace: {_first_line(trace_error)}") from trace_error
+                return (ct.convert(ep.run_decompositions({}), minimum_deployment_target=target,
+                                   convert_to="mlprogram"), _route("torch.export", f))
+            except Exception as e:
+                errors.append(f"torch.export{' (flexible)' if f else ''}: {_first_line(e)}")
+    except Exception as e:
+        errors.append(f"torch.export: {_first_line(e)}")
+    try:
+        traced = torch.jit.trace(module, example, check_trace=False)
+    except Exception as e:
+        raise CompressionFailed(f"Core ML conversion failed: {'; '.join(errors)}; torch.jit.trace: "
+                                f"{_first_line(e)}") from e
+    for f in ([flex] if flex else []) + [None]:
+        try:
+            return ct.convert(traced, inputs=_tensor_types(ct, example, f), minimum_deployment_target=target,
+                              convert_to="mlprogram"), _route("torch.jit.trace", f)
+        except Exception as e:
+            errors.append(f"torch.jit.trace{' (flexible)' if f else ''}: {_first_line(e)}")
+            last = e
+    raise CompressionFailed(f"Core ML conversion failed: {'; '.join(errors)}") from last
 
 
 def _convert_program(ct: Any, ep: Any, example_inputs: tuple | None, target: Any) -> tuple[Any, str]:
@@ -203,6 +229,8 @@ def _convert_program(ct: Any, ep: Any, example_inputs: tuple | None, target: Any
     (its parameters keep their names, so layers are still found by name or value)."""
     import torch
 
+    # A program's shapes are the user's: exported at a fixed length, its positions are constants
+    # (re-exporting cannot make them flexible), and the gate names a table the converter folds.
     try:
         return ct.convert(ep.run_decompositions({}), minimum_deployment_target=target,
                           convert_to="mlprogram"), "torch.export program"
@@ -220,13 +248,29 @@ def _convert_program(ct: Any, ep: Any, example_inputs: tuple | None, target: Any
         return mlmodel, f"TorchScript trace of the program (torch.export frontend: {_first_line(export_error)})"
 
 
-def _tensor_types(ct: Any, example_inputs: tuple) -> list:
+def _flexible(torch: Any, module: Any, example: tuple, flex: Flexible) -> Any:
+    """The module re-exported with the sequence dimension as a range; None where the model pins
+    its length (then it converts at the example's shapes and the gate names the folded table)."""
+    try:
+        return torch.export.export(module, example, dynamic_shapes=dynamic_shapes(flex, example))
+    except Exception:
+        return None
+
+
+def _route(route: str, flex: Flexible | None) -> str:
+    return f"{route}; {flex.describe()}" if flex else route
+
+
+def _tensor_types(ct: Any, example_inputs: tuple, flex: Flexible | None = None) -> list:
     import numpy as np
 
     out = []
     for i, t in enumerate(example_inputs):
         dtype = np.int32 if not t.is_floating_point() else np.float32
-        out.append(ct.TensorType(name=f"input_{i}", shape=tuple(t.shape), dtype=dtype))
+        shape: list = list(t.shape)
+        if flex and i in flex.inputs:
+            shape[-1] = ct.RangeDim(lower_bound=1, upper_bound=flex.upper, default=flex.length)
+        out.append(ct.TensorType(name=f"input_{i}", shape=tuple(shape), dtype=dtype))
     return out
 
 
@@ -328,8 +372,15 @@ def map_layers(mlmodel: Any, jobs: list[LayerJob], weights: dict[str, Any]) -> d
             claimed.add(same[0])
         else:
             missing[lj.name] = ("its weight could not be found in the converted Core ML program "
-                                f"({len(same)} unclaimed weights of shape {lj.shape})")
+                                f"({len(same)} unclaimed weights of shape {lj.shape})" + _fold_hint(lj))
     return missing
+
+
+def _fold_hint(lj: LayerJob) -> str:
+    if "embedding" not in lj.layer_type.lower():
+        return ""
+    return ("; a table looked up at fixed positions is folded to a constant at the example input's length: "
+            "export the model with a dynamic sequence dimension (torch.export dynamic_shapes)")
 
 
 def producer_names(mlmodel: Any) -> set[str]:
@@ -430,7 +481,7 @@ def decompressed(prog: Any, heads: list[str]) -> dict[str, Any]:
     import numpy as np
     from coremltools.optimize.coreml._quantization_passes import WeightDecompressor
 
-    with quiet():
+    with quiet(), lut_decompression():
         WeightDecompressor(op_selector=lambda op: True).apply(prog)
     consts = {op.name: op for op in _ops(prog) if op.op_type == "const"}
     return {h: np.asarray(consts[h].outputs[0].val, dtype=np.float32) for h in heads if h in consts}
