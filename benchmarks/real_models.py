@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import sys
 import textwrap
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the builders live with the tests: one copy of the model code
 
+from doc_section import write_section  # noqa: E402
 from real_models.catalog import INSTALL, REAL_MODELS, RealModel  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -103,19 +103,6 @@ def section(body: str, target: str, skipped: list[str]) -> str:
     return text
 
 
-def write_section(text: str) -> None:
-    """Replace the section (up to the next `## ` heading) or append it."""
-    from compressadvise.fsutil import write_text_atomic
-
-    doc = DOC.read_text(encoding="utf-8")
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _m: text + "\n", doc, count=1).rstrip("\n") + "\n"
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    write_text_atomic(DOC, doc)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="ane-a17")
@@ -131,7 +118,7 @@ def main() -> None:
     body = table(rows)
     print(body)
     if args.write:
-        write_section(section(body, args.target, skipped))
+        write_section(HEADING, section(body, args.target, skipped))
         print(f"wrote the '{HEADING[3:]}' section of {DOC.relative_to(ROOT)}", file=sys.stderr)
 
 

@@ -125,7 +125,20 @@ def _nonfinite() -> nn.Module:
     return m
 
 
+class WideMLP(nn.Module):
+    """Over 1 MB at fp16 (1.2M parameters): the smallest model here that is not 'tiny'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(512, 1024), nn.Linear(1024, 512)
+        self.head = nn.Linear(512, 16)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
 BUILDERS: dict[str, tuple[Any, tuple]] = {
+    "wide_mlp": (WideMLP, (1, 512)),
     "dwcnn": (DepthwiseCNN, (1, 3, 32, 32)),
     "encoder": (Encoder, (1, 16, 32)),
     "decoder_lm": (DecoderLM, None),

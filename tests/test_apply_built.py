@@ -138,6 +138,15 @@ def test_torch_only_target_is_gated_on_the_bytes_its_artefact_stores(tmp_path):
         ca.apply(small_mlp(), off, tmp_path / "bad")
 
 
+def test_a_program_is_not_planned_what_only_eager_code_can_build(mlp_pt2):
+    # torchao compresses nn.Linear modules; a .pt2 has none: recommend must not plan what apply refuses.
+    plan = ca.recommend(mlp_pt2, target="x86-cpu", constraints={"max_size_mb": 0.05})
+    assert not plan.steps
+    entry = next(e for e in plan.trace if e.status == "unsupported")
+    assert "module:function" in entry.detail
+    assert ca.recommend(small_mlp(), target="x86-cpu", constraints={"max_size_mb": 0.05}).steps
+
+
 def test_planned_layer_left_alone_is_a_gate_row(tmp_path):
     # `head` (640 weights) is under coremltools' weight_threshold: planned, so it must not vanish silently.
     plan = _plan("palettization", "weights", {"nbits": 4}, 18, layers=["fc1", "fc2", "head"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import compressadvise as ca
 from compressadvise.model.analysis import ModelReport, analyze
 from compressadvise.model.loading import LoadedModel, load_model
 from models import TinyLM, unique_params
@@ -210,3 +211,17 @@ def test_akiki_conformance_planned_is_built(fmt: str, target: str, os_major: int
     v = verify(loaded, tmp_path / "out", latency=False, drift=False)
     assert v.coreml is not None and v.coreml.parity_layers == len(diffs)
     assert all(f.metrics["snr_db"] > 20 for f in v.fidelity)
+
+
+def test_host_latency_rule_keys_on_compute_not_parameters(minilm_folder: tuple[LoadedModel, ModelReport],
+                                                         mobilenet_report: ModelReport) -> None:
+    # A BERT's word table is ~40% of its parameters and does no compute: by parameters it is not
+    # linear-heavy (linear share < 0.5), by multiply-accumulates it is; CPU005 must reach it.
+    from compressadvise.knowledge.facts import MODEL
+
+    _, bert = minilm_folder
+    assert MODEL["linear_share"].extract(bert) < 0.5 < MODEL["linear_mac_share"].extract(bert)
+    plans = {name: ca.recommend(r, target="x86-cpu", constraints={"max_latency_ms": 5.0})
+             for name, r in (("bert", bert), ("cnn", mobilenet_report))}
+    assert "CPU005" in [a.code for a in plans["bert"].advisories]
+    assert "CPU005" not in [a.code for a in plans["cnn"].advisories]

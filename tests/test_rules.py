@@ -68,6 +68,7 @@ TABLE: dict[str, tuple[Case, Case]] = {
     "WFL005": (C("dwcnn", "ane-a17", **LAT), C("dwcnn", "x86-cpu", **LAT)),
     "WFL006": (C("nonfinite", "ane-a17"), C("mlp", "ane-a17")),
     "WFL007": (C("dwcnn", "ane-a17", drop=1.0), C("dwcnn", "ane-a17")),
+    "WFL009": (C("dwcnn", "ane-a17"), C("wide_mlp", "ane-a17")),
     "WFL008": (C("dwcnn", "ane-a17", **TRAIN), C("dwcnn", "ane-a17", **CAL)),
     # weight-only
     "WGT001": (C("dwcnn", "ane-a17"), C("dwcnn", "mac-gpu")),

@@ -6,7 +6,7 @@ from typing import List, Optional
 import typer
 
 from compressadvise.commands.common import (BITS_PER_WEIGHT, DATA, DEFAULT_TARGET, FORCE, INPUT_SHAPE, JSON, MAX_ACCURACY_DROP,
-                     MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS, SIZE_FRACTION, TARGET, TRUST_PICKLE, Data,
+                     MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS, SAMPLES, SIZE_FRACTION, TARGET, TRUST_PICKLE, Data,
                      parse_shape, size_budget_mb, value_of)
 from compressadvise.commands.knowledge import PLAYBOOKS_OPT
 
@@ -31,9 +31,17 @@ def recommend_cmd(
     trace: bool = typer.Option(False, "--trace", help="Also list the rules that did not fire, and why."),
     playbooks: Optional[List[str]] = PLAYBOOKS_OPT,
     trust_pickle: bool = TRUST_PICKLE,
+    measure: bool = typer.Option(True, "--measure/--no-measure", help=(
+        "Apply the plan in memory to the deployable weights and measure its output fidelity on --samples "
+        "before printing it; under the floor, try the next gentler setting the technique's grid allows. "
+        "--no-measure prints the rules' plan only (faster; fidelity unknown).")),
+    samples: Optional[str] = SAMPLES,
+    min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help=(
+        "Fidelity floor in dB of output PSNR for the measured plan (default: top-1 agreement for classifiers, "
+        "the min_output_psnr_db threshold otherwise).")),
     json_out: bool = JSON,
 ) -> None:
-    """Recommend an ordered, explained compression plan for a target and budgets."""
+    """Recommend an ordered, explained compression plan for a target and budgets, measured on samples."""
     from compressadvise.model.analysis import analyze
     from compressadvise.plan.engine import recommend
     from compressadvise.fsutil import check_output
@@ -47,13 +55,16 @@ def recommend_cmd(
         check_output(out, force=force, inputs={"model": model})
     k = load_knowledge(playbooks) if playbooks else builtin()
     k.target(target)  # fail fast on a bad name, before loading the model
-    report = analyze(load_model(model, trust_pickle=trust_pickle), input_shape=parse_shape(input_shape))
+    loaded = load_model(model, trust_pickle=trust_pickle)
+    report = analyze(loaded, input_shape=parse_shape(input_shape))
     # A fraction or bits per weight becomes MB of this model; the plan records that MB budget.
     size_mb = size_budget_mb(report.total_bytes_fp16, report.total_params, max_size_mb=max_size_mb,
                              size_fraction=size_fraction, bits_per_weight=bits_per_weight)
     plan = recommend(report, target=target, os=os, knowledge=k, constraints={  # 0 = none for the engine
         "max_size_mb": size_mb or 0.0, "max_latency_ms": max_latency_ms or 0.0,
         "max_accuracy_drop": max_accuracy_drop or 0.0, "data": value_of(data, "none")})
+    if measure:
+        plan = _measured(plan, loaded, report, k, samples, min_psnr)
     if out:
         from compressadvise.plan.planfile import save_plan
 
@@ -70,8 +81,61 @@ def recommend_cmd(
         console.print(f"plan written to [bold]{out}[/]: replay with `compressadvise apply {model or ''} --plan {out}`".replace("  ", " "))
 
 
+def _measured(plan, loaded, report, k, samples, min_psnr):
+    from compressadvise.plan.measured import measure_plan
+    from compressadvise.ui.render import err
+
+    with err.status("measuring the plan on samples", spinner="dots") as status:
+        return measure_plan(plan, loaded, report, k, samples=samples, min_psnr=min_psnr,
+                            progress=lambda text: status.update(text))
+
+
+def show_fidelity(fid) -> None:
+    from compressadvise.plan.measured import metric_text
+    from compressadvise.ui.render import human_bytes, out
+
+    out.print(f"\n[bold]Fidelity[/] [dim]({fid.label})[/]")
+    if not fid.measured:
+        out.print(f"   {fid.note or 'not measured'}")
+    floor = ", ".join(f"{k} >= {v:.3g}" for k, v in fid.floor.items())
+    for m in fid.measured:
+        mark = "[green]passes[/]" if m.passed else "[red]under the floor[/]"
+        out.print(f"   {m.settings}: {metric_text(m.metrics)}; {human_bytes(m.bytes_after)} [dim](estimate)[/] "
+                  f"{mark} [dim](floor {floor})[/]")
+    for u in fid.unmeasured[:6]:
+        out.print(f"   [yellow]not measured[/] {u}")
+
+
+def show_advice(plan, k) -> None:
+    from compressadvise.ui.render import out
+
+    if not plan.advisories:
+        return
+    out.print("\n[bold]Advice[/]")
+    lessons = [a for a in plan.advisories if _generic_lesson(k, a.code)]
+    for a in plan.advisories:
+        if a in lessons:
+            continue
+        where = f" ({', '.join(a.layers[:4])}{'...' if len(a.layers) > 4 else ''})" if a.layers else ""
+        out.print(f" • [bold]{a.code}[/] {a.message}{where}\n   [dim]{a.why}[/]")
+    if lessons:  # the workflow lessons every plan without an evaluation gets: one line each
+        out.print("[dim]Workflow: " + "; ".join(f"{a.title.lower()} [{a.code}]" for a in lessons)
+                  + " (`compressadvise explain CODE`)[/]")
+
+
+def _generic_lesson(k, code: str) -> bool:
+    """A workflow lesson whose text is the same for every model (no facts in it): print it compactly."""
+    from compressadvise.knowledge.base import PLACEHOLDER
+
+    cr = k.rules.get(code)
+    return bool(cr and "workflow" in cr.rule.tags and not PLACEHOLDER.search(cr.rule.action.message or ""))
+
+
 def show_plan(plan, *, show_trace: bool = False) -> None:
     from rich.table import Table
+
+    from compressadvise.knowledge.base import builtin
+    from compressadvise.plan.engine import step_text
 
     from compressadvise.ui.render import bar, human_bytes, out
 
@@ -79,8 +143,9 @@ def show_plan(plan, *, show_trace: bool = False) -> None:
     out.print(f"[bold]Plan[/] for {plan.model.source} on [bold]{plan.target.name}[/] (OS {plan.target.os})")
     if not plan.steps:
         out.print("[yellow]no compression step fired[/]: see the advice below and `--trace`")
+    k = builtin()
     for i, s in enumerate(plan.steps, 1):
-        params = ", ".join(f"{k}={v}" for k, v in s.params.items())
+        params = step_text(k, s)
         out.print(f"\n[bold]{i}. {s.technique}[/] ({s.slot}) {params}")
         out.print(f"   why: {s.why}  [dim][{', '.join(s.rules)}][/]")
         out.print(f"   compresses {len(s.layers)} layer(s); size after this step: "
@@ -95,6 +160,13 @@ def show_plan(plan, *, show_trace: bool = False) -> None:
             budget = "  [green]meets the size budget[/]" if p.meets_size_budget else "  [red]misses the size budget[/]"
         out.print(f"\nsize: {human_bytes(p.bytes_before)} -> {human_bytes(p.bytes_after)} "
                   f"({p.ratio:.2f}x) [dim](estimate)[/]{budget}")
+    if plan.ways_forward:
+        out.print("\n[bold]Ways forward[/] [dim](to the size budget; ranked: those that reach it first)[/]")
+        for w in plan.ways_forward:
+            size = f" -> {human_bytes(w.predicted_bytes)} [dim](estimate)[/]" if w.predicted_bytes else ""
+            out.print(f" • [bold]{w.code}[/] {w.message}{size}" + (f" [dim]({w.cost})[/]" if w.cost else ""))
+    if plan.fidelity is not None:
+        show_fidelity(plan.fidelity)
     big = sorted(plan.layers, key=lambda x: -x.bytes_before)[:12]
     if big:
         total = max(p.bytes_before if p else 1, 1)
@@ -105,11 +177,7 @@ def show_plan(plan, *, show_trace: bool = False) -> None:
             t.add_row(x.name, x.setting, human_bytes(x.bytes_before), human_bytes(x.bytes_after),
                       bar(x.bytes_before / total, 10) + f" {x.bytes_before / total:.0%}")
         out.print(t)
-    if plan.advisories:
-        out.print("\n[bold]Advice[/]")
-        for a in plan.advisories:
-            where = f" ({', '.join(a.layers[:4])}{'...' if len(a.layers) > 4 else ''})" if a.layers else ""
-            out.print(f" • [bold]{a.code}[/] {a.message}{where}\n   [dim]{a.why}[/]")
+    show_advice(plan, k)
     fired = [e for e in plan.trace if e.status == "fired"]
     other = [e for e in plan.trace if e.status in ("outranked", "unsupported")]
     out.print(f"\n[dim]rules fired: {', '.join(e.code for e in fired) or 'none'}[/]")

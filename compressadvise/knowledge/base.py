@@ -200,6 +200,10 @@ def _check_action(k: Knowledge, rule: Rule, where: str) -> None:
         raise InvalidKnowledge(f"{where}: an advise action needs a message")
     if rule.scope == "outcome":
         _check_outcome(rule, where)
+    if rule.scope == "model":
+        for ns, name in PLACEHOLDER.findall(a.message or ""):
+            if ns not in MODEL_SCOPE or name not in NAMESPACES[ns]:
+                raise InvalidKnowledge(f"{where}: message placeholder {{{ns}.{name}}} is not a model-scope fact")
     if a.technique:
         if a.technique not in k.techniques:
             raise InvalidKnowledge(f"{where}: unknown technique {a.technique!r} "

@@ -36,6 +36,22 @@ def _share(r: ModelReport, *types: str) -> float:
     return sum(r.layer_types[t].share for t in types if t in r.layer_types)
 
 
+def _mac_share(r: ModelReport, *types: str) -> float:
+    """Share of the model's multiply-accumulates in these layer types; -1 when MACs are unknown."""
+    total = sum(x.macs or 0 for x in r.layers)
+    return sum(x.macs or 0 for x in r.layers if x.type in types) / total if total else -1.0
+
+
+SMALL_TENSOR = 2048  # elements: coremltools' default weight_threshold (it leaves these uncompressed)
+
+
+def _small_share(r: ModelReport) -> float:
+    import math
+
+    total = sum(x.params for x in r.layers) or 1
+    return sum(x.params for x in r.layers if math.prod(x.weight_shape or [0]) <= SMALL_TENSOR) / total
+
+
 def _max_kurtosis(r: ModelReport) -> float:
     return max((x.stats.kurtosis for x in r.layers if x.stats and x.stats.kurtosis == x.stats.kurtosis),
                default=0.0)
@@ -62,6 +78,11 @@ MODEL = {
                        lambda r: _share(r, "conv", "depthwise_conv")),
     "linear_share": Fact("double", "share of parameters in linear layers (0..1)",
                          lambda r: _share(r, "linear", "attention")),
+    "linear_mac_share": Fact("double", "share of multiply-accumulates in linear layers (0..1; -1 when unknown): "
+                             "compute, where parameter shares count embedding tables that do none",
+                             lambda r: _mac_share(r, "linear", "attention")),
+    "small_tensor_share": Fact("double", "share of parameters in layers whose weight has at most 2048 elements "
+                               "(coremltools' default weight_threshold leaves those uncompressed)", _small_share),
     "embedding_share": Fact("double", "share of parameters in embeddings (0..1)", lambda r: r.embedding_share),
     "largest_layer_share": Fact("double", "share of parameters in the largest layer (0..1)",
                                 lambda r: max((x.share for x in r.layers), default=0.0)),

@@ -351,6 +351,34 @@ class Prediction(Strict):
     meets_size_budget: bool | None = None
 
 
+class Measured(Strict):
+    """One plan measured in memory on samples: its weights-slot settings and the output fidelity."""
+    settings: str = Field(description="the weights settings measured, e.g. '4-bit palettization per_grouped_channel'")
+    bytes_after: int = Field(description="estimate: model size with these settings")
+    metrics: dict[str, float] = Field(description="measured: psnr_db, snr_db, top1_agreement, kl_divergence, accuracy")
+    passed: bool
+
+
+class PlanFidelity(Strict):
+    """What recommend measured before promising: the plan applied in memory to the deployable
+    weights, run on samples, against a floor; gentler settings tried when the floor was missed."""
+    label: str = Field(description="'measured on N samples', or 'weak evidence: N random inputs'")
+    evidence: Literal["samples", "random", "none"]
+    samples: int = 0
+    floor: dict[str, float] = Field({}, description="metric -> minimum the plan must reach")
+    measured: list[Measured] = Field([], description="each plan measured, the recommended one last")
+    unmeasured: list[str] = Field([], description="steps or layers the measurement did not cover, and why")
+    note: str = ""
+
+
+class WayForward(Strict):
+    """One way to a budget the plan misses: a rule's move, the scheme's arithmetic, or the floor."""
+    code: str = Field(description="the outcome rule's code, or BUDGET for the arithmetic and the floor")
+    message: str
+    predicted_bytes: int | None = Field(None, description="estimate: model size if taken (None: not sized)")
+    cost: str = Field("", description="what it costs: data, time, OS, accuracy")
+
+
 class Plan(Strict):
     plan_version: int = PLAN_VERSION
     generated_by: str = "compressadvise"
@@ -363,6 +391,8 @@ class Plan(Strict):
     prediction: Prediction | None = None
     layers: list[LayerPrediction] = []
     trace: list[TraceEntry] = []
+    fidelity: PlanFidelity | None = Field(None, description="measured output fidelity of the plan (recommend --measure)")
+    ways_forward: list[WayForward] = Field([], description="ranked ways to a size budget the plan misses")
 
     @field_validator("plan_version")
     @classmethod

@@ -55,6 +55,10 @@ def compress_weight(w: "torch.Tensor", s: Setting, seed: int = 0) -> "torch.Tens
     random.seed(seed)
     shape = w.shape
     flat = w.reshape(shape[0], -1) if w.dim() > 5 else w
+    if w.dim() == 3 and s.technique == "palettization":
+        # coremltools' PostTrainingPalettizer skips Conv1d; as a (k, 1) Conv2d its LUT groups (whole
+        # tensor, or output channels) are the same weights, so the values are the Conv1d's
+        flat = w.unsqueeze(-1)
     holder = _holder(flat)
     with quiet():  # k-means progress bars and log lines on stderr
         mod = _run_library(holder, s)

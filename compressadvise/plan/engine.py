@@ -24,14 +24,14 @@ from typing import Any, Iterable
 from pydantic import ValidationError
 
 from compressadvise.model.analysis import LayerInfo, ModelReport, analyze
-from compressadvise.errors import InvalidKnowledge
+from compressadvise.errors import BadModel, InvalidKnowledge
 from compressadvise.knowledge.expressions import cel
 from compressadvise.knowledge.deployment import Deployment
 from compressadvise.knowledge.facts import extract, step_facts
 from compressadvise.knowledge.base import PLACEHOLDER, CompiledRule, Knowledge, builtin, load_knowledge
 from compressadvise.knowledge.schema import (COMPRESSIBLE, SLOTS, UNSUPPORTED_KINDS, Advisory, Constraints, LayerPrediction, Plan, PlanModel,
                      PlanTarget, Prediction, Skip, Step, Target, TraceEntry)
-from compressadvise.plan.setting import Setting, stacked_label
+from compressadvise.plan.setting import Setting, stacked_label, unchanged_label
 from compressadvise.plan.sizing import NotApplicable, layer_bytes, pruned_fraction
 
 MB = 1e6
@@ -107,9 +107,37 @@ def recommend(
     constraints: Constraints | dict | None = None,
     knowledge: Knowledge | None = None,
     playbooks: Iterable[str] = (),
+    measure: bool = False,
+    samples: Any = None,
+    min_psnr: float | None = None,
 ) -> Plan:
-    """Evaluate the playbooks against a model's facts and return an explained plan."""
+    """Evaluate the playbooks against a model's facts and return an explained plan.
+
+    measure=True applies the plan in memory to the deployable weights and measures it on
+    `samples` (random inputs when None: weak evidence), choosing a gentler setting when it misses
+    the fidelity floor (`plan.fidelity` says what was measured); it needs the model, not a report."""
     k = knowledge or (load_knowledge(playbooks) if playbooks else builtin())
+    if measure and isinstance(model, ModelReport):
+        raise BadModel("measuring a plan needs the model itself, not its analysis report",
+                       hint="pass the loaded model (or its path) to recommend")
+    from compressadvise.plan.ways import ways_forward
+
+    if measure:
+        from compressadvise.model.loading import LoadedModel, load_model
+        from compressadvise.plan.measured import measure_plan
+
+        loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        report = analyze(loaded)
+        plan = measure_plan(_recommend(report, target, os, constraints, k), loaded, report, k, samples=samples,
+                            min_psnr=min_psnr)
+    else:
+        report = model if isinstance(model, ModelReport) else analyze(model)
+        plan = _recommend(report, target, os, constraints, k)
+    return plan.model_copy(update={"ways_forward": ways_forward(plan, report, k)})
+
+
+def _recommend(model: ModelReport | Any, target: str, os: int | None, constraints: Constraints | dict | None,
+               k: Knowledge) -> Plan:
     report = model if isinstance(model, ModelReport) else analyze(model)
     dep = Deployment.resolve(k, target, os)  # default OS and min-OS check, once
     c = constraints if isinstance(constraints, Constraints) else _constraints(constraints or {})
@@ -118,7 +146,7 @@ def recommend(
     trace: list[TraceEntry] = []
     advisories: list[Advisory] = []
     candidates = _model_rules(k, base, trace, advisories)
-    steps = _choose_steps(k, candidates, dep, trace)
+    steps = _choose_steps(k, candidates, dep, trace, eager=has_code(report))
     _layer_rules(k, report, base, steps, trace, advisories)
     plan_steps = [s for s, _ in steps]
     layers, before, after = predict_layers(k, report, plan_steps, dep.target.baseline_bytes_per_param,
@@ -148,7 +176,7 @@ def _model_rules(k: Knowledge, base: dict[str, Any], trace: list[TraceEntry],
             continue
         a = cr.rule.action
         if a.kind == "advise":
-            advisories.append(Advisory(code=cr.code, title=cr.rule.title, message=a.message or "",
+            advisories.append(Advisory(code=cr.code, title=cr.rule.title, message=fill(a.message or "", base),
                                        why=cr.rule.why))
             trace.append(TraceEntry(code=cr.code, status="fired", detail="advice added"))
         else:
@@ -157,9 +185,18 @@ def _model_rules(k: Knowledge, base: dict[str, Any], trace: list[TraceEntry],
     return candidates
 
 
+NO_CODE_FORMATS = ("exported", "torchscript", "state_dict", "safetensors")  # programs and weights, no nn.Modules
+
+
+def has_code(report: ModelReport) -> bool:
+    """The model comes as eager code (nn.Modules): what torch-side backends (torchao) compress."""
+    return report.format not in NO_CODE_FORMATS and (report.format != "hf_folder" or report.has_graph)
+
+
 def _choose_steps(k: Knowledge, candidates: dict[str, list[_Candidate]], dep: Deployment,
-                  trace: list[TraceEntry]) -> list[tuple[Step, CompiledRule]]:
-    """Per slot, the best-ranked candidate whose modes the deployment supports."""
+                  trace: list[TraceEntry], *, eager: bool = True) -> list[tuple[Step, CompiledRule]]:
+    """Per slot, the best-ranked candidate whose modes the deployment supports (and, on a target
+    that ships the torch model, that the input's form lets a torch backend compress)."""
     steps: list[tuple[Step, CompiledRule]] = []
     tgt, os_major = dep.target, dep.os
     supported = tgt.supports(os_major)
@@ -171,6 +208,11 @@ def _choose_steps(k: Knowledge, candidates: dict[str, list[_Candidate]], dep: De
                 trace.append(TraceEntry(code=cand.rule.code, status="outranked",
                                         detail=f"{slot} step already chosen by {winner.rule.code} "
                                         f"(priority {winner.rule.rule.priority} vs {cand.rule.rule.priority})"))
+                continue
+            if not tgt.coreml and not eager:
+                trace.append(TraceEntry(code=cand.rule.code, status="unsupported", detail=(
+                    f"{tech} on {tgt.name} runs a torch backend on the model's nn.Modules; the input is a program or "
+                    "weights without them: pass the model as module:function, or compress before exporting")))
                 continue
             missing = missing_modes(k, tech, cand.params, supported)
             if missing:
@@ -307,6 +349,17 @@ def _shown(k: Knowledge, technique: str, params: dict[str, Any]) -> dict[str, An
     return {name: v for name, v in params.items() if name in keep}
 
 
+KEY_PARAMS = ("nbits", "granularity", "group_size", "block_size", "sparsity", "mode")
+
+
+def step_text(k: Knowledge, step: Step) -> str:
+    """A step's parameters as a person reads them: those its setting uses, without the defaults
+    nobody chose (lut_dtype=fp16, weight_threshold...), the key ones always."""
+    defaults = k.techniques[step.technique].defaults() if step.technique in k.techniques else {}
+    shown = _shown(k, step.technique, step.params) if step.technique in k.techniques else dict(step.params)
+    return _fmt({n: v for n, v in shown.items() if n in KEY_PARAMS or defaults.get(n) != v})
+
+
 def _fmt(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items() if k != "weight_threshold")
 
@@ -380,7 +433,8 @@ def predict_layers(k: Knowledge, report: ModelReport, steps: list[Step], baselin
         step.layers = kept
         step.predicted_bytes_after = after
     preds = [
-        LayerPrediction(name=x.name, setting=stacked_label(settings[x.name]),
+        LayerPrediction(name=x.name, setting=(stacked_label(settings[x.name]) if settings[x.name]
+                                              else unchanged_label(width.get(x.name, baseline))),
                         settings=[s.to_dict() for s in settings[x.name]],
                         bytes_before=layer_bytes(x, None, width.get(x.name, baseline)),
                         bytes_after=layer_bytes(x, weight.get(x.name), width.get(x.name, baseline)))
@@ -437,14 +491,22 @@ def next_moves(plan: Plan, report: ModelReport, missed: Iterable[str], knowledge
     return NextMoves(tuple(moves), tuple(trace))
 
 
+def fill(message: str, facts: dict[str, Any]) -> str:
+    """A rule message with its `{namespace.fact}` placeholders replaced by the facts' values."""
+    def value(m: Any) -> str:
+        v = facts[m.group(1)][m.group(2)]
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return " ".join(PLACEHOLDER.sub(value, message).split())
+
+
 def _move(k: Knowledge, r: CompiledRule, base: dict[str, Any], outcome: dict[str, Any], number: int,
           step: Step | None) -> Move | None:
     sf = step_facts(step.params, step.technique, step.slot) if step else step_facts({}, "", "")
     facts = {**base, "step": sf, "outcome": {**outcome, "step": number, **_nbits_ladder(k, step)}}
     if not r.condition(_context(facts)):
         return None
-    text = PLACEHOLDER.sub(lambda m: str(facts[m.group(1)][m.group(2)]), r.rule.action.message or "")
-    return Move(code=r.code, message=" ".join(text.split()), step=number)
+    return Move(code=r.code, message=fill(r.rule.action.message or "", facts), step=number)
 
 
 def _nbits_ladder(k: Knowledge, step: Step | None) -> dict[str, int]:
@@ -459,7 +521,8 @@ def _nbits_ladder(k: Knowledge, step: Step | None) -> dict[str, int]:
 
 def _outcome_facts(plan: Plan, report: ModelReport, missed: list[str], data: str,
                    worst_layer: str | None) -> dict[str, Any]:
-    kept = sorted({sk.layer for s in plan.steps for sk in s.skipped})
+    aliases = {x.name for x in report.layers if x.tied_to}  # stored once, at the owner: not left out
+    kept = sorted({sk.layer for s in plan.steps for sk in s.skipped} - aliases)
     return {
         "missed": missed, "data": data, "step": 0,
         "weight_steps": sum(1 for s in plan.steps if s.slot == "weights"),

@@ -27,6 +27,12 @@ BACKEND_PARAMS = frozenset({"weight_threshold"})
 FP16_LABEL = "fp16 (unchanged)"
 
 
+def unchanged_label(bytes_per_param: float) -> str:
+    """An uncompressed layer in the dtype the target stores it in (fp32 on a host CPU, fp16 on Core ML)."""
+    name = {4.0: "fp32", 2.0: "fp16", 1.0: "int8"}.get(float(bytes_per_param), f"{bytes_per_param:g} B/weight")
+    return f"{name} (unchanged)"
+
+
 def _items(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(params.items()))
 

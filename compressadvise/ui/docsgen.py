@@ -41,6 +41,7 @@ from compressadvise.ui.docsgen_blocks import (DocsError, Job, MARK, RUNNERS, Run
 from compressadvise.ui.docsgen_firing import (LAYER_PROBES, SCENARIO_BUDGETS, SCENARIO_MODELS, decoder_lm,  # re-exported
                              encoder_model, firing_examples, firing_markdown, mlp_model, quirky_mlp)
 from compressadvise.ui.docsgen_reference import _h1
+from compressadvise.ui.docsgen_scenarios import TITLE, scenarios_page
 from compressadvise.ui.docsgen_reference import (REF, SCHEMA_INTROS, cli_commands, cli_page, exit_codes_page, facts_page,  # re-exported
                                 json_output_page, reference_index, reference_pages, rule_page, rules_index,
                                 schema_page, schema_pages, targets_index, techniques_index)
@@ -80,6 +81,7 @@ def nav(root: Path, k, pages: dict[str, str]) -> list:
                  {"Targets": [{"All targets": "reference/targets/index.md"},
                               *[entry(f"reference/targets/{n}.md") for n in sorted(k.targets)]]},
                  {"Condition facts": "reference/facts.md"},
+                 *([{TITLE: "reference/scenarios.md"}] if f"{REF}/scenarios.md" in pages else []),
                  {"Schemas": [{title(f"reference/schemas/{n}").replace("`", ""): f"reference/schemas/{n}"}
                               for n in schemas]}]
     top = ["index.md", "getting-started.md"]
@@ -161,6 +163,8 @@ def generate(root: Path, *, workers: int = 2) -> dict[str, str]:
     replacements = {str(root.resolve()) + "/": ""}
     for page, text in marked.items():
         pages[page] = fill_blocks(pages.get(page, text), results.get(page, []), commands, includes, replacements)
+    if (scenarios := scenarios_page(root)) is not None:
+        pages[f"{REF}/scenarios.md"] = scenarios
     pages["mkdocs.yml"] = mkdocs_yml(root, nav(root, k, pages))
     return pages
 

@@ -138,7 +138,7 @@ def _sensitivity_chart(data: ReportData, inp: Inputs) -> list[Chart] | str:
 
 
 def _changed(setting: str) -> bool:
-    return bool(setting) and not setting.startswith("fp16")
+    return bool(setting) and not setting.endswith("(unchanged)")
 
 
 def _drift_chart(data: ReportData, inp: Inputs) -> list[Chart] | str:

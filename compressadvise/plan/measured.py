@@ -1,0 +1,204 @@
+"""A plan measured before it is promised: its weight settings applied in memory to the deployable
+weights (BatchNorm folded, as the converter ships them), run on samples, compared with the
+original's outputs against a floor. A plan under the floor is not printed as if it held: the next
+gentler setting the technique's grid allows (more bits, same granularity) is tried until one
+passes or none is left, and the plan says which it chose and why.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from compressadvise.errors import BadModel, CompressionFailed
+from compressadvise.knowledge.base import Knowledge
+from compressadvise.knowledge.deployment import Deployment
+from compressadvise.knowledge.schema import Advisory, Measured, Plan, PlanFidelity, Prediction
+from compressadvise.model.analysis import ModelReport
+from compressadvise.plan.setting import Setting
+
+CODE = "MEASURED"
+MEASURABLE = ("palettization", "linear_quantization")  # what the in-memory evaluation can apply
+MB = 1e6
+
+
+def measure_plan(plan: Plan, loaded: Any, report: ModelReport, k: Knowledge, *, samples: Any = None,
+                 min_psnr: float | None = None, max_samples: int = 64,
+                 progress: Callable[[str], None] | None = None) -> Plan:
+    """The plan with its measured fidelity (`plan.fidelity`), gentler where it missed the floor."""
+    from compressadvise.measure.sensitivity import prepare
+
+    try:
+        prep = prepare(loaded, samples, max_samples=max_samples)
+    except (BadModel, CompressionFailed) as e:
+        return plan.model_copy(update={"fidelity": PlanFidelity(
+            label="not measured", evidence="none", note=f"could not measure: {e.one_line()}")})
+    evidence = "random" if prep.samples.kind == "random" else "samples"
+    label = (f"weak evidence: {prep.n} random inputs (outputs compared only; pass --samples)" if evidence == "random"
+             else f"measured on {prep.n} samples")
+    floor = _floor(k, plan, prep, min_psnr)
+    dep = Deployment.resolve(k, plan.target.name, plan.target.os)
+    tried: list[Measured] = []
+    plans: list[Plan] = []
+    chosen, unmeasured = plan, []
+    for candidate in _gentler(plan, k, report, dep):
+        assign, unmeasured = _assignment(candidate, k, report, prep.weights)
+        if not assign:
+            break
+        if progress:
+            progress(f"measuring {_settings_label(candidate)} on {prep.n} inputs")
+        try:
+            metrics = _run(prep, assign)
+        except CompressionFailed as e:  # a layer the in-memory evaluation cannot compress: say so, promise nothing
+            return plan.model_copy(update={"fidelity": PlanFidelity(
+                label="not measured", evidence="none", unmeasured=unmeasured, note=f"could not measure: {e.one_line()}")})
+        tried.append(Measured(settings=_settings_label(candidate), bytes_after=candidate.prediction.bytes_after,
+                              metrics=metrics, passed=_passes(metrics, floor)))
+        chosen = candidate
+        plans.append(candidate)
+        if tried[-1].passed:
+            break
+    if not tried:
+        return plan.model_copy(update={"fidelity": PlanFidelity(
+            label="not measured", evidence="none", unmeasured=unmeasured,
+            note="nothing to measure: no palettization or linear quantization step")})
+    if not tried[-1].passed:  # nothing passed: the best-measured of them, said plainly
+        best = max(range(len(tried)), key=lambda i: _score(tried[i].metrics))
+        chosen = plans[best]
+        tried.append(tried.pop(best))
+    fidelity = PlanFidelity(label=label, evidence=evidence, samples=prep.n, floor=floor, measured=tried,
+                            unmeasured=unmeasured, note="; ".join(prep.notes))
+    return chosen.model_copy(update={"fidelity": fidelity,
+                                     "advisories": [_advice(tried, floor, label)] + list(chosen.advisories)})
+
+
+def _floor(k: Knowledge, plan: Plan, prep: Any, min_psnr: float | None) -> dict[str, float]:
+    """metric -> minimum: top-1 agreement for classifiers (or the accuracy budget), PSNR otherwise."""
+    drop = plan.constraints.max_accuracy_drop
+    if min_psnr is not None or not prep.logits:
+        return {"psnr_db": float(min_psnr if min_psnr is not None else k.thresholds["min_output_psnr_db"])}
+    if drop and "accuracy" in prep.ref_metrics:
+        return {"accuracy": prep.ref_metrics["accuracy"] - drop}  # both in points
+    return {"top1_agreement": 1 - drop / 100 if drop else k.thresholds["min_top1_agreement"]}
+
+
+def _passes(metrics: dict[str, float], floor: dict[str, float]) -> bool:
+    return all(metrics.get(name, float("-inf")) >= value - 1e-12 for name, value in floor.items())
+
+
+def _score(m: dict[str, float]) -> tuple:
+    return (m.get("accuracy", 0.0), m.get("top1_agreement", 0.0), m.get("psnr_db", float("-inf")))
+
+
+def _run(prep: Any, assign: dict[str, Setting]) -> dict[str, float]:
+    from compressadvise.measure.sensitivity import measure
+
+    (result,), _, _ = measure(prep, [assign], proxies=False)
+    return {name: round(float(v), 4) for name, v in result["metrics"].items()}
+
+
+def _assignment(plan: Plan, k: Knowledge, report: ModelReport, weights: dict[str, str]
+                ) -> tuple[dict[str, Setting], list[str]]:
+    """layer -> the Setting its weights step gives it; and what is left out, with why."""
+    by_name = {x.name: x for x in report.layers}
+    assign: dict[str, Setting] = {}
+    left: list[str] = []
+    for step in plan.steps:
+        if step.technique not in MEASURABLE:
+            if step.layers:
+                left.append(f"{step.technique} ({len(step.layers)} layer(s)): not applied in the measurement")
+            continue
+        tech = k.techniques[step.technique]
+        for name in step.layers:
+            if name in weights and name in by_name:
+                assign[name] = step.setting_for(by_name[name], tech)
+            else:
+                left.append(f"{name}: its weight is not a parameter of the runnable model")
+    return assign, left
+
+
+def _gentler(plan: Plan, k: Knowledge, report: ModelReport, dep: Deployment) -> Iterator[Plan]:
+    """The plan, then the same plan with every measurable step one grid width gentler, and so on."""
+    from compressadvise.plan.engine import missing_modes
+
+    yield plan
+    supported = dep.target.supports(dep.os)
+    current = plan
+    while True:
+        steps = [s.model_copy(deep=True) for s in current.steps]
+        changed = False
+        for step in steps:
+            nbits = _next_bits(k, step.technique, step.params)
+            if nbits is None:
+                continue
+            params = {**step.params, "nbits": nbits}
+            if missing_modes(k, step.technique, params, supported):
+                continue
+            step.params = params
+            for override in step.op_name_params.values():
+                if "nbits" in override and override["nbits"] < nbits:
+                    override["nbits"] = nbits
+            changed = True
+        if not changed:
+            return
+        current = _repredicted(current, steps, k, report, dep)
+        yield current
+
+
+def _next_bits(k: Knowledge, technique: str, params: dict[str, Any]) -> int | None:
+    """The next wider nbits the technique's grid lists for this granularity (None: none left)."""
+    if technique not in MEASURABLE or "nbits" not in params:
+        return None
+    tech = k.techniques[technique]
+    gran = params.get("granularity", tech.defaults().get("granularity"))
+    widths = set()
+    for entry in tech.search_grid:
+        if entry.get("granularity", gran) != gran:
+            continue
+        bits = entry.get("nbits")
+        widths.update(bits if isinstance(bits, list) else [bits] if bits is not None else [])
+    wider = sorted(b for b in widths if b > int(params["nbits"]))
+    return wider[0] if wider else None
+
+
+def _repredicted(plan: Plan, steps: list, k: Knowledge, report: ModelReport, dep: Deployment) -> Plan:
+    from compressadvise.plan.engine import predict_layers
+
+    layers, before, after = predict_layers(k, report, steps, dep.target.baseline_bytes_per_param, dep.target, dep.os)
+    budget = plan.constraints.max_size_mb
+    return plan.model_copy(update={"steps": steps, "layers": layers, "prediction": Prediction(
+        bytes_before=before, bytes_after=after, ratio=before / after if after else 0.0,
+        meets_size_budget=None if not budget else after / MB <= budget)})
+
+
+def _settings_label(plan: Plan) -> str:
+    parts = []
+    for s in plan.steps:
+        if s.technique in MEASURABLE and s.layers:
+            gran = s.params.get("granularity", "")
+            parts.append(f"{s.params.get('nbits', '?')}-bit {s.technique}{' ' + gran if gran else ''}")
+    return " + ".join(parts) or "no weights step"
+
+
+def metric_text(m: dict[str, float]) -> str:
+    keys = [("top1_agreement", "top-1 agreement {:.0%}"), ("accuracy", "accuracy {:.1f}%"),
+            ("kl_divergence", "KL {:.3g}"), ("psnr_db", "PSNR {:.1f} dB")]
+    return ", ".join(fmt.format(m[key]) for key, fmt in keys if key in m)
+
+
+def _advice(tried: list[Measured], floor: dict[str, float], label: str) -> Advisory:
+    first, last = tried[0], tried[-1]
+    floor_text = ", ".join(f"{name} >= {v:.3g}" for name, v in floor.items())
+    if len(tried) == 1 and first.passed:
+        msg = f"{first.settings}: {metric_text(first.metrics)} ({label}; floor {floor_text})."
+        title = "The plan was measured and holds"
+    elif last.passed:
+        msg = (f"{first.settings} measured {metric_text(first.metrics)}, under the floor ({floor_text}); "
+               f"chose {last.settings}: {metric_text(last.metrics)}, {last.bytes_after / MB:.2f} MB ({label}).")
+        title = "The first plan missed the fidelity floor: a gentler one was chosen"
+    else:
+        msg = (f"no post-training setting the grid allows reaches the floor ({floor_text}); the best measured is "
+               f"{last.settings}: {metric_text(last.metrics)} ({label}). Next: calibration (sensitive k-means, "
+               "GPTQ), training-aware compression, or mixed precision with `search`.")
+        title = "No post-training plan reaches the fidelity floor"
+    return Advisory(code=CODE, title=title, message=msg,
+                    why="Published figures are other models' numbers; a plan is only as good as its measurement on this one.")
