@@ -107,10 +107,13 @@ def main() -> None:
     stages: dict[str, float] = {}
     last = {"label": "load, analyze, validate, import libraries", "t": time.perf_counter()}
 
+    peaks: dict[str, float] = {}  # stage -> peak RSS reached by its end (where the memory goes)
+
     def progress(label: str, done: int, total: int) -> None:
         now = time.perf_counter()
         if label != last["label"]:
             stages[last["label"]] = stages.get(last["label"], 0.0) + now - last["t"]
+            peaks[last["label"]] = round(peak_rss_mb(), 0)
             last.update(label=label, t=now)
 
     tmp = tempfile.TemporaryDirectory() if args.out is None else None
@@ -125,6 +128,7 @@ def main() -> None:
         "params": params, "plan": step_params, "target": args.target,
         "build_model_s": round(build_s, 1), "apply_wall_s": round(total, 1),
         "stages_s": {k: round(v, 1) for k, v in stages.items()},
+        "peak_rss_mb_by_stage_end": peaks,
         "peak_rss_mb": round(peak_rss_mb(), 0), "sizes_bytes": sizes,
         "layers_applied": len(result.manifest["steps"][0]["layers_applied"]),
         "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
@@ -138,7 +142,7 @@ def main() -> None:
           f"({args.nbits}-bit {args.granularity})")
     print(f"apply wall time: {total:.1f} s (model build {build_s:.1f} s); peak RSS {report['peak_rss_mb']:.0f} MB")
     for k, v in report["stages_s"].items():
-        print(f"  {k}: {v:.1f} s")
+        print(f"  {k}: {v:.1f} s (peak RSS by its end: {peaks.get(k, report['peak_rss_mb']):.0f} MB)")
     for k, v in sizes.items():
         print(f"  {k}: {v}")
     print(f"  (on {report['cpus']} CPUs, 1-min load average {report['load_average_1m']})")

@@ -114,6 +114,16 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def merge(old: list[list[str]], fresh: list[list[str]]) -> list[list[str]]:
+    """The committed rows with the fresh ones in their places: rows of one (model, format, target)
+    come in the order TARGETS lists their OS versions, so the n-th fresh one replaces the n-th old one."""
+    queues: dict[tuple, list[list[str]]] = {}
+    for r in fresh:
+        queues.setdefault(tuple(r[:3]), []).append(r)
+    out = [queues[tuple(r[:3])].pop(0) if queues.get(tuple(r[:3])) else r for r in old]
+    return out + [r for q in queues.values() for r in q]
+
+
 def committed_rows() -> list[list[str]]:
     """The table's rows as docs/benchmarks.md holds them (cells stripped), row order kept."""
     from doc_section import DOC
@@ -156,10 +166,8 @@ def main() -> None:
     a = ap.parse_args()
     models = [m for m in a.models.split(",") if m]
     rows, skipped = run(models, a.formats.split(","), [t for t in a.targets.split(",") if t])
-    if a.merge:  # the committed table with the rows run now in place of theirs (model, format, target)
-        fresh = {tuple(r[:3]): r for r in rows}
-        old = committed_rows()
-        rows = [fresh.pop(tuple(r[:3]), r) for r in old] + list(fresh.values())
+    if a.merge:
+        rows = merge(committed_rows(), rows)
     text = section(table(rows), skipped)
     print(text)
     if a.write:

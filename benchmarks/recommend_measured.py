@@ -66,7 +66,8 @@ def _measure(model_id: str, target: str, os_major: int, n: int) -> list[str]:
     return [model_id, f"{report.total_params / 1e6:.1f}M", f"{target} ({os_major})", f"{rules:.1f}", f"{total:.1f}",
             " -> ".join(m.settings for m in fid.measured) or fid.note[:80],
             (metric_text(last.metrics) + f" ({fid.label})") if last else fid.label,
-            ("gentler" if len(fid.measured) > 1 else "as planned") if last else "-"]
+            (("gentler" if len(fid.measured) > 1 else "as planned") + (", passes" if last.passed else
+                                                                         ", none passes the floor")) if last else "-"]
 
 
 def run(models: list[str], target: str, os_major: int, n: int) -> tuple[list[list[str]], list[str]]:

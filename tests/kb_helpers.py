@@ -94,9 +94,9 @@ class MLP(nn.Module):
     """Linear-heavy model. fc2 has 200 outputs and fc3 200 inputs: neither divides by 16 or 32,
     so grouped LUTs and per-block scales need the divisibility fallbacks there."""
 
-    def __init__(self) -> None:
+    def __init__(self, mid: int = 200) -> None:
         super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(256, 256), nn.Linear(256, 200), nn.Linear(200, 256)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(256, 256), nn.Linear(256, mid), nn.Linear(mid, 256)
         self.head = nn.Linear(256, 16)
 
     def forward(self, x):
@@ -139,6 +139,7 @@ class WideMLP(nn.Module):
 
 BUILDERS: dict[str, tuple[Any, tuple]] = {
     "wide_mlp": (WideMLP, (1, 512)),
+    "prime_mlp": (lambda: MLP(211), (1, 256)),  # fc2 has 211 outputs, a prime: no group size above 1 divides it
     "dwcnn": (DepthwiseCNN, (1, 3, 32, 32)),
     "encoder": (Encoder, (1, 16, 32)),
     "decoder_lm": (DecoderLM, None),

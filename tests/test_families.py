@@ -154,9 +154,13 @@ def test_per_block_int4_without_zero_point_and_divisibility_fallbacks():
     assert step(gpu, "weights").op_name_params["fc3"] == {"granularity": "per_channel"}
     assert layer_bytes(gpu, "fc3") == 51200 // 2 + 256 * 2 + 256 * 2
     ane = plan_for("mlp", "ane-a17", ratio=3.5)
-    # fc2 has 200 outputs (not a multiple of 16): one 16-entry LUT per channel (LAY007)
-    assert step(ane, "weights").op_name_params["fc2"] == {"granularity": "per_grouped_channel", "group_size": 1}
-    assert layer_bytes(ane, "fc2") == 51200 // 2 + 200 * 16 * 2 + 200 * 2
+    # fc2 has 200 outputs (not a multiple of 16): regrouped by 10, which divides (LAY011): 20 LUTs
+    assert step(ane, "weights").op_name_params["fc2"] == {"granularity": "per_grouped_channel", "group_size": 10}
+    assert layer_bytes(ane, "fc2") == 51200 // 2 + 20 * 16 * 2 + 200 * 2
+    # 211 outputs (prime): only 1 divides, one 16-entry LUT per channel (LAY007)
+    prime = plan_for("prime_mlp", "ane-a17", ratio=3.5)
+    assert step(prime, "weights").op_name_params["fc2"] == {"granularity": "per_grouped_channel", "group_size": 1}
+    assert layer_bytes(prime, "fc2") == 211 * 256 // 2 + 211 * 16 * 2 + 211 * 2
 
 
 def test_joint_compression_size():

@@ -112,7 +112,8 @@ TABLE: dict[str, tuple[Case, Case]] = {
     "LAY004": (C("encoder", "mac-gpu", ratio=3.5), C("encoder", "mac-gpu")),
     "LAY005": (C("decoder_lm", "ane-a17"), C("encoder", "ane-a17")),
     "LAY006": (C("decoder_lm", "ane-a17", **LAT, **CAL), C("decoder_lm", "ane-a17", **LAT)),
-    "LAY007": (C("mlp", "ane-a17", ratio=3.5), C("mlp", "ane-a17", ratio=2.5)),
+    "LAY007": (C("prime_mlp", "ane-a17", ratio=3.5), C("mlp", "ane-a17", ratio=3.5)),
+    "LAY011": (C("mlp", "ane-a17", ratio=3.5), C("mlp", "ane-a17", ratio=2.5)),
     "LAY008": (C("mlp", "mac-gpu", ratio=3.5), C("encoder", "mac-gpu", ratio=3.5)),
     "LAY009": (C("encoder", "x86-cpu", ratio=1.5), C("encoder", "ane-a17")),
     # per target

@@ -80,7 +80,8 @@ def test_scenario(row: dict[str, Any]) -> None:
 
 def _check(plan: Any, e: dict[str, Any]) -> None:
     k = builtin()
-    codes = {a.code for a in plan.advisories} | {w.code for w in plan.ways_forward}
+    codes = {a.code for a in plan.advisories} | {w.code for w in plan.ways_forward} | {c for s in plan.steps
+                                                                                        for c in s.rules}
     steps = [s.technique for s in plan.steps if s.layers]
     in_steps = {n for s in plan.steps for n in s.layers}
     texts = " | ".join(step_text(k, s) for s in plan.steps if s.layers)

@@ -22,6 +22,7 @@ from compressadvise.knowledge.yamlio import line_of, read_yaml, validate
 
 KINDS = ("techniques", "targets", "playbooks")
 SCOPES = {"model": MODEL_SCOPE, "layer": LAYER_SCOPE, "outcome": OUTCOME_SCOPE}
+FACT_TYPE = {"int": "int", "float": "double", "str": "string", "bool": "bool"}  # parameter type -> fact type
 PLACEHOLDER = re.compile(r"\{([a-z_]+)\.([a-z_]+)\}")  # `{namespace.fact}` in an outcome rule's message
 THRESHOLD = re.compile(r"\bthreshold\.([A-Za-z_][A-Za-z0-9_]*)\b")  # `threshold.NAME` in a condition
 SIZE_VARIABLES = {
@@ -214,6 +215,12 @@ def _check_action(k: Knowledge, rule: Rule, where: str) -> None:
             if spec is None:
                 raise InvalidKnowledge(f"{where}: technique {tech.name!r} has no parameter {pname!r} "
                                        f"(has: {', '.join(tech.parameters)})")
+            if isinstance(value, str) and (m := PLACEHOLDER.fullmatch(value)):  # a fact of the layer decided
+                fact = NAMESPACES.get(m.group(1), {}).get(m.group(2)) if m.group(1) in ("layer", "step") else None
+                if rule.scope != "layer" or fact is None or fact.type != FACT_TYPE[spec.type]:
+                    raise InvalidKnowledge(f"{where}: parameter {pname!r} = {value!r}: a placeholder must name a "
+                                           f"layer or step fact of the parameter's type, in a layer rule")
+                continue
             if msg := spec.check(pname, value):
                 raise InvalidKnowledge(f"{where}: {msg}")
         if a.kind == "compress" and tech.guidance_only:

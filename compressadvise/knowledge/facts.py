@@ -42,6 +42,11 @@ def _mac_share(r: ModelReport, *types: str) -> float:
     return sum(x.macs or 0 for x in r.layers if x.type in types) / total if total else -1.0
 
 
+def group_divisor(channels: int, group_size: int) -> int:
+    """The largest d <= group_size dividing channels (1 when only 1 does, or no channels)."""
+    return max((d for d in range(1, group_size + 1) if channels % d == 0), default=1) if channels > 0 else 1
+
+
 SMALL_TENSOR = 2048  # elements: coremltools' default weight_threshold (it leaves these uncompressed)
 
 
@@ -101,6 +106,9 @@ LAYER = {
     "share": Fact("double", "share of the model's parameters (0..1)", lambda x, n: x.share),
     "elements": Fact("int", "elements of the weight tensor", lambda x, n: x.weight_elements),
     "out_channels": Fact("int", "weight.shape[0]", lambda x, n: x.out_channels),
+    "out_group_divisor": Fact("int", "the largest group size up to the step's group_size (16 outside a step) "
+                              "that divides out_channels; 1 when only 1 does",
+                              lambda x, n: group_divisor(x.out_channels, 16)),
     "in_channels": Fact("int", "weight.shape[1] (1 for depthwise convolutions)", lambda x, n: x.in_channels),
     "groups": Fact("int", "convolution groups (1 otherwise)", lambda x, n: x.groups),
     "depth": Fact("double", "position among weight layers, 0 (first) .. 1 (last)",

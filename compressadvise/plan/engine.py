@@ -45,6 +45,25 @@ def layer_facts(x: LayerInfo, n_layers: int) -> dict[str, Any]:
     return extract("layer", x, n_layers)
 
 
+def for_step(lf: dict[str, Any], sf: dict[str, Any]) -> dict[str, Any]:
+    """Layer facts that depend on the step being decided (documented facts without an extractor)."""
+    from compressadvise.knowledge.facts import group_divisor
+
+    gs = int(sf.get("group_size") or 0)
+    return {**lf, "out_group_divisor": group_divisor(int(lf.get("out_channels") or 0), gs) if gs else
+            lf["out_group_divisor"]}
+
+
+def override_params(params: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
+    """An override's parameters with `{namespace.fact}` values read from the facts (a group size
+    that divides this layer's channels, say); literal values as written."""
+    def value(v: Any) -> Any:
+        m = PLACEHOLDER.fullmatch(v) if isinstance(v, str) else None
+        return facts[m.group(1)][m.group(2)] if m else v
+
+    return {name: value(v) for name, v in params.items()}
+
+
 def target_facts(t: Target | Deployment, os: int | None = None) -> dict[str, Any]:
     """Target facts of a deployment (or of a profile at an OS, resolved without the min-OS check)."""
     d = t if isinstance(t, Deployment) else Deployment.resolve(None, t, os, check=False)
@@ -252,7 +271,7 @@ def _layer_rules(k: Knowledge, report: ModelReport, base: dict[str, Any],
     stepless = [r for r in layer_rules if r.rule.action.kind == "advise" and not _uses_step(r)]
     neutral = step_facts({}, "", "")
     for x in report.layers:
-        ctx = _context({**base, "layer": lfacts[x.name], "step": neutral})
+        ctx = _context({**base, "layer": for_step(lfacts[x.name], neutral), "step": neutral})
         for r in stepless:
             if r.condition(ctx):
                 tally.advice[r.code].append(x.name)
@@ -293,9 +312,12 @@ def _decide_step_layers(step: Step, cr: CompiledRule, report: ModelReport, base:
     sf = step_facts(step.params, step.technique, step.slot)
     contexts: dict[str, Any] = {}
 
+    def facts_for(x: LayerInfo) -> dict[str, Any]:
+        return {**base, "layer": for_step(lfacts[x.name], sf), "step": sf}
+
     def ctx_for(x: LayerInfo) -> Any:
         if x.name not in contexts:
-            contexts[x.name] = _context({**base, "layer": lfacts[x.name], "step": sf})
+            contexts[x.name] = _context(facts_for(x))
         return contexts[x.name]
 
     decided_here: set[str] = set()
@@ -321,7 +343,7 @@ def _decide_step_layers(step: Step, cr: CompiledRule, report: ModelReport, base:
             step.skipped.append(Skip(layer=x.name, reason=decided.rule.why, code=decided.code))
         else:
             step.layers.append(x.name)
-            step.op_name_params[x.name] = dict(decided.rule.action.params)
+            step.op_name_params[x.name] = override_params(decided.rule.action.params, facts_for(x))
     step.rules += sorted(decided_here - set(step.rules))
 
 
@@ -564,6 +586,13 @@ class LayerRules:
         """The rule that keeps this layer out of (or overrides) a step with these parameters;
         None when no rule decides and the setting stands."""
         step = Step(technique=technique, slot=self.slots[technique], params=params)
-        ctx = _context({**self.base, "layer": layer_facts(layer, self.n_layers),
-                        "step": step_facts(params, technique, step.slot)})
+        ctx = _context(self._facts(layer, technique, params))
         return _match([r for r in self.rules if _applies(r, step)], ctx)[0]
+
+    def params(self, decided: CompiledRule, layer: LayerInfo, technique: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The override's parameters for this layer and setting (fact placeholders read)."""
+        return override_params(decided.rule.action.params, self._facts(layer, technique, params))
+
+    def _facts(self, layer: LayerInfo, technique: str, params: dict[str, Any]) -> dict[str, Any]:
+        sf = step_facts(params, technique, self.slots[technique])
+        return {**self.base, "layer": for_step(layer_facts(layer, self.n_layers), sf), "step": sf}

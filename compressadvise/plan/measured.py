@@ -72,9 +72,10 @@ def measure_plan(plan: Plan, loaded: Any, report: ModelReport, k: Knowledge, *, 
 
 
 def _floor(k: Knowledge, plan: Plan, prep: Any, min_psnr: float | None) -> dict[str, float]:
-    """metric -> minimum: top-1 agreement for classifiers (or the accuracy budget), PSNR otherwise."""
+    """metric -> minimum: top-1 agreement for classifiers (or the accuracy budget), PSNR otherwise.
+    On random inputs a classifier's top class is noise (logits near a tie), so only outputs count."""
     drop = plan.constraints.max_accuracy_drop
-    if min_psnr is not None or not prep.logits:
+    if min_psnr is not None or not prep.logits or prep.samples.kind == "random":
         return {"psnr_db": float(min_psnr if min_psnr is not None else k.thresholds["min_output_psnr_db"])}
     if drop and "accuracy" in prep.ref_metrics:
         return {"accuracy": prep.ref_metrics["accuracy"] - drop}  # both in points

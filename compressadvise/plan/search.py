@@ -63,7 +63,7 @@ def lesson_candidates(k: Knowledge, report: ModelReport, target: str, os: int, c
             elif decided.rule.action.kind == "keep":
                 notes.setdefault(x.name, []).append((decided.code, f"keeps {x.name} out of {s.label}: {decided.rule.why}"))
             else:
-                merged = Setting.of(s.technique, **normalise({**s.p, **decided.rule.action.params}))
+                merged = Setting.of(s.technique, **normalise({**s.p, **rules.params(decided, x, s.technique, s.p)}))
                 kept.append(merged)
                 if merged != s:
                     notes.setdefault(x.name, []).append((decided.code, f"turns {s.label} into {merged.label}: "
