@@ -37,8 +37,27 @@ def test_analyze_table_and_recommend(tmp_path):
     r = run("recommend", "--out", str(plan))
     assert r.returncode == 0, r.stderr
     assert plan.exists() and "estimate" in r.stdout
-    r = run("recommend", "--json")
+    r = run("recommend", "--json", "--no-measure")
     assert json.loads(r.stdout)["prediction"]["label"] == "estimate"
+
+
+def test_the_replay_hint_runs_as_printed(tmp_path):
+    import re
+    import shlex
+
+    r = run("recommend", "--no-measure", "--out", "plan.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    hint = re.search(r"replay with `compressadvise ([^`]+)`", " ".join(r.stdout.split())).group(1)
+    r = run(*shlex.split(hint), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "compressed" / "manifest.json").exists()
+
+
+def test_version_exits_zero():
+    from compressadvise import __version__
+
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == __version__
 
 
 @pytest.mark.parametrize("args,code,text", [

@@ -78,7 +78,7 @@ def recommend_cmd(
     if out:
         from compressadvise.ui.render import out as console
 
-        console.print(f"plan written to [bold]{out}[/]: replay with `compressadvise apply {model or ''} --plan {out}`".replace("  ", " "))
+        console.print(f"plan written to [bold]{out}[/]: replay with `compressadvise apply {model or ''} --plan {out} --out compressed`".replace("  ", " "))
 
 
 def _measured(plan, loaded, report, k, samples, min_psnr):

@@ -243,7 +243,7 @@ def search_cmd(
     if out:
         from compressadvise.ui.render import out as console
 
-        console.print(f"plan written to [bold]{out}[/]: replay with `compressadvise apply {model or ''} --plan {out}`"
+        console.print(f"plan written to [bold]{out}[/]: replay with `compressadvise apply {model or ''} --plan {out} --out compressed`"
                       .replace("  ", " "))
 
 

@@ -62,7 +62,7 @@ def measure_plan(plan: Plan, loaded: Any, report: ModelReport, k: Knowledge, *, 
             label="not measured", evidence="none", unmeasured=unmeasured,
             note="nothing to measure: no palettization or linear quantization step")})
     if not tried[-1].passed:  # nothing passed: the best-measured of them, said plainly
-        best = max(range(len(tried)), key=lambda i: _score(tried[i].metrics))
+        best = max(range(len(tried)), key=lambda i: _score(tried[i].metrics, floor))
         chosen = plans[best]
         tried.append(tried.pop(best))
     fidelity = PlanFidelity(label=label, evidence=evidence, samples=prep.n, floor=floor, measured=tried,
@@ -86,8 +86,10 @@ def _passes(metrics: dict[str, float], floor: dict[str, float]) -> bool:
     return all(metrics.get(name, float("-inf")) >= value - 1e-12 for name, value in floor.items())
 
 
-def _score(m: dict[str, float]) -> tuple:
-    return (m.get("accuracy", 0.0), m.get("top1_agreement", 0.0), m.get("psnr_db", float("-inf")))
+def _score(m: dict[str, float], floor: dict[str, float]) -> tuple:
+    """Best first by the floor's own metric, then the others."""
+    order = list(floor) + [k for k in ("accuracy", "top1_agreement", "psnr_db") if k not in floor]
+    return tuple(m.get(k, float("-inf")) for k in order)
 
 
 def _run(prep: Any, assign: dict[str, Setting]) -> dict[str, float]:

@@ -9,7 +9,7 @@ from compressadvise.knowledge.schema import Plan
 from compressadvise.knowledge.yamlio import dump_yaml, read_yaml, validate
 
 HEADER = (
-    "# compressadvise plan: replay with `compressadvise apply MODEL --plan THIS_FILE`.\n"
+    "# compressadvise plan: replay with `compressadvise apply MODEL --plan THIS_FILE --out DIR`.\n"
     "# Sizes under `prediction` and `predicted_bytes_after` are estimates from the technique\n"
     "# formulas; `apply` writes the measured sizes into its manifest.\n"
 )

@@ -31,17 +31,21 @@ COMMAND_MODULES = ["analyze", "recommend", "knowledge", "apply", "verify", "sens
 STATE: dict[str, Any] = {"debug": False, "interrupts": 0, "pending": False, "profile_previous": None}
 
 
-@app.callback()
-def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and library warnings."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
-) -> None:
-    STATE["debug"] = debug
-    if version:
+def _print_version(value: bool) -> None:
+    if value:  # eager: before click asks for a command
         from compressadvise import __version__
 
         typer.echo(__version__)
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and library warnings."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_print_version),
+) -> None:
+    STATE["debug"] = debug
 
 
 def _register() -> None:
