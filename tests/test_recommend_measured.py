@@ -25,13 +25,13 @@ def bundled():
 def _harsh(loaded, report, nbits: int, granularity: str = "per_tensor"):
     """The recommended plan's layers at a harsher setting, sized as recommend sizes it."""
     from compressadvise.knowledge.deployment import Deployment
-    from compressadvise.plan.measured import _repredicted
+    from compressadvise.plan.measured import repredicted
 
     k = builtin()
     base = ca.recommend(report, target="ane-a14", os=18)
     steps = [Step(technique="palettization", slot="weights", params={"nbits": nbits, "granularity": granularity},
                   layers=list(base.steps[0].layers))]
-    return _repredicted(base, steps, k, report, Deployment.resolve(k, "ane-a14", 18))
+    return repredicted(base, steps, k, report, Deployment.resolve(k, "ane-a14", 18))
 
 
 def test_the_plan_is_measured_on_the_samples_and_apply_builds_that_fidelity(bundled, tmp_path):

@@ -379,8 +379,9 @@ def map_layers(mlmodel: Any, jobs: list[LayerJob], weights: dict[str, Any]) -> d
 def _fold_hint(lj: LayerJob) -> str:
     if "embedding" not in lj.layer_type.lower():
         return ""
-    return ("; a table looked up at fixed positions is folded to a constant at the example input's length: "
-            "export the model with a dynamic sequence dimension (torch.export dynamic_shapes)")
+    return ("; if the model looks this table up at fixed positions (arange, a position-id buffer), the converter "
+            "folds it to a constant at the example input's length: export the model with a dynamic sequence dimension "
+            "(torch.export dynamic_shapes)")
 
 
 def producer_names(mlmodel: Any) -> set[str]:

@@ -33,7 +33,7 @@ def recommend_cmd(
     trust_pickle: bool = TRUST_PICKLE,
     measure: bool = typer.Option(True, "--measure/--no-measure", help=(
         "Apply the plan in memory to the deployable weights and measure its output fidelity on --samples "
-        "before printing it; under the floor, try the next gentler setting the technique's grid allows. "
+        "before printing it; under the floor, try the next wider nbits the technique accepts. "
         "--no-measure prints the rules' plan only (faster; fidelity unknown).")),
     samples: Optional[str] = SAMPLES,
     min_psnr: Optional[float] = typer.Option(None, "--min-psnr", help=(

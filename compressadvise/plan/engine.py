@@ -525,13 +525,13 @@ def fill(message: str, facts: dict[str, Any]) -> str:
 def _move(k: Knowledge, r: CompiledRule, base: dict[str, Any], outcome: dict[str, Any], number: int,
           step: Step | None) -> Move | None:
     sf = step_facts(step.params, step.technique, step.slot) if step else step_facts({}, "", "")
-    facts = {**base, "step": sf, "outcome": {**outcome, "step": number, **_nbits_ladder(k, step)}}
+    facts = {**base, "step": sf, "outcome": {**outcome, "step": number, **nbits_ladder(k, step)}}
     if not r.condition(_context(facts)):
         return None
     return Move(code=r.code, message=fill(r.rule.action.message or "", facts), step=number)
 
 
-def _nbits_ladder(k: Knowledge, step: Step | None) -> dict[str, int]:
+def nbits_ladder(k: Knowledge, step: Step | None) -> dict[str, int]:
     """The neighbouring nbits the step's technique accepts (its YAML choices; 0 when none)."""
     spec = k.techniques[step.technique].parameters.get("nbits") if step and step.technique in k.techniques else None
     nbits = int(step.params.get("nbits", 0) or 0) if step else 0

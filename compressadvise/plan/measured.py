@@ -1,7 +1,7 @@
 """A plan measured before it is promised: its weight settings applied in memory to the deployable
 weights (BatchNorm folded, as the converter ships them), run on samples, compared with the
 original's outputs against a floor. A plan under the floor is not printed as if it held: the next
-gentler setting the technique's grid allows (more bits, same granularity) is tried until one
+gentler setting the technique allows (the next wider nbits, same granularity) is tried until one
 passes or none is left, and the plan says which it chose and why.
 """
 from __future__ import annotations
@@ -120,8 +120,9 @@ def _assignment(plan: Plan, k: Knowledge, report: ModelReport, weights: dict[str
 
 
 def _gentler(plan: Plan, k: Knowledge, report: ModelReport, dep: Deployment) -> Iterator[Plan]:
-    """The plan, then the same plan with every measurable step one grid width gentler, and so on."""
-    from compressadvise.plan.engine import missing_modes
+    """The plan, then the same plan with every measurable step at the next wider nbits its technique
+    accepts (the ladder next_moves uses), and so on, where the deployment can load it."""
+    from compressadvise.plan.engine import missing_modes, nbits_ladder
 
     yield plan
     supported = dep.target.supports(dep.os)
@@ -130,8 +131,8 @@ def _gentler(plan: Plan, k: Knowledge, report: ModelReport, dep: Deployment) -> 
         steps = [s.model_copy(deep=True) for s in current.steps]
         changed = False
         for step in steps:
-            nbits = _next_bits(k, step.technique, step.params)
-            if nbits is None:
+            nbits = nbits_ladder(k, step)["nbits_higher"] if step.technique in MEASURABLE else 0
+            if not nbits:
                 continue
             params = {**step.params, "nbits": nbits}
             if missing_modes(k, step.technique, params, supported):
@@ -143,27 +144,11 @@ def _gentler(plan: Plan, k: Knowledge, report: ModelReport, dep: Deployment) -> 
             changed = True
         if not changed:
             return
-        current = _repredicted(current, steps, k, report, dep)
+        current = repredicted(current, steps, k, report, dep)
         yield current
 
 
-def _next_bits(k: Knowledge, technique: str, params: dict[str, Any]) -> int | None:
-    """The next wider nbits the technique's grid lists for this granularity (None: none left)."""
-    if technique not in MEASURABLE or "nbits" not in params:
-        return None
-    tech = k.techniques[technique]
-    gran = params.get("granularity", tech.defaults().get("granularity"))
-    widths = set()
-    for entry in tech.search_grid:
-        if entry.get("granularity", gran) != gran:
-            continue
-        bits = entry.get("nbits")
-        widths.update(bits if isinstance(bits, list) else [bits] if bits is not None else [])
-    wider = sorted(b for b in widths if b > int(params["nbits"]))
-    return wider[0] if wider else None
-
-
-def _repredicted(plan: Plan, steps: list, k: Knowledge, report: ModelReport, dep: Deployment) -> Plan:
+def repredicted(plan: Plan, steps: list, k: Knowledge, report: ModelReport, dep: Deployment) -> Plan:
     from compressadvise.plan.engine import predict_layers
 
     layers, before, after = predict_layers(k, report, steps, dep.target.baseline_bytes_per_param, dep.target, dep.os)
@@ -199,7 +184,7 @@ def _advice(tried: list[Measured], floor: dict[str, float], label: str) -> Advis
                f"chose {last.settings}: {metric_text(last.metrics)}, {last.bytes_after / MB:.2f} MB ({label}).")
         title = "The first plan missed the fidelity floor: a gentler one was chosen"
     else:
-        msg = (f"no post-training setting the grid allows reaches the floor ({floor_text}); the best measured is "
+        msg = (f"no post-training setting of wider nbits reaches the floor ({floor_text}); the best measured is "
                f"{last.settings}: {metric_text(last.metrics)} ({label}). Next: calibration (sensitive k-means, "
                "GPTQ), training-aware compression, or mixed precision with `search`.")
         title = "No post-training plan reaches the fidelity floor"

@@ -58,17 +58,17 @@ def _rule_moves(plan: Plan, report: ModelReport, k: Knowledge, dep: Deployment) 
 
 def _lower_bits_size(plan: Plan, report: ModelReport, k: Knowledge, dep: Deployment, step: int) -> int | None:
     """The plan's size with step `step` (1-based) at the next lower nbits its technique accepts."""
-    from compressadvise.plan.engine import _nbits_ladder
-    from compressadvise.plan.measured import _repredicted
+    from compressadvise.plan.engine import nbits_ladder
+    from compressadvise.plan.measured import repredicted
 
     steps = [s.model_copy(deep=True) for s in plan.steps]
-    lower = _nbits_ladder(k, steps[step - 1])["nbits_lower"] if 0 < step <= len(steps) else 0
+    lower = nbits_ladder(k, steps[step - 1])["nbits_lower"] if 0 < step <= len(steps) else 0
     if not lower:
         return None
     steps[step - 1].params = {**steps[step - 1].params, "nbits": lower}
     for override in steps[step - 1].op_name_params.values():
         override.pop("nbits", None)
-    return _repredicted(plan, steps, k, report, dep).prediction.bytes_after
+    return repredicted(plan, steps, k, report, dep).prediction.bytes_after
 
 
 def _arithmetic(plan: Plan, report: ModelReport, budget: float) -> list[WayForward]:
