@@ -30,9 +30,9 @@ from compressadvise.knowledge.deployment import Deployment
 from compressadvise.knowledge.facts import extract, step_facts
 from compressadvise.knowledge.base import PLACEHOLDER, CompiledRule, Knowledge, builtin, load_knowledge
 from compressadvise.knowledge.schema import (COMPRESSIBLE, SLOTS, UNSUPPORTED_KINDS, Advisory, Constraints, LayerPrediction, Plan, PlanModel,
-                     PlanTarget, Prediction, Skip, Step, Target, TraceEntry)
+                     PlanTarget, Skip, Step, Target, TraceEntry)
 from compressadvise.plan.setting import Setting, stacked_label, unchanged_label
-from compressadvise.plan.sizing import NotApplicable, layer_bytes, pruned_fraction
+from compressadvise.plan.sizing import NotApplicable, layer_bytes, prediction, pruned_fraction
 
 MB = 1e6
 
@@ -46,7 +46,8 @@ def layer_facts(x: LayerInfo, n_layers: int) -> dict[str, Any]:
 
 
 def for_step(lf: dict[str, Any], sf: dict[str, Any]) -> dict[str, Any]:
-    """Layer facts that depend on the step being decided (documented facts without an extractor)."""
+    """Layer facts that depend on the step being decided: `out_group_divisor` for the step's group
+    size (its extractor assumes 16, for rules evaluated outside a step)."""
     from compressadvise.knowledge.facts import group_divisor
 
     gs = int(sf.get("group_size") or 0)
@@ -155,9 +156,8 @@ def recommend(
     return plan.model_copy(update={"ways_forward": ways_forward(plan, report, k)})
 
 
-def _recommend(model: ModelReport | Any, target: str, os: int | None, constraints: Constraints | dict | None,
+def _recommend(report: ModelReport, target: str, os: int | None, constraints: Constraints | dict | None,
                k: Knowledge) -> Plan:
-    report = model if isinstance(model, ModelReport) else analyze(model)
     dep = Deployment.resolve(k, target, os)  # default OS and min-OS check, once
     c = constraints if isinstance(constraints, Constraints) else _constraints(constraints or {})
     base = {"model": model_facts(report), "target": target_facts(dep),
@@ -170,15 +170,13 @@ def _recommend(model: ModelReport | Any, target: str, os: int | None, constraint
     plan_steps = [s for s, _ in steps]
     layers, before, after = predict_layers(k, report, plan_steps, dep.target.baseline_bytes_per_param,
                                            dep.target, dep.os)
-    meets = None if not c.max_size_mb else after / MB <= c.max_size_mb
     return Plan(
         model=PlanModel(source=report.source, sha256=report.sha256, format=report.format,
                         total_params=report.total_params),
         target=PlanTarget(name=dep.target.name, os=dep.os), constraints=c,
         playbooks={name: pb.version for name, pb in k.playbooks.items()},
         steps=plan_steps, advisories=advisories,
-        prediction=Prediction(bytes_before=before, bytes_after=after,
-                              ratio=before / after if after else 0.0, meets_size_budget=meets),
+        prediction=prediction(before, after, c),
         layers=layers, trace=trace,
     )
 

@@ -12,7 +12,7 @@ from typing import Any
 from compressadvise.errors import BadModel, CompressionFailed
 from compressadvise.knowledge.base import Knowledge
 from compressadvise.knowledge.deployment import Deployment
-from compressadvise.knowledge.schema import Advisory, Measured, Plan, PlanFidelity, Prediction
+from compressadvise.knowledge.schema import Advisory, Measured, Plan, PlanFidelity
 from compressadvise.model.analysis import ModelReport
 from compressadvise.plan.setting import Setting
 
@@ -149,13 +149,13 @@ def _gentler(plan: Plan, k: Knowledge, report: ModelReport, dep: Deployment) -> 
 
 
 def repredicted(plan: Plan, steps: list, k: Knowledge, report: ModelReport, dep: Deployment) -> Plan:
+    """The plan with these steps, sized as recommend sizes them."""
     from compressadvise.plan.engine import predict_layers
+    from compressadvise.plan.sizing import prediction
 
     layers, before, after = predict_layers(k, report, steps, dep.target.baseline_bytes_per_param, dep.target, dep.os)
-    budget = plan.constraints.max_size_mb
-    return plan.model_copy(update={"steps": steps, "layers": layers, "prediction": Prediction(
-        bytes_before=before, bytes_after=after, ratio=before / after if after else 0.0,
-        meets_size_budget=None if not budget else after / MB <= budget)})
+    return plan.model_copy(update={"steps": steps, "layers": layers,
+                                   "prediction": prediction(before, after, plan.constraints)})
 
 
 def _settings_label(plan: Plan) -> str:

@@ -6,6 +6,7 @@ from typing import Any
 
 from compressadvise.model.analysis import LayerInfo
 from compressadvise.knowledge.base import Knowledge
+from compressadvise.knowledge.schema import Constraints, Prediction
 
 
 class NotApplicable(Exception):
@@ -88,3 +89,9 @@ def layer_bytes(layer: LayerInfo, weight: float | None, baseline: float) -> int:
     other = layer.params - layer.weight_elements
     w = layer.weight_elements * baseline if weight is None else weight
     return int(math.ceil(w + other * baseline))
+
+
+def prediction(before: int, after: int, c: Constraints) -> Prediction:
+    """A plan's size estimate, and whether it meets the size budget (None without one)."""
+    return Prediction(bytes_before=before, bytes_after=after, ratio=before / after if after else 0.0,
+                      meets_size_budget=None if not c.max_size_mb else after / 1e6 <= c.max_size_mb)
