@@ -7,6 +7,7 @@ The library API (the CLI is a thin layer over it)::
     report = ca.analyze(model)                  # per-layer facts
     plan = ca.recommend(report, target="ane-a17", constraints={"max_size_mb": 2})
     result = ca.apply(model, plan, out="out/")  # torchao / coremltools
+    result = ca.apply(model, dkm_plan, out="out/", train=ca.Training(loader, loss))  # training-aware steps
     verdict = ca.verify(model, result.torch_model_path, samples=...)
     sens = ca.sensitivity(model, samples=...)  # each layer compressed alone, measured
     found = ca.search(model, samples=..., size_fraction=0.25, target="ane-a17")  # found.plan
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = ["load_model", "analyze", "recommend", "apply", "verify", "sensitivity", "search",
-           "load_knowledge", "load_plan", "save_plan", "__version__"]
+           "load_knowledge", "load_plan", "save_plan", "Training", "__version__"]
 
 _LAZY = {
     "load_model": ("model.loading", "load_model"),
@@ -33,6 +34,7 @@ _LAZY = {
     "load_knowledge": ("knowledge.base", "load_knowledge"),
     "load_plan": ("plan.planfile", "load_plan"),
     "save_plan": ("plan.planfile", "save_plan"),
+    "Training": ("backends.training", "Training"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from compressadvise.knowledge.base import load_knowledge
     from compressadvise.model.loading import load_model
     from compressadvise.plan.planfile import load_plan, save_plan
+    from compressadvise.backends.training import Training
 
 
 def __getattr__(name: str) -> Any:

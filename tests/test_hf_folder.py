@@ -84,7 +84,7 @@ def test_bert_folder_loads_runs_and_analyzes(bert, capsys):
 
 def test_recommend_cli_on_a_folder(bert, capsys):
     folder, _ = bert
-    code, out, err = run_captured(capsys, "recommend", folder, "--target", "ane-a17", "--json")
+    code, out, err = run_captured(capsys, "recommend", folder, "--target", "ane-a17", "--no-measure", "--json")
     assert code == 0, err
     plan = json.loads(out)
     assert plan["model"]["format"] == "hf_folder" and plan["steps"]

@@ -81,7 +81,7 @@ def test_recommend_out_is_the_model_is_refused(tmp_path, model_file, capsys, for
     os.link(model, link)  # same inode, other name: still the input
     before = model.read_bytes()
     for out in (model, link):
-        code, err = run_cli(capsys, "recommend", model, "--out", out, *(["--force"] if force else []))
+        code, err = run_cli(capsys, "recommend", "--no-measure", model, "--out", out, *(["--force"] if force else []))
         assert code == 9, err
         assert "is the input model" in err and err.count("\n") == 1
     assert model.read_bytes() == before
@@ -90,10 +90,10 @@ def test_recommend_out_is_the_model_is_refused(tmp_path, model_file, capsys, for
 def test_recommend_existing_out_needs_force(tmp_path, model_file, capsys):
     out = tmp_path / "plan.yaml"
     out.write_text("keep me\n")
-    code, err = run_cli(capsys, "recommend", model_file, "--out", out)
+    code, err = run_cli(capsys, "recommend", "--no-measure", model_file, "--out", out)
     assert code == 9 and "--force" in err
     assert out.read_text() == "keep me\n"
-    code, err = run_cli(capsys, "recommend", model_file, "--out", out, "--force")
+    code, err = run_cli(capsys, "recommend", "--no-measure", model_file, "--out", out, "--force")
     assert code == 0, err
     assert out.read_text().startswith("# compressadvise plan")
 
@@ -179,7 +179,7 @@ def test_recommend_under_a_file_or_proc_is_exit_3(tmp_path, model_file, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     for out in (blocker / "plan.yaml", "/proc/compressadvise-plan.yaml"):
-        code, err = run_cli(capsys, "recommend", model_file, "--out", out)
+        code, err = run_cli(capsys, "recommend", "--no-measure", model_file, "--out", out)
         assert code == 3 and "cannot write" in err, err
 
 
@@ -189,7 +189,7 @@ def test_a_failed_final_write_is_exit_3_with_the_cause(tmp_path, model_file, cap
 
     monkeypatch.setattr(os, "replace", disk_full)
     out = tmp_path / "plan.yaml"
-    code, err = run_cli(capsys, "recommend", model_file, "--out", out)
+    code, err = run_cli(capsys, "recommend", "--no-measure", model_file, "--out", out)
     assert code == 3, err
     assert str(out) in err and os.strerror(errno.ENOSPC) in err and "internal error" not in err
     assert list(tmp_path.iterdir()) == []  # no stray temp file either

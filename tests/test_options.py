@@ -111,7 +111,7 @@ def test_recommend_size_fraction_is_that_share_of_fp16(capsys):
     from compressadvise.model.analysis import analyze
     from compressadvise.plan.engine import MB
 
-    assert call_main("recommend", "--size-fraction", "0.25", "--json") == 0
+    assert call_main("recommend", "--no-measure", "--size-fraction", "0.25", "--json") == 0
     plan = json.loads(capsys.readouterr().out)
     fp16 = analyze(None).total_bytes_fp16
     assert plan["constraints"]["max_size_mb"] * MB == pytest.approx(0.25 * fp16)
@@ -122,6 +122,6 @@ def test_recommend_bits_per_weight_is_per_parameter(capsys):
     from compressadvise.model.analysis import analyze
     from compressadvise.plan.engine import MB
 
-    assert call_main("recommend", "--bits-per-weight", "4", "--json") == 0
+    assert call_main("recommend", "--no-measure", "--bits-per-weight", "4", "--json") == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["constraints"]["max_size_mb"] * MB == pytest.approx(4 * analyze(None).total_params / 8)

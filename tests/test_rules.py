@@ -87,6 +87,7 @@ TABLE: dict[str, tuple[Case, Case]] = {
                C("dwcnn", "ane-a17", probe="pal4_tensor", **TRAIN)),
     "LOW007": (C("mlp", "ane-a17", ratio=6.0), C("mlp", "ane-a17", ratio=4.0)),
     "LOW008": (C("dwcnn", "ane-a17", 17, ratio=3.5), C("mlp", "ane-a17", 17, ratio=3.5)),
+    "LOW009": (C("dwcnn", "ane-a17", ratio=6.0, **TRAIN), C("dwcnn", "ane-a17", ratio=6.0, **CAL)),
     # activations
     "ACT001": (C("dwcnn", "ane-a17", **LAT, **CAL), C("dwcnn", "ane-a17", **LAT, **TRAIN)),
     "ACT002": (C("dwcnn", "ane-a17", **LAT, **CAL), C("dwcnn", "ane-a17", ratio=3.5, **LAT, **CAL)),

@@ -271,6 +271,7 @@ class Context:
     progress: Callable[[str, int, int], None] | None = None
     prior_sparsity: dict[str, float] = field(default_factory=dict)  # layer -> sparsity from earlier steps
     masks: dict[str, Any] = field(default_factory=dict)  # tensor -> zero mask left by a pruning step
+    training: Any = None  # training.TrainingRun for training-aware steps (--train), else None
 
     def tick(self, label: str, done: int, total: int) -> None:
         if self.progress is not None:

@@ -67,8 +67,14 @@ def apply(
     trust_pickle: bool = False,
     knowledge: Knowledge | None = None,
     allow_partial: bool = False,
+    train: Any = None,
+    resume: bool = False,
 ) -> ApplyResult:
     """Apply `plan` to `model`, writing the artefacts and manifest into `out`.
+
+    `train` (a `training.Training`, "bundled" or "module:function": user code, imported) feeds
+    the training-aware steps (dkm, qat, gradual_pruning); they checkpoint beside `out`, and
+    `resume` continues an interrupted run from its last checkpoint.
 
     Raises PlanNotBuilt (exit 8) when the artefact is not what the plan promised (a planned layer
     left uncompressed, or the weights over 2% off the predicted size), unless `allow_partial`."""
@@ -99,6 +105,7 @@ def apply(
         if job.blocked:  # the divisibility pitfall: refuse rather than let the backend skip silently
             raise job.blocked[0]
     ctx.samples = _samples(samples, jobs)
+    ctx.training = _training(train, resume, jobs, plan, loaded, out)
     ctx.example_inputs = _example_inputs(loaded, ctx.samples, input_shape)
     if route.coreml and ctx.example_inputs is None and loaded.exported is None:
         raise BadModel("Core ML conversion needs an example input and the model carries none",
@@ -109,6 +116,8 @@ def apply(
         enforce(manifest["planned_vs_built"], allow_partial, manifest["notes"])
         manifest["seconds"] = round(time.perf_counter() - started, 2)
         write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
+    if ctx.training is not None and ctx.training.checkpoints is not None:
+        ctx.training.checkpoints.clear()  # the output is whole: nothing left to resume
     return ApplyResult(out_dir=out, torch_artifact=out / manifest["torch_artifact"] if manifest["torch_artifact"] else None,
                        mlpackage=out / manifest["mlpackage"] if manifest["mlpackage"] else None,
                        manifest=manifest, seconds=manifest["seconds"])
@@ -235,7 +244,34 @@ def _execute(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport,
                           ("torch", torch_info.get("stored_bytes"), "bytes the torch artefact's tensors store "
                            "(read back: integer data, scales, float tensors; its program not counted)"))
     gate = planned_vs_built(plan, jobs, outcome, side, built, basis)
+    for record in manifest["steps"]:
+        if ctx.training is not None and record["step"] - 1 in ctx.training.results:
+            record["training"] = ctx.training.results[record["step"] - 1]
     return {"manifest_version": manifest.pop("manifest_version"), "planned_vs_built": gate, **manifest}
+
+
+def _training(train: Any, resume: bool, jobs: list[B.StepJob], plan: Plan, loaded: LoadedModel,
+              out: Path) -> Any:
+    """The training data and checkpoints for the plan's training-aware steps (None without any)."""
+    trained = [j for j in jobs if j.data == "training"]
+    if not trained:
+        if train is not None:
+            raise InvalidKnowledge("--train was given but no step of the plan trains (dkm, qat, gradual_pruning)",
+                                   hint="drop --train, or plan a training-aware step (recommend --data training)")
+        return None
+    if train is None:
+        j = trained[0]
+        raise InvalidKnowledge(f"plan step {j.index + 1} ({j.technique}) fine-tunes the model and needs training data",
+                               hint="pass --train module:function (returns a loader and a loss) or --train bundled")
+    from compressadvise.plan.planfile import plan_to_yaml
+    from compressadvise.backends.training import Checkpoints, TrainingRun, checkpoint_key, load_training
+
+    if str(train) == "bundled" and loaded.format != "bundled":
+        raise InvalidKnowledge(f"--train bundled is the bundled digits model's training split; {loaded.source} "
+                               "needs its own", hint="pass --train module:function returning your loader and loss")
+    spec = load_training(train)
+    key = checkpoint_key(plan_to_yaml(plan), loaded.sha256, spec.source)
+    return TrainingRun(spec=spec, checkpoints=Checkpoints(out, key, resume))
 
 
 def _program_to_snap(loaded: LoadedModel) -> Any:

@@ -193,7 +193,7 @@ def _choose(tech: Technique, target: Target, side: str) -> str | None:
 
 
 def _samples(samples: Any, jobs: list[B.StepJob]) -> Any:
-    needs = [j for j in jobs if j.data != "none"]
+    needs = [j for j in jobs if j.data == "calibration"]  # training steps bring their data (--train)
     if samples is None:
         if needs:
             raise InvalidKnowledge(f"plan step {needs[0].index + 1} ({needs[0].technique}) needs "

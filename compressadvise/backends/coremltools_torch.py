@@ -16,7 +16,7 @@ from compressadvise.backends import (Context, HandlerTable, LayerJob, StepJob, h
 
 ID = "coremltools.torch"
 
-PALETTIZE = ("palettization", "sensitive_kmeans")
+PALETTIZE = ("palettization", "sensitive_kmeans", "dkm")
 QUANTIZE = ("linear_quantization", "gptq")
 PRUNE = ("pruning", "sparsegpt")
 
@@ -65,7 +65,11 @@ def _supported_modules(technique: str) -> tuple:
             from coremltools.optimize.torch.quantization import PostTrainingQuantizer
 
             return tuple(PostTrainingQuantizer._supported_modules)
-        if technique == "pruning":
+        if technique == "qat":
+            from coremltools.optimize.torch.quantization import LinearQuantizer
+
+            return tuple(t for t in LinearQuantizer._supported_modules if isinstance(t, type))  # it lists functions too
+        if technique in ("pruning", "gradual_pruning"):
             from coremltools.optimize.torch.pruning import MagnitudePruner
 
             return tuple(MagnitudePruner._supported_modules)
@@ -282,3 +286,5 @@ def _layerwise(model: Any, job: StepJob, ctx: Context) -> Any:
 
 
 BACKEND = CoremltoolsTorch()
+
+from compressadvise.backends import coremltools_train  # noqa: E402,F401  (registers the training handlers)

@@ -24,6 +24,14 @@ def apply_cmd(
         False, "--allow-partial",
         help="Keep a build that differs from the plan (a planned layer left uncompressed, or weights over 2% "
              "off the predicted size): exit 0 with the planned-vs-built table instead of exit 8."),
+    train: Optional[str] = typer.Option(
+        None, "--train", metavar="module:function|bundled",
+        help="Training data for training-aware steps (dkm, qat, gradual_pruning). module:function IMPORTS AND "
+             "RUNS YOUR CODE: it returns {'loader': batches of (inputs, target), 'loss': fn, optional "
+             "'optimizer': params -> optimizer, 'steps': N}. 'bundled' is the bundled digits model's training split."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted training step from its last checkpoint (kept beside --out "
+                                "as .OUT.resume/ until the run succeeds)."),
     json_out: bool = JSON,
 ) -> None:
     """Apply a compression plan: compressed torch model, .mlpackage for Apple targets, and a manifest.
@@ -44,7 +52,7 @@ def apply_cmd(
         with prog:
             result = apply(model, plan, out, force=force, samples=samples, progress=progress,
                            input_shape=parse_shape(input_shape), trust_pickle=trust_pickle,
-                           allow_partial=allow_partial)
+                           allow_partial=allow_partial, train=train, resume=resume)
     except PlanNotBuilt as e:
         if json_out:
             from compressadvise.ui.render import emit_json

@@ -11,6 +11,7 @@ from pathlib import Path
 DATA = Path(__file__).parent / "data"
 WEIGHTS = DATA / "digits_cnn.safetensors"
 SAMPLES = DATA / "digits_eval.npz"
+TRAIN = DATA / "digits_train.npz"  # the 80% the weights were trained on (apply --train bundled)
 CARD = DATA / "digits_card.json"
 INPUT_SHAPE = (1, 1, 8, 8)
 
@@ -54,6 +55,14 @@ def samples():
     import numpy as np
 
     with np.load(SAMPLES) as z:
+        return z["inputs"].astype("float32") / 16.0, z["labels"].astype("int64")
+
+
+def train_split():
+    """The training split (N,1,8,8 float32 in [0,1], labels (N,)): never the held-out samples."""
+    import numpy as np
+
+    with np.load(TRAIN) as z:
         return z["inputs"].astype("float32") / 16.0, z["labels"].astype("int64")
 
 

@@ -3,7 +3,8 @@
     python -m compressadvise.examples.train_digits
 
 Writes data/digits_cnn.safetensors, data/digits_eval.npz (held-out 20%, raw 0..16 pixel
-values as uint8) and data/digits_card.json (float accuracy and how it was measured).
+values as uint8), data/digits_train.npz (the 80% trained on, for `apply --train bundled`)
+and data/digits_card.json (float accuracy and how it was measured).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from compressadvise.examples.digits import CARD, SAMPLES, WEIGHTS, build_model
+from compressadvise.examples.digits import CARD, SAMPLES, TRAIN, WEIGHTS, build_model
 
 SEED = 0
 
@@ -48,6 +49,7 @@ def main() -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(WEIGHTS))
     np.savez_compressed(SAMPLES, inputs=x_te.reshape(-1, 1, 8, 8).astype(np.uint8),
                         labels=y_te.astype(np.uint8))
+    np.savez_compressed(TRAIN, inputs=x_tr.reshape(-1, 1, 8, 8).astype(np.uint8), labels=y_tr.astype(np.uint8))
     CARD.write_text(json.dumps({
         "name": "digits-cnn", "dataset": "scikit-learn load_digits (8x8, 10 classes)",
         "split": "stratified 80/20, random_state=0; eval = the 20% held out",
