@@ -7,7 +7,9 @@ the harsh case), for ane-a17 iOS 18, each row a real `apply` (Core ML conversion
 included in the wall time):
 - palettization (k-means, data-free) vs sensitive_kmeans (128 training images as calibration
   data) vs dkm (`--train bundled`: the training split) at 1/2/3/4 bits, one LUT per tensor;
-- linear_quantization int4 per channel vs qat int4 (`--train bundled`).
+- linear_quantization int4 per channel vs qat int4 (`--train bundled`);
+- W8A8 from the torch side (activation_quantization: LinearQuantizer observers on the 128
+  calibration images; the .mlpackage read back with a quantize/dequantize pair before each layer).
 Accuracy is top-1 of the torch artefact on the 360 held-out digits (never trained or calibrated
 on). `--real`: MobileNetV2 (tests/real_models) at 4 bits, post-training vs sensitive k-means,
 fidelity as output PSNR against the float model on 16 random inputs (weak evidence: the package
@@ -51,6 +53,12 @@ def _accuracy(out: Path) -> float:
         return float((run(torch.from_numpy(x)).argmax(1) == torch.from_numpy(y)).float().mean()) * 100
 
 
+def _input_quantized(manifest: dict) -> str:
+    """How many layers the .mlpackage read-back found with a quantize/dequantize input."""
+    evidence = [e.get("coreml", {}).get("evidence", "") for x in manifest["layers"] for e in x["steps"]]
+    return f"read back: {sum('input through quantize' in e for e in evidence)} layers with int8 inputs"
+
+
 def _calibration(tmp: Path) -> Path:
     """128 images of the training split (the held-out set stays out of calibration too)."""
     import numpy as np
@@ -80,7 +88,9 @@ def digits_rows(bits: list[int]) -> list[list[str]]:
                      (f"dkm {nbits}-bit", "training-aware (--train bundled)", _plan("dkm", nbits=nbits),
                       {"train": "bundled"})]
         runs += [("linear_quantization int4", "post-training", _plan("linear_quantization", nbits=4), {}),
-                 ("qat int4", "training-aware (--train bundled)", _plan("qat", nbits=4), {"train": "bundled"})]
+                 ("qat int4", "training-aware (--train bundled)", _plan("qat", nbits=4), {"train": "bundled"}),
+                 ("activation_quantization W8A8", "calibrated (128 train images)",
+                  _plan("activation_quantization", "activations"), {"samples": cal})]
         for i, (label, kind, plan, extra) in enumerate(runs):
             out = tmp / f"o{i}"
             t0 = time.perf_counter()
@@ -92,7 +102,8 @@ def digits_rows(bits: list[int]) -> list[list[str]]:
             seconds = time.perf_counter() - t0
             trained = result.manifest["steps"][0].get("training")
             rows.append([label, kind, f"{_accuracy(out):.2f}", f"{seconds:.1f}",
-                         f"{trained['steps']} steps, {trained['seconds']:.1f} s" if trained else "-"])
+                         f"{trained['steps']} steps, {trained['seconds']:.1f} s" if trained else
+                         (_input_quantized(result.manifest) if "W8A8" in label else "-")])
             print(" | ".join(rows[-1]), flush=True)
     return rows
 

@@ -196,9 +196,25 @@ def test_gpu_only_configs_are_refused_before_any_work(tmp_path, technique):
     assert not (tmp_path / "o").exists()
 
 
-def test_activation_quantization_needs_macos_for_core_ml(tmp_path):
-    with pytest.raises(Unavailable, match="macOS"):
-        ca.apply(small_mlp(), plan(step("activation_quantization", "activations")), tmp_path / "o")
+def test_w8a8_from_the_torch_side_ships_quantized_activations(tmp_path, samples_file):
+    """Core ML's own activation calibration needs macOS; LinearQuantizer's observers run here, and
+    the .mlpackage read back has int8 weights and a quantize/dequantize pair before each layer."""
+    with pytest.raises(InvalidKnowledge, match="needs calibration data"):
+        ca.apply(small_mlp(), plan(step("activation_quantization", "activations")), tmp_path / "none")
+    model = small_mlp()
+    result = ca.apply(model, plan(step("activation_quantization", "activations", calibration_samples=16), os=17),
+                      tmp_path / "o", samples=samples_file)
+    m = result.manifest
+    assert m["steps"][0]["torch_backend"] == "coremltools.torch"
+    for name in SMALL:
+        assert "input through quantize" in evidence(m, name, "coreml") and "int8" in evidence(m, name, "coreml")
+        assert "input quantized to uint8" in evidence(m, name, "torch")
+    assert m["coreml"]["op_counts"].get("constexpr_affine_dequantize", 0) + \
+        m["coreml"]["op_counts"].get("constexpr_blockwise_shift_scale", 0) >= 2
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        ref, got = model.module(x), load_artifact(result.out_dir).runnable()(x)
+    assert not torch.equal(ref, got) and (got - ref).abs().max() < 0.1 * ref.abs().max()  # quantized, close
 
 
 # ------------------------------------------------------------------ measured size vs estimate

@@ -193,7 +193,8 @@ def test_each_appliable_technique_names_the_form_the_read_back_checks():
     assert {forms[t] for t in ("pruning", "sparsegpt", "semi_sparse")} == {"prune"}
     assert (forms["joint_compression"], forms["joint_sparse_quantization"]) == ("sparse_palettize", "sparse_quantize")
     assert forms["activation_quantization"] == "activations"
-    assert {forms[t] for t in ("qat", "dkm", "distillation")} == {None}  # guidance only
+    assert (forms["dkm"], forms["qat"], forms["gradual_pruning"]) == ("palettize", "quantize", "prune")  # trained
+    assert forms["distillation"] is None  # guidance only
     assert all(t.form for t in builtin().techniques.values() if not t.guidance_only)
 
 

@@ -155,3 +155,23 @@ def test_an_unreachable_budget_says_so_with_the_smallest_plan(bundled):
     floor = next(w for w in plan.ways_forward if w.message.startswith("out of reach"))
     assert floor.predicted_bytes > 5_000 and "raise the budget" in floor.message
     assert ca.recommend(report, target="ane-a14", os=17, constraints={"max_size_mb": 1.0}).ways_forward == []
+
+
+@pytest.mark.parametrize("nbits,holds", [(4, True), (1, False)])
+def test_a_training_step_is_measured_as_its_post_training_twin(bundled, nbits, holds):
+    """recommend never trains: a dkm step is measured as palettization at the same setting, kept as
+    planned (no gentler setting), and the advice says whether the training run is needed."""
+    from compressadvise.knowledge.deployment import Deployment
+    from compressadvise.plan.measured import repredicted
+
+    loaded, report = bundled
+    k = builtin()
+    base = ca.recommend(report, target="ane-a17", os=18)
+    steps = [Step(technique="dkm", slot="weights", params={"nbits": nbits, "granularity": "per_tensor"},
+                  layers=list(base.steps[0].layers))]
+    plan = measure_plan(repredicted(base, steps, k, report, Deployment.resolve(k, "ane-a17", 18)), loaded, report, k)
+    (m,) = plan.fidelity.measured
+    assert m.settings == f"{nbits}-bit dkm per_tensor (as post-training palettization)"
+    assert m.passed is holds and plan.steps[0].technique == "dkm" and plan.steps[0].params["nbits"] == nbits
+    title = plan.advisories[0].title
+    assert ("may be unnecessary" in title) if holds else ("has to close the gap" in title)

@@ -209,10 +209,14 @@ def _read_back(path: Path, jobs: list[B.StepJob], outcome: dict, how: str) -> tu
         for op in ev.ops:
             counts[op] = counts.get(op, 0) + 1
     failures = []
+    by_name = {op.name: op for f in prog.functions.values() for op in f.operations}
     for job, lj, rec in applied_layers(jobs, outcome, "coreml"):
         ev = evidence.get(rec["const"], C.WeightEvidence())
         ok, why = _coreml_ok(job.kind, lj.params, ev)
         rec["evidence"] = ev.describe()
+        if ok and job.kind == "activations":
+            ok, why = _input_quantized(by_name.get(ev.head or ""))
+            rec["evidence"] += "; " + (why if ok else "input not quantized")
         if not ok:
             failures.append(f"{lj.name} ({job.technique}): {why}")
     if failures:
@@ -227,6 +231,18 @@ def _read_back(path: Path, jobs: list[B.StepJob], outcome: dict, how: str) -> tu
     return info, prog, evidence
 
 
+def _input_quantized(head: Any) -> tuple[bool, str]:
+    """W8A8 read-back: does the op consuming this int8 weight take its input from dequantize(quantize(x))?"""
+    users = [op for v in (head.outputs if head is not None else []) for op in v.child_ops]
+    for op in users:
+        deq = getattr(op.inputs.get("x"), "op", None)
+        q = getattr(deq.inputs.get("input"), "op", None) if deq is not None and deq.op_type == "dequantize" else None
+        if q is not None and q.op_type == "quantize":
+            dtype = q.inputs["output_dtype"].val if "output_dtype" in q.inputs else "int8"
+            return True, f"{op.op_type} input through quantize ({dtype}) + dequantize"
+    return False, "no quantize/dequantize before the op using the weight: activations stay float"
+
+
 def _coreml_ok(kind: str, p: dict[str, Any], ev: Any) -> tuple[bool, str]:
     from compressadvise.backends.coremltools_coreml import LUT_OPS, QUANT_OPS, SPARSE_OPS
 
@@ -236,6 +252,10 @@ def _coreml_ok(kind: str, p: dict[str, Any], ev: Any) -> tuple[bool, str]:
         want = 2 ** int(need(p, "nbits"))
         if ev.lut_entries is not None and ev.lut_entries != want:
             return False, f"LUT has {ev.lut_entries} entries, expected {want}"
+        return True, ""
+    if kind == "activations":  # W8A8: int8 (or an earlier step's) weights; the caller checks the input
+        if not any(o in QUANT_OPS + LUT_OPS for o in ev.ops):
+            return False, "the weight stayed dense fp16: W8A8 needs int8 (or compressed) weights"
         return True, ""
     if kind == "quantize":
         if not any(o in QUANT_OPS for o in ev.ops):

@@ -148,6 +148,10 @@ def _check_torch(path: Path, jobs: list[B.StepJob], outcome: dict, ctx: B.Contex
         w = state.get(lj.tensor)
         ok, evidence = (False, f"{lj.tensor} missing from the saved artefact") if w is None else \
             check_tensor(w, job.kind, lj.params, ctx.prior_sparsity.get(lj.name))
+        if ok and job.kind == "activations":  # W8A8: the calibrated input quantization travels with the layer
+            scale = state.get(f"{lj.module}._act_scale" if lj.module else "_act_scale")
+            ok = scale is not None
+            evidence += f"; input quantized to uint8, scale {float(scale):.3g}" if ok else "; no input quantization"
         rec["evidence"] = evidence
         if not ok:
             failures.append(f"{lj.name} ({job.technique}): {evidence}")
@@ -203,6 +207,8 @@ def check_tensor(w: Any, kind: str, p: dict[str, Any], prior_sparsity: float | N
             return achieved >= target - SPARSITY_TOLERANCE, sparse
         prior_sparsity = achieved
         kind = kind.split("_", 1)[1]
+    if kind == "activations":
+        kind = "quantize"  # W8A8's weights: an int8 grid per channel (its input quantization is checked by the caller)
     if kind not in ("palettize", "quantize"):
         return True, "not checked"
     nbits = int(need(p, "nbits"))

@@ -1,4 +1,5 @@
-"""coremltools, torch side, training-aware: DKM palettization, QAT, gradual magnitude pruning.
+"""coremltools, torch side, training-aware: DKM palettization, QAT, gradual magnitude pruning;
+and W8A8 activation quantization calibrated on samples (LinearQuantizer without training).
 
 Each handler prepares the model with coremltools' compressor, trains it with the user's
 training hook (`compressadvise.backends.training.fit`: progress, checkpoints, resume), then finalizes.
@@ -125,20 +126,21 @@ def _qat(model: Any, job: StepJob, ctx: Context) -> Any:
     return model
 
 
-def _write_back(model: Any, finalized: Any, job: StepJob) -> None:
-    """Trained parameters into `model` by name (a fused `name.0` too); planned weights snapped to
-    their learned grid, with the quantization metadata coremltools registered for them."""
+def _write_back(model: Any, finalized: Any, job: StepJob, layers: list[Any] | None = None,
+                trained: bool = True) -> None:
+    """Trained parameters into `model` by name (a fused `name.0` too); the planned weights (or
+    `layers`) snapped to their learned grid, with the quantization metadata coremltools registered."""
     import torch
     from coremltools.optimize.torch._utils.metadata_utils import CompressionMetadata
 
     state = finalized.state_dict()
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in model.named_parameters() if trained else ():
             module, _, leaf = name.rpartition(".")
             source = next((k for k in (name, f"{module}.0.{leaf}") if k in state), None)
             if source is not None and state[source].shape == param.shape:
                 param.copy_(state[source].to(param.dtype))
-        for lj in job.layers:
+        for lj in job.layers if layers is None else layers:
             fused = next((m for m in (lj.module, f"{lj.module}.0") if f"{m}.{lj.param}" in state), None)
             prefix = f"{fused}." if fused else ""
             meta = CompressionMetadata.from_state_dict({k[len(prefix):]: v for k, v in state.items()
@@ -166,3 +168,81 @@ def _snap(w: Any, m: Any) -> Any:
     zp = torch.zeros_like(scale) if m.zero_point is None else m.zero_point.to(w.dtype).reshape(scale.shape)
     q = torch.clamp(torch.round(w / scale) + zp, -(2 ** (n - 1)), 2 ** (n - 1) - 1)
     return (q - zp) * scale
+
+
+@handles(ID, "activation_quantization",
+         api="coremltools.optimize.torch.quantization.LinearQuantizer (calibration: observers on --samples, no training)")
+def _w8a8(model: Any, job: StepJob, ctx: Context) -> Any:
+    """W8A8 from the torch side: LinearQuantizer's observers run over the calibration samples, then
+    the int8 weights (snapped, with their metadata) and each layer's input quantization (a
+    quantize/dequantize pair with the calibrated scale, as a forward pre-hook) go into `model`'s
+    own module tree; the converter turns both into Core ML's quantize/dequantize and int8 weight ops."""
+    import torch
+    from coremltools.optimize.torch.quantization import (LinearQuantizer, LinearQuantizerConfig,
+                                                         ModuleLinearQuantizerConfig)
+
+    from compressadvise.backends.coremltools_torch import _calibration, _supported_modules
+
+    batches, _ = _calibration(ctx, job.technique, int(need(job.params, "calibration_samples")))
+    planned = {lj.module for lj in job.layers}
+    names = {_key(name): None for name, module in model.named_modules()
+             if name and name not in planned and isinstance(module, _supported_modules("qat"))}
+    config = ModuleLinearQuantizerConfig(weight_dtype="qint8", activation_dtype=torch.quint8,
+                                         quantization_scheme="symmetric")
+    quantizer = LinearQuantizer(copy.deepcopy(model), LinearQuantizerConfig(global_config=config,
+                                                                            module_name_configs=names))
+    try:
+        prepared = quantizer.prepare(example_inputs=tuple(batches[0][0]), inplace=True)
+    except Exception as e:
+        raise Unavailable(f"plan step {job.index + 1} (activation_quantization): LinearQuantizer could not trace the "
+                          f"model with torch.fx ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+                          hint="W8A8 through the torch side needs an fx-traceable model; weight-only int8 works for any") from e
+    prepared.eval()
+    with torch.no_grad():
+        for inputs, _ in batches:
+            prepared(*inputs)
+    finalized = quantizer.finalize(prepared, inplace=True)
+    # The int8 weights, where no weights step of the plan compressed them already (that step owns
+    # them: ACT002's int8, or a LUT); coremltools' metadata on a layer marks an earlier step.
+    fresh = [lj for lj in job.layers
+             if not hasattr(model.get_submodule(lj.module), "_COREML_/weight/compression_type")]
+    _write_back(model, finalized, job, layers=fresh, trained=False)
+    for module, (scale, zero_point) in _input_quantization(finalized, job).items():
+        target = model.get_submodule(module)
+        target.register_buffer("_act_scale", scale.detach().clone())
+        target.register_buffer("_act_zero_point", zero_point.detach().clone())
+        target.register_forward_pre_hook(_QuantizeInput())
+    return model
+
+
+class _QuantizeInput:
+    """Forward pre-hook: the layer's input through quantize_per_tensor (quint8) and back, with the
+    scale and zero-point calibrated for it (buffers on the layer, so they travel with the artefact)."""
+
+    def __call__(self, module: Any, args: tuple) -> tuple:
+        import torch
+
+        x = torch.quantize_per_tensor(args[0], float(module._act_scale), int(module._act_zero_point), torch.quint8)
+        return (x.dequantize(), *args[1:])
+
+
+def _input_quantization(finalized: Any, job: StepJob) -> dict[str, tuple[Any, Any]]:
+    """Per layer module, the (scale, zero_point) of the quantize_per_tensor feeding it in the finalized graph."""
+    import torch
+
+    found: dict[str, tuple[Any, Any]] = {}
+    planned = {lj.module for lj in job.layers}
+    for node in finalized.graph.nodes:
+        if node.op != "call_module" or str(node.target) not in planned or not node.args:
+            continue
+        deq = node.args[0]
+        quant = deq.args[0] if getattr(deq, "target", None) == "dequantize" and deq.args else None
+        if getattr(quant, "target", None) is not torch.quantize_per_tensor:
+            continue
+        scale, zero_point = (getattr(finalized, str(a.target)) for a in quant.args[1:3])
+        found[str(node.target)] = (scale, zero_point)
+    missing = [lj.name for lj in job.layers if lj.module not in found]
+    if missing:
+        raise CompressionFailed(f"plan step {job.index + 1} (activation_quantization): LinearQuantizer left no "
+                                f"input quantization for {', '.join(missing[:6])}")
+    return found

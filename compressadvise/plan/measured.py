@@ -18,6 +18,10 @@ from compressadvise.plan.setting import Setting
 
 CODE = "MEASURED"
 MEASURABLE = ("palettization", "linear_quantization")  # what the in-memory evaluation can apply
+# A training-aware step is measured as its post-training twin (same storage): where that already
+# holds the floor the training run may be unnecessary, and where it misses, it is the gap the
+# training has to close. recommend never trains.
+STAND_IN = {"dkm": "palettization", "qat": "linear_quantization"}
 MB = 1e6
 
 
@@ -40,7 +44,8 @@ def measure_plan(plan: Plan, loaded: Any, report: ModelReport, k: Knowledge, *, 
     tried: list[Measured] = []
     plans: list[Plan] = []
     chosen, unmeasured = plan, []
-    for candidate in _gentler(plan, k, report, dep):
+    trained = [s.technique for s in plan.steps if s.technique in STAND_IN and s.layers]
+    for candidate in [plan] if trained else _gentler(plan, k, report, dep):
         assign, unmeasured = _assignment(candidate, k, report, prep.weights)
         if not assign:
             break
@@ -67,8 +72,8 @@ def measure_plan(plan: Plan, loaded: Any, report: ModelReport, k: Knowledge, *, 
         tried.append(tried.pop(best))
     fidelity = PlanFidelity(label=label, evidence=evidence, samples=prep.n, floor=floor, measured=tried,
                             unmeasured=unmeasured, note="; ".join(prep.notes))
-    return chosen.model_copy(update={"fidelity": fidelity,
-                                     "advisories": [_advice(tried, floor, label)] + list(chosen.advisories)})
+    advice = _training_advice(tried[0], floor, label, trained) if trained else _advice(tried, floor, label)
+    return chosen.model_copy(update={"fidelity": fidelity, "advisories": [advice] + list(chosen.advisories)})
 
 
 def _floor(k: Knowledge, plan: Plan, prep: Any, min_psnr: float | None) -> dict[str, float]:
@@ -106,6 +111,8 @@ def _assignment(plan: Plan, k: Knowledge, report: ModelReport, weights: dict[str
     assign: dict[str, Setting] = {}
     left: list[str] = []
     for step in plan.steps:
+        if step.technique in STAND_IN:
+            step = _post_training_twin(step, k)
         if step.technique not in MEASURABLE:
             if step.layers:
                 left.append(f"{step.technique} ({len(step.layers)} layer(s)): not applied in the measurement")
@@ -158,12 +165,26 @@ def repredicted(plan: Plan, steps: list, k: Knowledge, report: ModelReport, dep:
                                    "prediction": prediction(before, after, plan.constraints)})
 
 
+def _post_training_twin(step: Any, k: Knowledge) -> Any:
+    """The training-aware step as its post-training technique, with the parameters that one takes."""
+    twin = STAND_IN[step.technique]
+    known = k.techniques[twin].parameters
+
+    def keep(p: dict) -> dict:
+        return {name: v for name, v in p.items() if name in known}
+
+    return step.model_copy(update={"technique": twin, "params": keep(step.params),
+                                   "op_type_params": {t: keep(p) for t, p in step.op_type_params.items()},
+                                   "op_name_params": {n: keep(p) for n, p in step.op_name_params.items()}})
+
+
 def _settings_label(plan: Plan) -> str:
     parts = []
     for s in plan.steps:
-        if s.technique in MEASURABLE and s.layers:
+        if (s.technique in MEASURABLE or s.technique in STAND_IN) and s.layers:
             gran = s.params.get("granularity", "")
-            parts.append(f"{s.params.get('nbits', '?')}-bit {s.technique}{' ' + gran if gran else ''}")
+            twin = f" (as post-training {STAND_IN[s.technique]})" if s.technique in STAND_IN else ""
+            parts.append(f"{s.params.get('nbits', '?')}-bit {s.technique}{' ' + gran if gran else ''}{twin}")
     return " + ".join(parts) or "no weights step"
 
 
@@ -171,6 +192,22 @@ def metric_text(m: dict[str, float]) -> str:
     keys = [("top1_agreement", "top-1 agreement {:.0%}"), ("accuracy", "accuracy {:.1f}%"),
             ("kl_divergence", "KL {:.3g}"), ("psnr_db", "PSNR {:.1f} dB")]
     return ", ".join(fmt.format(m[key]) for key, fmt in keys if key in m)
+
+
+def _training_advice(m: Measured, floor: dict[str, float], label: str, trained: list[str]) -> Advisory:
+    """What the post-training twin of a training-aware step says about the training run."""
+    floor_text = ", ".join(f"{name} >= {v:.3g}" for name, v in floor.items())
+    steps = ", ".join(sorted(set(trained)))
+    if m.passed:
+        title = "Post-training already holds at this setting: the training run may be unnecessary"
+        msg = (f"{m.settings}: {metric_text(m.metrics)} ({label}; floor {floor_text}) without any training. "
+               f"Try the post-training technique first; keep {steps} for when it misses on your evaluation.")
+    else:
+        title = "Post-training misses at this setting: the training step has to close the gap"
+        msg = (f"{m.settings}: {metric_text(m.metrics)} ({label}), under the floor ({floor_text}): this is where "
+               f"{steps} starts from. apply --train runs it; verify the result against the same floor.")
+    return Advisory(code=CODE, title=title, message=msg,
+                    why="A training run costs hours on a real model; its post-training twin costs seconds and says whether it is needed.")
 
 
 def _advice(tried: list[Measured], floor: dict[str, float], label: str) -> Advisory:
