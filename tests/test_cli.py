@@ -34,7 +34,7 @@ def test_analyze_table_and_recommend(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Layers (3 of 7, by macs)" in r.stdout and "conv" in r.stdout
     plan = tmp_path / "plan.yaml"
-    r = run("recommend", "--out", str(plan))
+    r = run("recommend", "--no-measure", "--out", str(plan))  # measuring: test_recommend_measured
     assert r.returncode == 0, r.stderr
     assert plan.exists() and "estimate" in r.stdout
     r = run("recommend", "--json", "--no-measure")

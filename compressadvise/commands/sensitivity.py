@@ -158,7 +158,8 @@ def show_sensitivity(rep, *, top: int = 20) -> None:  # noqa: ANN001 - Sensitivi
     out.print(p)
     where = f"cache {rep.cache_dir}" if rep.cache_dir else "cache off"
     out.print(f"[dim]{rep.evaluations} evaluation(s) run ({rep.executor}, {rep.workers} worker(s)), "
-              f"{rep.cache_hits} from the {where}; {rep.wall_s:.1f} s[/]")
+              f"{rep.cache_hits} from the {where}; {rep.forward_passes:g} forward-pass equivalent(s) "
+              f"({rep.suffix_evaluations} suffix-only); {rep.wall_s:.1f} s[/]")
 
 
 def _columns(rep) -> list[tuple[str, str]]:  # noqa: ANN001
@@ -301,5 +302,6 @@ def show_search(res) -> None:  # noqa: ANN001 - SearchResult
     ref = ", ".join(f"{k} {v:.2f}" for k, v in res.reference.items())
     e = res.evaluations
     out.print(f"[dim]{e['single_layer']} single-layer evaluation(s) run, {e['single_layer_cached']} from the cache; "
-              f"{e['full_model']} full-model candidate(s) measured; {res.wall_s:.1f} s"
+              f"{e['full_model']} full-model candidate(s) measured; {res.forward_passes:g} forward-pass "
+              f"equivalent(s); {res.wall_s:.1f} s"
               + (f"; original {ref}" if ref else "") + "[/]")

@@ -66,6 +66,7 @@ class Prepared:
     batch_size: int
     _proxies: tuple[dict, dict] | None = None
     notes: list[str] = field(default_factory=list)
+    suffix: bool = True  # single-layer evaluations rerun only the layer's suffix (False: full passes, to compare)
 
     def context(self, *, proxies: bool = True) -> EvalContext:
         import io
@@ -94,7 +95,11 @@ class Prepared:
         return EvalContext(model=model, inputs=[t[:self.n] for t in self.samples.inputs],
                            labels=self._labels(), reference=self.reference, logits=self.logits,
                            weights=self.weights, hessian=hess, fisher=fisher, batch_size=self.batch_size,
-                           sha256=self.loaded.sha256, archive=archive)
+                           macs=self._macs(), suffix=self.suffix, sha256=self.loaded.sha256, archive=archive)
+
+    def _macs(self) -> dict[str, int]:
+        """Module path -> MACs per sample of every layer (the suffix's share of a forward pass)."""
+        return {x.tensors[0].rpartition(".")[0]: int(x.macs) for x in self.report.layers if x.macs and x.tensors}
 
     def _labels(self) -> "torch.Tensor | None":
         return None if self.samples.labels is None else self.samples.labels[:self.n]
@@ -279,8 +284,14 @@ def sensitivity(
         baseline_bytes_per_param=baseline, layers=[x.name for x in layer_list],
         settings=[s.key for s in dict.fromkeys(s for v in per_layer.values() for s in v)],
         measurements=meas, ranking=ranking, proxies=proxy_quality(meas, ranking),
-        evaluations=ran, cache_hits=len(items) - ran, cache_dir=str(cache.root) if cache.enabled else None,
+        evaluations=ran, forward_passes=round(sum(_cost(r, "passes") for r in results), 2),
+        suffix_evaluations=int(sum(_cost(r, "suffix") for r in results)), cache_hits=len(items) - ran, cache_dir=str(cache.root) if cache.enabled else None,
         executor=used.name if used else "cache", workers=used.workers if used else 0, wall_s=time.perf_counter() - t0, notes=notes)
+
+
+def _cost(result: dict[str, Any], key: str) -> float:
+    """A result's cost run now (cached results cost nothing this time)."""
+    return 0.0 if result.get("cached") else float(result.get("cost", {}).get(key, 0.0))
 
 
 def _target_grid(k: Knowledge, grid: list[Setting], target: str | None, os: int | None

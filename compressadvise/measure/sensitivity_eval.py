@@ -110,6 +110,8 @@ class EvalContext:
     hessian: dict[str, "torch.Tensor"] = field(default_factory=dict)
     fisher: dict[str, "torch.Tensor"] = field(default_factory=dict)
     batch_size: int = 256
+    macs: dict[str, int] = field(default_factory=dict)  # module path -> MACs (the suffix's share of a pass)
+    suffix: bool = True  # single-layer items rerun only what the layer changes (sensitivity_suffix)
     sha256: str = ""
     archive: tuple[str, bytes] | None = None  # ("torchscript" | "exported", bytes): these do not pickle
 
@@ -139,9 +141,53 @@ def _worker_state(ctx: EvalContext) -> dict[str, Any]:
         if missing:
             raise BadModel(f"cannot find weight {missing[0]!r} among the model's parameters")
         _STATE.clear()
-        _STATE.update(key=key, params=params,
+        _STATE.update(key=key, params=params, runner=_runner(ctx, params),
                       original={n: params[n].detach().clone() for n in ctx.weights.values()})
     return _STATE
+
+
+def _runner(ctx: EvalContext, params: dict[str, Any]) -> Any:
+    """A suffix runner over the model's fx graph, or None (not traceable, or its weights are copies)."""
+    if not ctx.suffix:
+        return None
+    from compressadvise.measure.sensitivity_suffix import SuffixRunner
+
+    try:
+        runner = SuffixRunner(ctx.runnable(), ctx.macs)
+    except Exception:  # data-dependent control flow, TorchScript...: full passes
+        return None
+    same = all(runner.params.get(n) is params[n] for n in ctx.weights.values())
+    return runner if same else None
+
+
+def _suffix_outputs(ctx: EvalContext, st: dict[str, Any], layer: str, cost: dict[str, float]) -> Any:
+    """(runner, weight) when `layer`'s suffix can be rerun alone (its prefix computed now, with the
+    original weights every evaluation starts from, if not cached), else None: a full pass."""
+    runner = st.get("runner")
+    name = ctx.weights[layer]
+    if runner is None or name in st.get("no_suffix", set()):
+        return None
+    if runner._cached is None or runner._cached[0] != name:
+        n = int(ctx.inputs[0].shape[0])
+        batches = [tuple(t[i:i + ctx.batch_size] for t in ctx.inputs) for i in range(0, n, ctx.batch_size)]
+        try:
+            ok = runner.prefix(name, batches)
+        except Exception:
+            ok = False
+        cost["passes"] += 1.0 - runner.suffix(name).share if ok else 1.0
+        if not ok:
+            st.setdefault("no_suffix", set()).add(name)
+            return None
+    return runner, name
+
+
+def _run_suffix(found: Any, cost: dict[str, float]) -> Any:
+    import torch
+
+    runner, name = found
+    cost["passes"] += runner.suffix(name).share
+    cost["suffix"] = 1.0
+    return torch.cat([flat_outputs(o) for o in runner.run_suffix(name)])
 
 
 def _float_outputs(out: Any) -> list["torch.Tensor"]:
@@ -217,6 +263,8 @@ def evaluate(ctx: EvalContext, item: dict[str, Any]) -> dict[str, Any]:
     nan = float("nan")  # a proxy the context carries no scores for is "not computed", not zero
     proxies = {"weight_rel_error": 0.0, "hessian_output": 0.0 if ctx.hessian else nan,
                "fisher_labels": 0.0 if ctx.fisher else nan}
+    cost = {"passes": 0.0, "suffix": 0.0}  # forward-pass equivalents: a pass over all samples = 1
+    found = _suffix_outputs(ctx, st, next(iter(assign)), cost) if len(assign) == 1 else None
     try:
         for layer, s in assign.items():
             if s.is_fp16:
@@ -232,14 +280,18 @@ def evaluate(ctx: EvalContext, item: dict[str, Any]) -> dict[str, Any]:
                 proxies["fisher_labels"] += float(0.5 * (ctx.fisher[layer].double() * d2).sum())
             with torch.no_grad():
                 params[name].copy_(wq)
-        out = run_model(ctx.runnable(), ctx.inputs, ctx.batch_size)
+        if found is not None:
+            out = _run_suffix(found, cost)
+        else:
+            out = run_model(ctx.runnable(), ctx.inputs, ctx.batch_size)
+            cost["passes"] += 1.0
     finally:
         with torch.no_grad():
             for layer in assign:
                 name = ctx.weights[layer]
                 params[name].copy_(original[name])
     result = {"metrics": output_metrics(ctx.reference, out, ctx.logits, ctx.labels), "proxies": proxies,
-              "seconds": time.perf_counter() - t0}
+              "seconds": time.perf_counter() - t0, "cost": cost}
     if not all(math.isfinite(v) for k, v in result["metrics"].items() if k != "psnr_db" and k != "snr_db"):
         result["nonfinite"] = True
     return result

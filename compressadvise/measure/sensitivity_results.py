@@ -61,6 +61,9 @@ class SensitivityReport(ResultModel):
     ranking: list[LayerRank]
     proxies: list[ProxyQuality]
     evaluations: int = Field(description="single-layer evaluations run now (not from the cache)")
+    forward_passes: float = Field(0.0, description="forward-pass equivalents run now: a pass over all samples = 1, "
+                                  "a suffix-only pass its share of the model's MACs, each layer's prefix 1")
+    suffix_evaluations: int = Field(0, description="evaluations that reran only the layer's suffix")
     cache_hits: int
     cache_dir: str | None
     executor: str

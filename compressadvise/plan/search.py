@@ -132,6 +132,7 @@ def search(
         frontier_latency=frontier_lat, layers=layer_choices, reference=sens.reference,
         evaluations={"single_layer": sens.evaluations, "single_layer_cached": sens.cache_hits,
                      "full_model": len(candidates), "full_model_run_now": ran_full},
+        forward_passes=round(sens.forward_passes + ran_full, 2),
         sensitivity_wall_s=sens.wall_s, wall_s=time.perf_counter() - t0, lessons=lessons, notes=notes)
 
 

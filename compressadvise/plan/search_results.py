@@ -85,6 +85,8 @@ class SearchResult(ResultModel):
     layers: list[LayerChoice]
     reference: dict[str, float] = Field(description="measured on the original model")
     evaluations: dict[str, int] = Field(description="single_layer (run now), single_layer_cached, full_model")
+    forward_passes: float = Field(0.0, description="forward-pass equivalents run now (sensitivity's, suffix-only "
+                                  "passes at their share of the MACs, plus one per full-model candidate run)")
     sensitivity_wall_s: float
     wall_s: float
     lessons: Literal["apply", "advise"]
