@@ -133,7 +133,7 @@ def test_training_steps_need_training_data_and_only_they_take_it(tmp_path):
 
 
 def test_training_hook_results_are_checked(tmp_path, monkeypatch):
-    (tmp_path / "hooks.py").write_text(textwrap.dedent("""
+    (tmp_path / "checked_hooks.py").write_text(textwrap.dedent("""
         def good():
             return {"loader": [(1, 2)], "steps": 3}
         def bad_key():
@@ -142,11 +142,11 @@ def test_training_hook_results_are_checked(tmp_path, monkeypatch):
             return {"loader": 5}
     """))
     monkeypatch.chdir(tmp_path)
-    assert load_training("hooks:good").steps == 3
+    assert load_training("checked_hooks:good").steps == 3
     with pytest.raises(InvalidKnowledge, match="keys"):
-        load_training("hooks:bad_key")
+        load_training("checked_hooks:bad_key")
     with pytest.raises(InvalidKnowledge, match="not iterable"):
-        load_training("hooks:not_iterable")
+        load_training("checked_hooks:not_iterable")
 
 
 HOOK = '''
@@ -170,13 +170,14 @@ def model():
 def _cli(tmp_path: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "COLUMNS": "120"}
-    return subprocess.Popen([sys.executable, "-c", "from compressadvise.console import main; main()", "apply", "hooks:model", "--plan", "p.yaml",
-                             "--out", "o", "--train", "hooks:slow", *args], cwd=tmp_path, env=env,
+    return subprocess.Popen([sys.executable, "-c", "from compressadvise.console import main; main()", "apply",
+                             "ctrlc_hooks:model", "--plan", "p.yaml", "--out", "o", "--train", "ctrlc_hooks:slow", *args],
+                            cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_ctrl_c_exits_130_and_resume_finishes(tmp_path, monkeypatch):
-    (tmp_path / "hooks.py").write_text(HOOK.replace("STEPS", "20"))
+    (tmp_path / "ctrlc_hooks.py").write_text(HOOK.replace("STEPS", "20"))
     from compressadvise.plan.planfile import plan_to_yaml
 
     p = Plan(target=PlanTarget(name="ane-a17", os=18), model=PlanModel(),
@@ -194,11 +195,13 @@ def test_ctrl_c_exits_130_and_resume_finishes(tmp_path, monkeypatch):
     assert "--resume" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
     saved = json.loads(marker.read_text())
-    # The rerun in this process (the CLI's own entry point; a second interpreter would only add imports).
-    (tmp_path / "hooks.py").write_text(HOOK.replace("STEPS", "20").replace("time.sleep(0.05)", "pass"))
+    # The rerun in this process (the CLI's own entry point; a second interpreter would only add
+    # imports). The hook module has a name of its own: this process may have imported another "hooks".
+    (tmp_path / "ctrlc_hooks.py").write_text(HOOK.replace("STEPS", "20").replace("time.sleep(0.05)", "pass"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert call_main("apply", "hooks:model", "--plan", "p.yaml", "--out", "o", "--train", "hooks:slow", "--resume") == 0
+    assert call_main("apply", "ctrlc_hooks:model", "--plan", "p.yaml", "--out", "o", "--train", "ctrlc_hooks:slow",
+                     "--resume") == 0
     record = json.loads((tmp_path / "o" / "manifest.json").read_text())["steps"][0]["training"]
     assert record["resumed_from"] >= 3 and record["steps"] == 20
     assert saved["key"] and not marker.exists()

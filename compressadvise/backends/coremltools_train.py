@@ -28,7 +28,7 @@ def _fit(model: Any, job: StepJob, ctx: Context, on_step: Any) -> None:
                           "was given", hint="pass --train module:function (your loader and loss) or --train bundled")
     steps = int(run.spec.steps or need(job.params, "steps"))
     result = fit(model, run.spec, steps=steps, lr=float(need(job.params, "learning_rate")),
-                 label=f"step {job.index + 1} {job.technique}", on_step=on_step, progress=ctx.progress,
+                 label=f"plan step {job.index + 1} ({job.technique})", on_step=on_step, progress=ctx.progress,
                  checkpoints=run.checkpoints, index=job.index,
                  every=max(1, int(job.params.get("checkpoint_every", 50))))
     run.results[job.index] = {"steps": result.steps, "resumed_from": result.resumed_from,

@@ -136,11 +136,16 @@ class Checkpoints:
 
     def load(self, step: int, meta: dict[str, Any]) -> dict[str, Any] | None:
         """The saved state for plan step `step` when resuming and one exists for this plan and model."""
-        if not self.resume or not self.path(step).is_file():
-            return None
+        side = self.path(step).with_suffix(".json")
+        if not self.resume or not self.path(step).is_file() or not side.is_file():
+            return None  # (a run killed between the two writes of its first checkpoint: nothing to resume)
         import torch
 
-        info = json.loads(self.path(step).with_suffix(".json").read_text())
+        try:
+            info = json.loads(side.read_text())
+        except ValueError as e:
+            raise InvalidKnowledge(f"{side}: unreadable checkpoint record ({e})",
+                                   hint=f"drop --resume to start over, or remove {self.folder}") from e
         if info.get("key") != self.key or any(info.get(k) != v for k, v in meta.items()):
             raise InvalidKnowledge(f"{self.path(step)} is a checkpoint of another plan, model or step "
                                    f"({info.get('technique')}, {info.get('total')} steps)",
@@ -154,8 +159,10 @@ class Checkpoints:
         tmp = self.path(step).with_suffix(".pt.part")
         torch.save(state, str(tmp))
         os.replace(tmp, self.path(step))  # a kill mid-write leaves the previous checkpoint whole
-        side = self.path(step).with_suffix(".json")
-        side.write_text(json.dumps({"key": self.key, **meta, "done": state["done"]}) + "\n")
+        from compressadvise.fsutil import write_text_atomic
+
+        write_text_atomic(self.path(step).with_suffix(".json"),
+                          json.dumps({"key": self.key, **meta, "done": state["done"]}) + "\n")
 
     def clear(self) -> None:
         import shutil
