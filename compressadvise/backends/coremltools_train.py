@@ -88,10 +88,7 @@ def _qat(model: Any, job: StepJob, ctx: Context) -> Any:
     snapped to the learned grid, and coremltools' quantization metadata are copied back into the
     original module tree: the rest of apply sees what PostTrainingQuantizer would have left."""
     import torch
-    from coremltools.optimize.torch.quantization import (LinearQuantizer, LinearQuantizerConfig,
-                                                         ModuleLinearQuantizerConfig)
-
-    from compressadvise.backends.coremltools_torch import _supported_modules
+    from coremltools.optimize.torch.quantization import ModuleLinearQuantizerConfig
 
     def config(lj: Any) -> Any:
         return ModuleLinearQuantizerConfig(
@@ -105,25 +102,36 @@ def _qat(model: Any, job: StepJob, ctx: Context) -> Any:
     if len(settings) > 1:
         raise Unavailable(f"plan step {job.index + 1} (qat): its layers ask for {len(settings)} different settings; "
                           "coremltools' LinearQuantizer applies one setting per run here", hint="split the step by setting")
-    planned = {lj.module for lj in job.layers}
-    names = {_key(name): None for name, module in model.named_modules()
-             if name and name not in planned and isinstance(module, _supported_modules("qat"))}
     example = ctx.example_inputs
     if example is None:
         raise CompressionFailed(f"plan step {job.index + 1} (qat): LinearQuantizer traces the model and needs an "
                                 "example input", hint="pass --input-shape or --samples")
-    work = copy.deepcopy(model)
-    quantizer = LinearQuantizer(work, LinearQuantizerConfig(global_config=config(job.layers[0]), module_name_configs=names))
-    try:
-        prepared = quantizer.prepare(example_inputs=tuple(example), inplace=True)
-    except Exception as e:
-        raise Unavailable(f"plan step {job.index + 1} (qat): LinearQuantizer could not trace the model with torch.fx "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
-                          hint="use dkm (palettization, trained in place) or linear_quantization") from e
+    quantizer, prepared = _linear_quantizer(model, job, config(job.layers[0]), tuple(example),
+                                            "use dkm (palettization, trained in place) or linear_quantization")
     _fit(prepared, job, ctx, quantizer.step)
     finalized = quantizer.finalize(prepared, inplace=True)
     _write_back(model, finalized, job)
     return model
+
+
+def _linear_quantizer(model: Any, job: StepJob, config: Any, example: tuple, hint: str) -> tuple[Any, Any]:
+    """LinearQuantizer over a copy of `model` with `config` for the step's layers, every other module
+    it supports named with None (a None global config would quantize them), prepared (fx-traced)."""
+    from coremltools.optimize.torch.quantization import LinearQuantizer, LinearQuantizerConfig
+
+    from compressadvise.backends.coremltools_torch import _supported_modules
+
+    planned = {lj.module for lj in job.layers}
+    names = {_key(name): None for name, module in model.named_modules()
+             if name and name not in planned and isinstance(module, _supported_modules("qat"))}
+    quantizer = LinearQuantizer(copy.deepcopy(model), LinearQuantizerConfig(global_config=config,
+                                                                            module_name_configs=names))
+    try:
+        return quantizer, quantizer.prepare(example_inputs=example, inplace=True)
+    except Exception as e:
+        raise Unavailable(f"plan step {job.index + 1} ({job.technique}): LinearQuantizer could not trace the model "
+                          f"with torch.fx ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+                          hint=hint) from e
 
 
 def _write_back(model: Any, finalized: Any, job: StepJob, layers: list[Any] | None = None,
@@ -178,25 +186,16 @@ def _w8a8(model: Any, job: StepJob, ctx: Context) -> Any:
     quantize/dequantize pair with the calibrated scale, as a forward pre-hook) go into `model`'s
     own module tree; the converter turns both into Core ML's quantize/dequantize and int8 weight ops."""
     import torch
-    from coremltools.optimize.torch.quantization import (LinearQuantizer, LinearQuantizerConfig,
-                                                         ModuleLinearQuantizerConfig)
+    from coremltools.optimize.torch.quantization import ModuleLinearQuantizerConfig
 
-    from compressadvise.backends.coremltools_torch import _calibration, _supported_modules
+    from compressadvise.backends.coremltools_torch import _calibration
 
     batches, _ = _calibration(ctx, job.technique, int(need(job.params, "calibration_samples")))
-    planned = {lj.module for lj in job.layers}
-    names = {_key(name): None for name, module in model.named_modules()
-             if name and name not in planned and isinstance(module, _supported_modules("qat"))}
     config = ModuleLinearQuantizerConfig(weight_dtype="qint8", activation_dtype=torch.quint8,
                                          quantization_scheme="symmetric")
-    quantizer = LinearQuantizer(copy.deepcopy(model), LinearQuantizerConfig(global_config=config,
-                                                                            module_name_configs=names))
-    try:
-        prepared = quantizer.prepare(example_inputs=tuple(batches[0][0]), inplace=True)
-    except Exception as e:
-        raise Unavailable(f"plan step {job.index + 1} (activation_quantization): LinearQuantizer could not trace the "
-                          f"model with torch.fx ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
-                          hint="W8A8 through the torch side needs an fx-traceable model; weight-only int8 works for any") from e
+    quantizer, prepared = _linear_quantizer(model, job, config, tuple(batches[0][0]),
+                                            "W8A8 through the torch side needs an fx-traceable model; weight-only "
+                                            "int8 works for any")
     prepared.eval()
     with torch.no_grad():
         for inputs, _ in batches:
