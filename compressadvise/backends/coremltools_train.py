@@ -26,7 +26,7 @@ def _fit(model: Any, job: StepJob, ctx: Context, on_step: Any) -> None:
     if run is None:
         raise Unavailable(f"plan step {job.index + 1} ({job.technique}) trains the model and no training data "
                           "was given", hint="pass --train module:function (your loader and loss) or --train bundled")
-    steps = int(run.spec.steps or need(job.params, "steps"))
+    steps = _steps(job, ctx)
     result = fit(model, run.spec, steps=steps, lr=float(need(job.params, "learning_rate")),
                  label=f"plan step {job.index + 1} ({job.technique})", on_step=on_step, progress=ctx.progress,
                  checkpoints=run.checkpoints, index=job.index,
@@ -34,6 +34,12 @@ def _fit(model: Any, job: StepJob, ctx: Context, on_step: Any) -> None:
     run.results[job.index] = {"steps": result.steps, "resumed_from": result.resumed_from,
                               "first_loss": result.first_loss, "last_loss": result.last_loss,
                               "seconds": result.seconds, "data": run.spec.source}
+
+
+def _steps(job: StepJob, ctx: Context) -> int:
+    """Optimizer steps of the run: the training hook's `steps`, else the technique's."""
+    given = ctx.training.spec.steps if ctx.training is not None else None
+    return int(given or need(job.params, "steps"))
 
 
 def _prepare_train_finalize(compressor: Any, job: StepJob, ctx: Context) -> Any:
@@ -62,7 +68,7 @@ def _gradual_prune(model: Any, job: StepJob, ctx: Context) -> Any:
     from coremltools.optimize.torch.pruning import (MagnitudePruner, MagnitudePrunerConfig,
                                                     ModuleMagnitudePrunerConfig, PolynomialDecayScheduler)
 
-    steps = int((ctx.training.spec.steps if ctx.training else None) or need(job.params, "steps"))
+    steps = _steps(job, ctx)  # the run's length, which the schedule's ramp is a share of
     # Sparsity rises from 0 along a cubic curve, updated every `update_every` steps, and reaches
     # the target at `ramp` of the run; the rest fine-tunes at the target sparsity.
     end = max(2, int(steps * float(need(job.params, "ramp"))))
