@@ -2,6 +2,10 @@
 
     python benchmarks/search_vs_sweep.py [--models digits,transformer] [--workers 2] [--lessons apply,advise]
                                          [--out results.json]
+    python benchmarks/search_vs_sweep.py --models mobilenet_v2 [--measure-all] [--write]
+
+`--models mobilenet_v2` is the real pretrained CNN with BatchNorm, on real photos, with the sweep
+and the search timed in one run (search_vs_sweep_cnn.py; issue 23's benchmark).
 
 Two trained models of different families ship with the package: the digits CNN and a 2-block
 transformer trained on generated token sequences. Selection (the sweep's best config per budget,
@@ -137,7 +141,8 @@ def sweep_eval(ctx, item: dict[str, Any]) -> dict[str, Any]:
     memoised per worker, so a config and its skip-first+last twin share the k-means work."""
     import torch
 
-    from compressadvise.measure.sensitivity import _worker_state, compress_weight, output_metrics, run_model, seed_of
+    from compressadvise.measure.sensitivity import compress_weight, output_metrics, run_model, seed_of
+    from compressadvise.measure.sensitivity_eval import _worker_state
 
     st = _worker_state(ctx)
     params, original = st["params"], st["original"]
@@ -288,6 +293,8 @@ def main() -> None:
     ap.add_argument("--lessons", default="apply,advise")
     ap.add_argument("--out", default=None, help="write all results as JSON here")
     ap.add_argument("--cache", default=None, help="sensitivity cache root (default: a fresh temp folder)")
+    ap.add_argument("--measure-all", action="store_true", help="mobilenet_v2: also run the search measuring every pair")
+    ap.add_argument("--write", action="store_true", help="mobilenet_v2: put the table in docs/benchmarks.md")
     args = ap.parse_args()
     import logging
     import warnings
@@ -300,14 +307,33 @@ def main() -> None:
 
     from compressadvise.fsutil import write_text_atomic
 
-    cache_root = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="ca-bench-"))
-    results = [bench_model(m, args.workers, args.lessons.split(","), cache_root) for m in args.models.split(",")]
     env = {"python": platform.python_version(), "torch": torch.__version__, "coremltools": coremltools.__version__,
            "cpus": os.cpu_count(), "workers": args.workers, "machine": platform.machine()}
+    if args.models == "mobilenet_v2":
+        return _real_cnn(args, env, write_text_atomic)
+    cache_root = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="ca-bench-"))
+    results = [bench_model(m, args.workers, args.lessons.split(","), cache_root) for m in args.models.split(",")]
     print("\n" + markdown(results))
     print(f"\nenvironment: {env}")
     if args.out:
         write_text_atomic(args.out, json.dumps({"environment": env, "results": results}, indent=2, default=str))
+
+
+def _real_cnn(args: argparse.Namespace, env: dict[str, Any], write_text_atomic: Any) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import search_vs_sweep_cnn as cnn
+    from doc_section import write_section
+
+    res = cnn.bench(args.workers, args.measure_all)
+    table, text = cnn.markdown(res), cnn.summary(res)
+    print("\n" + table + "\n\n" + text + f"\n\nenvironment: {env}")
+    if args.out:
+        write_text_atomic(args.out, json.dumps({"environment": env, "results": res}, indent=2, default=str))
+    if args.write:
+        cmd = "python benchmarks/search_vs_sweep.py --models mobilenet_v2" + (" --measure-all" if args.measure_all else "")
+        write_section(cnn.HEADING, f"{cnn.HEADING}\n\n`{cmd} --workers {args.workers}` on {env['machine']}, "
+                      f"{env['cpus']} cores, torch {env['torch']}, coremltools {env['coremltools']}. "
+                      f"{cnn.__doc__.split(chr(10) * 2, 2)[2].strip()}\n\n{table}\n\n{text}\n")
 
 
 if __name__ == "__main__":

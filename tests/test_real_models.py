@@ -86,7 +86,27 @@ def _outputs(out: object) -> list[torch.Tensor]:
 
 
 def test_catalog_matches_requirements() -> None:
-    assert sorted(m.requirement for m in REAL_MODELS.values()) == sorted(pinned_requirements())
+    from real_models import photos
+
+    assert sorted([m.requirement for m in REAL_MODELS.values()] + list(photos.REQUIREMENTS)) == sorted(pinned_requirements())
+
+
+def test_mobilenet_names_the_photos() -> None:
+    """The real photos (tests/real_models/photos.py) through the real ImageNet weights: the cat is a
+    cat and the espresso an espresso, so benchmarks measuring fidelity on them measure a working model."""
+    from real_models import photos
+
+    spec = REAL_MODELS["mobilenet_v2"]
+    if not spec.installed() or photos.skip_reason():
+        pytest.skip(spec.skip_reason() if not spec.installed() else photos.skip_reason())
+    names = [p.name for p in photos.files()]
+    x = photos.photos(len(names))
+    module, _ = spec.build()
+    with torch.no_grad():
+        top5 = module.eval()(x).topk(5, dim=1).indices
+    cats, espresso_or_cup = set(range(281, 286)), {967, 968, 504}  # ImageNet-1k class indices
+    assert cats & set(top5[names.index("chelsea.png")].tolist())
+    assert espresso_or_cup & set(top5[names.index("coffee.png")].tolist())
 
 
 def test_forward_is_finite(real: Built) -> None:

@@ -195,6 +195,9 @@ def search_cmd(
     lessons: Lessons = typer.Option(Lessons.apply, "--lessons", help="apply: playbook layer rules restrict the "
                                     "candidates; advise: measure everything and report where a rule disagrees."),
     confirm: int = typer.Option(3, "--confirm", min=1, help="Candidate plans applied and measured before choosing."),
+    measure_all: bool = typer.Option(False, "--measure-all", help="Measure every candidate setting of every layer on "
+                                     "all samples (slower). By default only what the budget can choose is measured: "
+                                     "settings are predicted first, dominated ones skipped."),
     out: Optional[str] = typer.Option(None, "--out", help="Write the chosen plan file (YAML) here."),
     force: bool = FORCE,
     workers: Optional[int] = WORKERS_OPT,
@@ -230,7 +233,7 @@ def search_cmd(
         res = search(prepared=prep, max_size_mb=max_size_mb, bits_per_weight=bits_per_weight,
                      size_fraction=size_fraction, max_latency_ms=max_latency_ms, target=target, os=os,
                      knowledge=k, settings=grid, lessons=value_of(lessons), confirm=confirm,
-                     cache=_cache(cache, no_cache), executor=ex, progress=update)
+                     cache=_cache(cache, no_cache), executor=ex, progress=update, measure_all=measure_all)
     if out:
         from compressadvise.plan.planfile import save_plan
 
@@ -246,6 +249,18 @@ def search_cmd(
 
         console.print(f"plan written to [bold]{out}[/]: replay with `compressadvise apply {model or ''} --plan {out} --out compressed`"
                       .replace("  ", " "))
+
+
+def _pruning_line(pr) -> str:  # noqa: ANN001 - Pruning
+    """What the search measured and skipped, in one dim line."""
+    rho = "-" if pr.proxy_spearman is None else f"{pr.proxy_spearman:.2f}"
+    return (f"[dim]measured {pr.measured} of {pr.candidates} (layer, setting) pairs: {pr.dominated} dominated "
+            f"by a setting no larger and predicted less damaging, {pr.not_needed} left to their calibrated "
+            f"prediction (never chosen, or chosen with a negligible share of the noise); first on "
+            f"{pr.first_samples} of {pr.all_samples} samples, {pr.remeasured} measured again on all; "
+            f"{pr.rounds} round(s); predicted vs measured rank correlation {rho}"
+            + ("" if pr.trusted else " (too low to rank by: every kept pair measured)")
+            + (f"; widened where they disagreed: {', '.join(pr.widened)}" if pr.widened else "") + "[/]")
 
 
 def show_search(res) -> None:  # noqa: ANN001 - SearchResult
@@ -305,3 +320,5 @@ def show_search(res) -> None:  # noqa: ANN001 - SearchResult
               f"{e['full_model']} full-model candidate(s) measured; {res.forward_passes:g} forward-pass "
               f"equivalent(s); {res.wall_s:.1f} s"
               + (f"; original {ref}" if ref else "") + "[/]")
+    if res.pruning is not None:
+        out.print(_pruning_line(res.pruning))

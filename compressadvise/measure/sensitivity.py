@@ -32,7 +32,7 @@ from compressadvise.knowledge.base import Knowledge
 from compressadvise.measure.sensitivity_cache import (CACHE_ENV, CACHE_VERSION, Cache, default_cache_dir,  # re-exported
                                 item_key, samples_hash)
 from compressadvise.measure.sensitivity_eval import (FISHER_SAMPLES, HESSIAN_PROBES, PROXY_SAMPLES, EvalContext,  # re-exported
-                               compress_weight, evaluate, flat_outputs, gradient_proxies, output_metrics,
+                               compress_weight, evaluate, evaluate_group, flat_outputs, gradient_proxies, output_metrics,
                                run_model, seed_of)
 from compressadvise.measure.sensitivity_grid import (applicable, backend_skips, candidate_layers, default_grid,  # re-exported
                                grid_techniques, normalise, parse_settings, setting_bytes)
@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 
 
 # ------------------------------------------------------------------ orchestration
+COMPRESSED_MEMO_BYTES = 1 << 30  # compressed weights kept per prepared model (k-means at 8 bits costs seconds)
+
 @dataclass
 class Prepared:
     """A model and samples made ready for evaluation (shared by sensitivity and search)."""
@@ -67,8 +69,19 @@ class Prepared:
     _proxies: tuple[dict, dict] | None = None
     notes: list[str] = field(default_factory=list)
     suffix: bool = True  # single-layer evaluations rerun only the layer's suffix (False: full passes, to compare)
+    predictions: dict[tuple[str, str], float] = field(default_factory=dict)  # (layer, setting key) -> predicted
+    # output MSE (the search's cheap proxy), kept so later budgets on the same samples reuse it
+    compressed: dict[tuple[str, str], Any] = field(default_factory=dict)  # (layer, setting key) -> the library's
+    # compressed weight, from evaluations that kept it (measure(keep_weights=True)): later ones reuse it
 
-    def context(self, *, proxies: bool = True) -> EvalContext:
+    def keep(self, layer: str, key: str, w: Any) -> None:
+        """Remember a compressed weight, within COMPRESSED_MEMO_BYTES."""
+        used = sum(t.numel() * t.element_size() for t in self.compressed.values())
+        if used + w.numel() * w.element_size() <= COMPRESSED_MEMO_BYTES:
+            self.compressed[(layer, key)] = w
+
+    def context(self, *, proxies: bool = True, n: int | None = None) -> EvalContext:
+        """What the workers need; `n` evaluates on the first n samples only (adaptive samples)."""
         import io
 
         import torch
@@ -92,10 +105,23 @@ class Prepared:
             else:
                 torch.jit.save(model, buf)
             model, archive = None, ("exported" if self.loaded.exported is not None else "torchscript", buf.getvalue())
-        return EvalContext(model=model, inputs=[t[:self.n] for t in self.samples.inputs],
-                           labels=self._labels(), reference=self.reference, logits=self.logits,
-                           weights=self.weights, hessian=hess, fisher=fisher, batch_size=self.batch_size,
-                           macs=self._macs(), suffix=self.suffix, sha256=self.loaded.sha256, archive=archive)
+        n = min(n or self.n, self.n)
+        labels = self._labels()
+        return EvalContext(model=model, inputs=[t[:n] for t in self.samples.inputs],
+                           labels=None if labels is None else labels[:n], reference=self.reference[:n],
+                           logits=self.logits, weights=self.weights, hessian=hess, fisher=fisher,
+                           batch_size=self.batch_size, macs=self._macs(), suffix=self.suffix,
+                           sha256=self.loaded.sha256, archive=archive, pass_fraction=n / self.n)
+
+    def hessian(self) -> dict[str, "torch.Tensor"]:
+        """The output-MSE Hessian diagonal per layer (computed once; empty when unavailable)."""
+        if self._proxies is None:
+            self.context(proxies=True)
+        return self._proxies[0] if self._proxies else {}
+
+    def samples_hash(self, n: int | None = None) -> str:
+        """The cache's key for the first n samples (all by default)."""
+        return self.shash if n is None or n >= self.n else samples_hash(self.samples, n)
 
     def _macs(self) -> dict[str, int]:
         """Module path -> MACs per sample of every layer (the suffix's share of a forward pass)."""
@@ -192,42 +218,73 @@ def _weight_names(model: Any, layers: list[LayerInfo]) -> dict[str, str]:
 
 def measure(prep: Prepared, items: list[dict[str, Setting]], *, cache: Cache | None = None,
             executor: "Executor | None" = None, progress: Callable[[int, int], None] | None = None,
-            proxies: bool = True) -> tuple[list[dict[str, Any]], int, "Executor | None"]:
+            proxies: bool = True, samples: int | None = None, keep_weights: bool = False
+            ) -> tuple[list[dict[str, Any]], int, "Executor | None"]:
     """Evaluate each assignment (layer -> setting), reading and filling the cache.
 
     Returns the results in item order (each with a `cached` flag), how many ran now, and the
-    executor that ran them (None when everything came from the cache).
+    executor that ran them (None when everything came from the cache). `samples` evaluates on the
+    first N samples only (cached under their own hash). `keep_weights`: compressed weights come
+    back and are kept in `prep.compressed`; every evaluation reuses the ones kept there.
     """
     from compressadvise.measure.executors import make_executor
 
     cache = cache or Cache(enabled=False)
+    shash = prep.samples_hash(samples)
     results: list[dict[str, Any] | None] = [None] * len(items)
-    todo: list[dict[str, Any]] = []
+    todo: list[int] = []
     for i, assign in enumerate(items):
-        hit = cache.get(prep.loaded.sha256, item_key(assign), prep.shash)
+        hit = cache.get(prep.loaded.sha256, item_key(assign), shash)
         if hit is not None:
             results[i] = {**hit, "cached": True}
         else:
-            todo.append({"index": i, "assign": {layer: s.to_dict() for layer, s in assign.items()}})
+            todo.append(i)
     done = len(items) - len(todo)
     if progress:
         progress(done, len(items))
     ex = None
     if todo:
-        ctx = prep.context(proxies=proxies)
+        ctx = prep.context(proxies=proxies, n=samples)
         ex = executor or make_executor("process", items=len(todo))
+        tasks = _tasks(items, todo, GROUP if ex.workers > 1 else 1)
+        for t in tasks:
+            t["weights"] = [{layer: w for layer, s in items[i].items() if (w := prep.compressed.get((layer, s.key)))
+                             is not None} for i in t["index"]]
+            t["return_weights"] = keep_weights
 
-        def on_result(item: dict[str, Any], result: dict[str, Any]) -> None:
+        def on_result(task: dict[str, Any], result: dict[str, Any]) -> None:
             nonlocal done
-            i = item["index"]
-            cache.put(prep.loaded.sha256, item_key(items[i]), prep.shash, result)
-            results[i] = {**result, "cached": False}
-            done += 1
+            for i, res in zip(task["index"], result["results"]):
+                for layer, w in res.pop("weights", {}).items():
+                    prep.keep(layer, items[i][layer].key, w)
+                cache.put(prep.loaded.sha256, item_key(items[i]), shash, res)
+                results[i] = {**res, "cached": False}
+                done += 1
             if progress:
                 progress(done, len(items))
 
-        ex.run(evaluate, ctx, todo, on_result)
+        ex.run(evaluate_group, ctx, tasks, on_result)
     return [r for r in results if r is not None], len(todo), ex
+
+
+GROUP = 4  # single-layer items of one layer per task on a pool: its prefix computed once for them
+
+
+def _tasks(items: list[dict[str, Setting]], todo: list[int], group: int) -> list[dict[str, Any]]:
+    """Tasks of up to `group` single-layer items of the same layer (candidate plans: one per task).
+    In one process the suffix runner already keeps a layer's prefix across its items."""
+    by_layer: dict[str, list[int]] = {}
+    tasks: list[dict[str, Any]] = []
+    for i in todo:
+        if len(items[i]) == 1:
+            by_layer.setdefault(next(iter(items[i])), []).append(i)
+        else:
+            tasks.append({"index": [i]})
+    for idx in by_layer.values():
+        tasks += [{"index": idx[j:j + group]} for j in range(0, len(idx), group)]
+    for t in tasks:
+        t["assigns"] = [{layer: s.to_dict() for layer, s in items[i].items()} for i in t["index"]]
+    return sorted(tasks, key=lambda t: t["index"][0])
 
 
 def sensitivity(
@@ -246,9 +303,13 @@ def sensitivity(
     max_samples: int = 512,
     prepared: Prepared | None = None,
     trust_pickle: bool = False,
+    samples_used: int | None = None,
+    keep_weights: bool = False,
 ) -> SensitivityReport:
     """Measure every (layer, setting) pair alone; rank layers; score the proxies.
 
+    `samples_used` measures on the first N of the prepared samples only (the search's adaptive
+    samples); each measurement records how many it used.
     `candidates` (layer -> settings) overrides the grid per layer (search passes the settings
     that the target and the playbooks allow). With a `target`, settings needing a mode it does
     not support at `os` are left out.
@@ -267,7 +328,8 @@ def sensitivity(
                  for x in layer_list}
     items = [{x.name: s} for x in layer_list for s in per_layer[x.name] if not s.is_fp16]
     cache = cache or Cache()
-    results, ran, used = measure(prep, items, cache=cache, executor=executor, progress=progress)
+    results, ran, used = measure(prep, items, cache=cache, executor=executor, progress=progress, samples=samples_used,
+                                 keep_weights=keep_weights)
     meas = _measurements(k, layer_list, items, results, baseline)
     ranking = rank_layers(meas, prep.report)
     unranked = sorted({m.layer for m in meas} - {r.layer for r in ranking})
@@ -315,7 +377,8 @@ def _measurements(k: Knowledge, layer_list: list[LayerInfo], items: list[dict[st
         (layer, s), = assign.items()
         meas.append(Measurement(layer=layer, setting=s.key, label=s.label, technique=s.technique, params=s.p,
                                 bytes=setting_bytes(k, by_layer[layer], s, baseline), metrics=res["metrics"],
-                                proxies=res["proxies"], seconds=res.get("seconds", 0.0), cached=res["cached"]))
+                                proxies=res["proxies"], seconds=res.get("seconds", 0.0), cached=res["cached"],
+                                samples=res.get("samples")))
     return meas
 
 

@@ -114,6 +114,7 @@ class EvalContext:
     suffix: bool = True  # single-layer items rerun only what the layer changes (sensitivity_suffix)
     sha256: str = ""
     archive: tuple[str, bytes] | None = None  # ("torchscript" | "exported", bytes): these do not pickle
+    pass_fraction: float = 1.0  # these samples' share of all samples: a pass over them costs this much
 
     def runnable(self) -> Any:
         if self.model is None and self.archive is not None:
@@ -134,14 +135,15 @@ _STATE: dict[str, Any] = {}
 
 def _worker_state(ctx: EvalContext) -> dict[str, Any]:
     """Parameters by name and pristine copies of the weights, built once per worker."""
-    key = f"{ctx.sha256}:{id(ctx)}"
-    if _STATE.get("key") != key:
+    # Keyed by the context object itself, held here: an id alone can be reused by the next context
+    # (other samples), whose evaluations would then read this one's cached prefix.
+    if _STATE.get("ctx") is not ctx:
         params = dict(ctx.runnable().named_parameters())
         missing = [n for n in ctx.weights.values() if n not in params]
         if missing:
             raise BadModel(f"cannot find weight {missing[0]!r} among the model's parameters")
         _STATE.clear()
-        _STATE.update(key=key, params=params, runner=_runner(ctx, params),
+        _STATE.update(ctx=ctx, params=params, runner=_runner(ctx, params),
                       original={n: params[n].detach().clone() for n in ctx.weights.values()})
     return _STATE
 
@@ -236,8 +238,10 @@ def output_metrics(ref: "torch.Tensor", out: "torch.Tensor", logits: bool,
     """Measured fidelity of `out` against `ref` (both (N, D)), plus accuracy with labels."""
     from compressadvise.measure import metrics as M
 
-    err = float(((out - ref) ** 2).mean())
-    m = {"output_mse": err, "psnr_db": M.psnr(ref, out), "snr_db": M.snr(ref, out),
+    per_sample = ((out - ref) ** 2).mean(1)
+    err = float(per_sample.mean())
+    se = float(per_sample.std() / math.sqrt(len(per_sample))) if len(per_sample) > 1 else math.inf
+    m = {"output_mse": err, "output_mse_se": se, "psnr_db": M.psnr(ref, out), "snr_db": M.snr(ref, out),
          "cosine": M.cosine_similarity(ref, out)}
     if logits:
         m["top1_agreement"] = M.top1_agreement(ref, out)
@@ -245,6 +249,14 @@ def output_metrics(ref: "torch.Tensor", out: "torch.Tensor", logits: bool,
         if labels is not None and labels.dim() == 1 and not labels.is_floating_point():
             m["accuracy"] = M.topk_accuracy(out, labels, 1)
     return m
+
+
+def evaluate_group(ctx: EvalContext, item: dict[str, Any]) -> dict[str, Any]:
+    """Several single-layer items of one layer in one task, so one worker computes the layer's
+    prefix once for all of them (a pool would otherwise spread them over workers)."""
+    extra = {k: item[k] for k in ("return_weights",) if k in item}
+    return {"results": [evaluate(ctx, {"assign": a, **extra, "weights": w})
+                        for a, w in zip(item["assigns"], item.get("weights") or [{}] * len(item["assigns"]))]}
 
 
 def evaluate(ctx: EvalContext, item: dict[str, Any]) -> dict[str, Any]:
@@ -264,6 +276,7 @@ def evaluate(ctx: EvalContext, item: dict[str, Any]) -> dict[str, Any]:
     proxies = {"weight_rel_error": 0.0, "hessian_output": 0.0 if ctx.hessian else nan,
                "fisher_labels": 0.0 if ctx.fisher else nan}
     cost = {"passes": 0.0, "suffix": 0.0}  # forward-pass equivalents: a pass over all samples = 1
+    kept: dict[str, Any] = {}
     found = _suffix_outputs(ctx, st, next(iter(assign)), cost) if len(assign) == 1 else None
     try:
         for layer, s in assign.items():
@@ -271,7 +284,10 @@ def evaluate(ctx: EvalContext, item: dict[str, Any]) -> dict[str, Any]:
                 continue
             name = ctx.weights[layer]
             w0 = original[name]
-            wq = compress_weight(w0, s, seed_of(layer, s))
+            given = item.get("weights", {}).get(layer)  # compressed before (the same seeded call): reused
+            wq = given if given is not None else compress_weight(w0, s, seed_of(layer, s))
+            if item.get("return_weights"):
+                kept[layer] = wq
             d2 = (wq.double() - w0.double()) ** 2
             proxies["weight_rel_error"] += float(d2.sum() / (w0.double() ** 2).sum().clamp_min(1e-300))
             if layer in ctx.hessian:
@@ -290,9 +306,12 @@ def evaluate(ctx: EvalContext, item: dict[str, Any]) -> dict[str, Any]:
             for layer in assign:
                 name = ctx.weights[layer]
                 params[name].copy_(original[name])
+    cost["passes"] *= ctx.pass_fraction
     result = {"metrics": output_metrics(ctx.reference, out, ctx.logits, ctx.labels), "proxies": proxies,
-              "seconds": time.perf_counter() - t0, "cost": cost}
-    if not all(math.isfinite(v) for k, v in result["metrics"].items() if k != "psnr_db" and k != "snr_db"):
+              "seconds": time.perf_counter() - t0, "cost": cost, "samples": int(ctx.inputs[0].shape[0])}
+    if kept:
+        result["weights"] = kept  # the caller keeps them for later evaluations; never cached to disk
+    if not all(math.isfinite(v) for k, v in result["metrics"].items() if k not in ("psnr_db", "snr_db", "output_mse_se")):
         result["nonfinite"] = True
     return result
 

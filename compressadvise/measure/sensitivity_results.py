@@ -24,6 +24,8 @@ class Measurement(ResultModel):
     proxies: dict[str, float] = Field(description="cheap predictions (weight error, Hessian/Fisher x error)")
     seconds: float = 0.0
     cached: bool = False
+    samples: int | None = Field(None, description="samples this measurement used (fewer than the report's when "
+                                "the search measured on a first subset: adaptive samples)")
 
 
 class LayerRank(ResultModel):

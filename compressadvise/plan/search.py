@@ -5,7 +5,10 @@
    rules restrict them as `recommend` would (a `keep` drops the setting, an `override`
    replaces it), unless `lessons="advise"`, which only reports where a lesson and the
    measurement disagree.
-2. Sensitivities: each (layer, setting) is measured alone (compressadvise.measure.sensitivity, cached).
+2. Sensitivities: (layer, setting) pairs are measured alone (compressadvise.measure.sensitivity,
+   cached); by default only those the budget can choose (plan.search_adaptive: every pair
+   predicted without a forward pass, dominated ones skipped, the knapsack's picks measured on the
+   first samples, close calls on all); `measure_all` measures every pair on all samples.
 3. Choice: a multiple-choice knapsack. Each layer takes one setting; the cost is its size from
    the technique's formula (or its roofline latency on the target); the damage is the output
    MSE that setting caused alone. Independent errors add, so the plan's predicted output MSE
@@ -30,6 +33,7 @@ from compressadvise.knowledge.base import Knowledge
 from compressadvise.knowledge.schema import Constraints, Plan
 from compressadvise.plan.search_knapsack import (DEFAULT_BUCKETS, Choice, MultipleChoiceKnapsack, solve_mckp,  # re-exported
                               solve_two_budgets)
+from compressadvise.plan.search_adaptive import Scope, adaptive_sensitivities
 from compressadvise.plan.search_plan import COUNTERFACTUAL_MAX_LAYERS, SEARCH_CODE, _build_plan, _explain, _pct  # re-exported
 from compressadvise.plan.search_results import MB, Budget, Candidate, FrontierPoint, LayerChoice, SearchResult  # re-exported
 from compressadvise.plan.search_space import Option, _candidate_plans, _frontier, _point, _space, _Space  # re-exported
@@ -96,9 +100,14 @@ def search(
     max_samples: int = 512,
     buckets: int = DEFAULT_BUCKETS,
     trust_pickle: bool = False,
+    measure_all: bool = False,
 ) -> SearchResult:
     """Choose a setting per layer that meets the budget with the least predicted damage,
-    confirm the best few candidates by measurement, and return an explained plan."""
+    confirm the best few candidates by measurement, and return an explained plan.
+
+    By default only what the budget can choose is measured (`search_adaptive`: predicted,
+    dominated pairs skipped, the knapsack's picks measured on the first samples, close calls on
+    all); `measure_all` measures every allowed (layer, setting) pair on all samples."""
     from compressadvise.knowledge.deployment import Deployment
     from compressadvise.knowledge.base import builtin, load_knowledge
 
@@ -116,8 +125,13 @@ def search(
     grid, notes = _target_grid(k, settings or default_grid(k=k), target, tgt.name, os_major)
     layers = candidate_layers(report)
     allowed, lesson_notes = _allowed(k, report, target, os_major, constraints, layers, grid, lessons, baseline)
-    sens = _sensitivities(prep, k, allowed, grid, cache, executor, progress)
-    space = _space(k, report, sens, layers, target, os_major, baseline)
+    pruning, guesses = None, None
+    if measure_all:
+        sens = _sensitivities(prep, k, allowed, grid, cache, executor, progress)
+    else:
+        scope = Scope(prep, k, layers, target, os_major, baseline, budget, buckets, grid, cache, executor, progress)
+        sens, guesses, pruning = adaptive_sensitivities(scope, allowed)
+    space = _space(k, report, sens, layers, target, os_major, baseline, guesses)
     notes += _latency_notes(space, layers, budget, tgt.name)
     plans = _plans(space, budget, prep.logits, buckets)
     candidates, ran_full, chosen, picks = _confirm_best(prep, space, plans, budget, cache, executor, confirm, progress)
@@ -132,7 +146,7 @@ def search(
         frontier_latency=frontier_lat, layers=layer_choices, reference=sens.reference,
         evaluations={"single_layer": sens.evaluations, "single_layer_cached": sens.cache_hits,
                      "full_model": len(candidates), "full_model_run_now": ran_full},
-        forward_passes=round(sens.forward_passes + ran_full, 2),
+        forward_passes=round(sens.forward_passes + ran_full, 2), pruning=pruning,
         sensitivity_wall_s=sens.wall_s, wall_s=time.perf_counter() - t0, lessons=lessons, notes=notes)
 
 

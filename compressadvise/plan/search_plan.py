@@ -79,7 +79,8 @@ def _explain(space: _Space, picks: list[int], ranks: dict[str, float], lesson_no
         alt = ""
         if nxt is not None:
             alt = (f"{'its' if o.setting.is_fp16 else 'the'} least damaging smaller setting ({nxt.setting.label}) "
-                   f"would save {_human(o.bytes - nxt.bytes)} and add {_noise(nxt.mse - o.mse, total)}")
+                   f"would save {_human(o.bytes - nxt.bytes)} and add {_noise(nxt.mse - o.mse, total)}"
+                   + ("" if nxt.measured else " (predicted, not measured: the search never needed it)"))
             cf = _forced_psnr(space, budget, i, nxt_j, buckets) if counterfactual else None
             if cf is not None:
                 alt += f"; the best plan with it predicts {cf:.2f} dB vs {plan_psnr:.2f} dB"

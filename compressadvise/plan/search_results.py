@@ -75,6 +75,29 @@ class LayerChoice(ResultModel):
     restricted_by: list[str] = []
 
 
+class Pruning(ResultModel):
+    """What the search measured and what it did not, and why (issue 23: measure what can win)."""
+
+    candidates: int = Field(description="(layer, setting) pairs the target, the playbooks and the backend allow")
+    predicted: int = Field(description="pairs given a cheap prediction (weight error x Hessian diagonal; no pass)")
+    dominated: int = Field(description="pairs skipped: another setting of the layer is no larger and predicted "
+                           "clearly less damaging")
+    measured: int = Field(description="pairs measured (each a single-layer evaluation, run now or cached)")
+    not_needed: int = Field(description="pairs not measured: no candidate plan chose them, or chose them with a "
+                            "negligible share of its predicted noise; the knapsack used their calibrated prediction")
+    first_samples: int = Field(description="samples a pair is first measured on (adaptive samples)")
+    all_samples: int
+    remeasured: int = Field(description="pairs measured again on all samples: too close to a rival to rank")
+    rounds: int = Field(description="measure-and-resolve rounds until the candidate plans chose measured pairs only")
+    widened: list[str] = Field(description="layers where prediction and measurement disagreed: every kept "
+                               "setting measured")
+    proxy_spearman: float | None = Field(description="rank correlation of predicted vs measured output MSE "
+                                         "over the measured pairs")
+    trusted: bool = Field(description="False: the correlation was too low to rank by, so every kept pair was "
+                          "measured")
+    predict_wall_s: float
+
+
 class SearchResult(ResultModel):
     plan: Plan
     budget: Budget
@@ -87,6 +110,7 @@ class SearchResult(ResultModel):
     evaluations: dict[str, int] = Field(description="single_layer (run now), single_layer_cached, full_model")
     forward_passes: float = Field(0.0, description="forward-pass equivalents run now (sensitivity's, suffix-only "
                                   "passes at their share of the MACs, plus one per full-model candidate run)")
+    pruning: Pruning | None = Field(None, description="None when every candidate was measured (measure_all)")
     sensitivity_wall_s: float
     wall_s: float
     lessons: Literal["apply", "advise"]

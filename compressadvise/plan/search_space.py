@@ -19,6 +19,7 @@ class Option:
     mse: float = 0.0
     kl: float = 0.0
     cos: float = 0.0  # 1 - cosine
+    measured: bool = True  # False: damage from the calibrated prediction (the adaptive search left it unmeasured)
 
 
 def _latency_table(report: ModelReport, k: Knowledge, target: str, os: int, layer: LayerInfo,
@@ -81,9 +82,12 @@ class _Space:
         return [self.groups[i][j].setting for i, j in enumerate(picks)]
 
 
+Estimates = dict[str, dict[str, tuple[Setting, dict[str, float]]]]  # layer -> key -> (setting, predicted metrics)
+
+
 def _space(k: Knowledge, report: ModelReport, sens: SensitivityReport, layers: list[LayerInfo], target: str,
-           os: int, baseline: float) -> _Space:
-    options = _options(k, report, sens, layers, target, os, baseline)
+           os: int, baseline: float, estimates: Estimates | None = None) -> _Space:
+    options = _options(k, report, sens, layers, target, os, baseline, estimates or {})
     fixed = int(round(report.stored() * baseline)) - sum(setting_bytes(k, x, FP16, baseline) for x in layers)
     lat_ok = any(o.latency_ms == o.latency_ms for opts in options.values() for o in opts)
     fixed_ms = _fixed_latency(report, k, target, os, {x.name for x in layers}) if lat_ok else 0.0
@@ -91,23 +95,24 @@ def _space(k: Knowledge, report: ModelReport, sens: SensitivityReport, layers: l
 
 
 def _options(k: Knowledge, report: ModelReport, sens: SensitivityReport, layers: list[LayerInfo],
-             target: str, os: int, baseline: float) -> dict[str, list[Option]]:
-    """fp16 plus every measured setting, per layer, with cost and damage."""
+             target: str, os: int, baseline: float, estimates: Estimates) -> dict[str, list[Option]]:
+    """fp16 plus every measured setting (and every estimated one not measured), per layer, with cost and damage."""
     table = sens.table()
     out: dict[str, list[Option]] = {}
     for x in layers:
-        measured = table.get(x.name, {})
-        settings = [FP16] + [Setting.of(m.technique, **m.params) for m in measured.values()]
-        lat = _latency_table(report, k, target, os, x, settings, baseline) or {}
+        measured = {key: (Setting.of(m.technique, **m.params), m.metrics, True) for key, m in table.get(x.name, {}).items()}
+        guessed = {key: (s, metrics, False) for key, (s, metrics) in estimates.get(x.name, {}).items()
+                   if key not in measured}
+        rows = [(FP16, {}, True)] + list(measured.values()) + list(guessed.values())
+        lat = _latency_table(report, k, target, os, x, [r[0] for r in rows], baseline) or {}
         opts = []
-        for s in settings:
-            m = measured.get(s.key)
-            mse = m.metrics["output_mse"] if m else 0.0
-            if m and not math.isfinite(mse):
+        for s, metrics, was_measured in rows:
+            mse = metrics.get("output_mse", 0.0)
+            if not math.isfinite(mse):
                 continue  # a setting that produced NaN/inf outputs is never a candidate
             opts.append(Option(setting=s, bytes=setting_bytes(k, x, s, baseline), latency_ms=lat.get(s, float("nan")),
-                               mse=mse, kl=m.metrics.get("kl_divergence", 0.0) if m else 0.0,
-                               cos=max(0.0, 1.0 - m.metrics.get("cosine", 1.0)) if m else 0.0))
+                               mse=mse, kl=metrics.get("kl_divergence", 0.0),
+                               cos=max(0.0, 1.0 - metrics.get("cosine", 1.0)), measured=was_measured))
         out[x.name] = opts
     return out
 
