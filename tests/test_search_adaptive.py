@@ -74,7 +74,7 @@ def test_a_dominated_setting_is_never_measured(prep, monkeypatch):
     for (layer, key), s in measured.items():  # no other setting of the layer is no larger and clearly less damaging
         mine, p_mine = setting_bytes(k, layers[layer], s, 2.0), prep.predictions[(layer, key)]
         for (other_layer, other), p in prep.predictions.items():
-            if other_layer == layer and other != key and other in by_key:
+            if other_layer == layer and other != key and other in by_key and p is not None:
                 smaller = setting_bytes(k, layers[layer], by_key[other], 2.0) <= mine
                 assert not (smaller and p * sa.DOMINANCE_MARGIN <= p_mine), (layer, key, other)
                 checked += 1
@@ -149,3 +149,24 @@ def test_first_samples_then_all_samples_in_one_process(prep):
         measure(prep, item, executor=SerialExecutor(), samples=16, proxies=False)
         after, _, _ = measure(prep, item, executor=SerialExecutor(), proxies=False)
         assert after[0]["metrics"] == alone[0]["metrics"] and after[0]["samples"] == prep.n
+
+
+def test_a_pair_the_library_leaves_alone_is_left_out_and_said(monkeypatch):
+    """A (layer, setting) whose prediction finds the library leaves the weight uncompressed is not a
+    candidate, and the search says so in its notes."""
+    from compressadvise.errors import CompressionFailed
+    from compressadvise.measure import sensitivity_proxy
+
+    real = sensitivity_proxy.squared_error
+
+    def refuse_2bit(w, s, seed=0):
+        if s.technique == "palettization" and s.p.get("nbits") == 2:
+            raise CompressionFailed(f"{s.label}: the backend left a weight uncompressed (a silent no-op)")
+        return real(w, s, seed)
+
+    monkeypatch.setattr(sensitivity_proxy, "squared_error", refuse_2bit)
+    fresh = prepare(None, "bundled", max_samples=48)
+    res = search(prepared=fresh, size_fraction=0.25, cache=Cache(enabled=False), executor=SerialExecutor())
+    assert res.pruning.predicted < res.pruning.candidates
+    assert all("2-bit palettization" not in c.setting for c in res.layers)
+    assert any("2-bit palettization" in n and "left out of the search" in n for n in res.notes)

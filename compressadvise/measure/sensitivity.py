@@ -69,8 +69,8 @@ class Prepared:
     _proxies: tuple[dict, dict] | None = None
     notes: list[str] = field(default_factory=list)
     suffix: bool = True  # single-layer evaluations rerun only the layer's suffix (False: full passes, to compare)
-    predictions: dict[tuple[str, str], float] = field(default_factory=dict)  # (layer, setting key) -> predicted
-    # output MSE (the search's cheap proxy), kept so later budgets on the same samples reuse it
+    predictions: dict[tuple[str, str], float | None] = field(default_factory=dict)  # (layer, setting key) ->
+    # predicted output MSE (the search's cheap proxy; None: the library leaves it uncompressed), kept for later budgets
     compressed: dict[tuple[str, str], Any] = field(default_factory=dict)  # (layer, setting key) -> the library's
     # compressed weight, from evaluations that kept it (measure(keep_weights=True)): later ones reuse it
 

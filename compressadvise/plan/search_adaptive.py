@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from compressadvise.errors import CompressionFailed
 from compressadvise.measure.sensitivity import FP16, Measurement, Prepared, SensitivityReport, Setting, sensitivity
 from compressadvise.measure.sensitivity_results import proxy_quality, rank_layers, spearman
 from compressadvise.plan.search_results import Budget, Pruning
@@ -122,9 +123,15 @@ def predict(scope: Scope, allowed: dict[str, list[Setting]]) -> dict[str, dict[s
             scope.progress("predicting", i, len(pairs))
         if (layer, s.key) not in prep.predictions:
             w = params[prep.weights[layer]].detach()
-            d2 = squared_error(w, s, seed_of(layer, s))
+            try:
+                d2 = squared_error(w, s, seed_of(layer, s))
+            except CompressionFailed as e:  # the library leaves this weight alone: not a candidate
+                prep.predictions[(layer, s.key)] = None
+                prep.notes.append(f"{layer}: {s.label} left out of the search: {e}")
+                continue
             prep.predictions[(layer, s.key)] = predicted_mse(d2, hess.get(layer), w)
-        out.setdefault(layer, {})[s.key] = (s, prep.predictions[(layer, s.key)])
+        if prep.predictions[(layer, s.key)] is not None:
+            out.setdefault(layer, {})[s.key] = (s, prep.predictions[(layer, s.key)])
     if scope.progress:
         scope.progress("predicting", len(pairs), len(pairs))
     return out
@@ -149,7 +156,7 @@ def undominated(scope: Scope, layer: "LayerInfo", predicted: dict[str, tuple[Set
 # ------------------------------------------------------------------ rounds
 def _rounds(scope: Scope, st: _State, first: int) -> None:
     """Solve on calibrated predictions, measure the unmeasured picks, until the picks are all measured."""
-    for r in range(MAX_ROUNDS):
+    for _ in range(MAX_ROUNDS):
         space = _space_of(scope, st)
         plans = _candidate_plans(space, scope.budget, scope.prep.logits, scope.buckets)
         need = _unmeasured_picks(space, plans, st)
