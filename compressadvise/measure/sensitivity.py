@@ -86,17 +86,7 @@ class Prepared:
 
         import torch
 
-        hess, fisher = {}, {}
-        if proxies:
-            if self._proxies is None:
-                try:
-                    self._proxies = gradient_proxies(self.model, [t[:self.n] for t in self.samples.inputs],
-                                                     self.weights, labels=self._labels(), logits=self.logits,
-                                                     batch=min(32, self.batch_size))
-                except Exception as e:  # e.g. a graph without autograd support: measure without them
-                    self._proxies = ({}, {})
-                    self.notes.append(f"gradient proxies unavailable: {str(e).splitlines()[0][:160]}")
-            hess, fisher = self._proxies
+        hess, fisher = self.gradient_proxies() if proxies else ({}, {})
         model, archive = self.model, None
         if isinstance(model, torch.jit.ScriptModule) or self.loaded.exported is not None:
             buf = io.BytesIO()
@@ -113,11 +103,21 @@ class Prepared:
                            batch_size=self.batch_size, macs=self._macs(), suffix=self.suffix,
                            sha256=self.loaded.sha256, archive=archive, pass_fraction=n / self.n)
 
-    def hessian(self) -> dict[str, "torch.Tensor"]:
-        """The output-MSE Hessian diagonal per layer (computed once; empty when unavailable)."""
+    def gradient_proxies(self) -> tuple[dict, dict]:
+        """The Hessian and Fisher diagonals per layer, computed once (empty when unavailable)."""
         if self._proxies is None:
-            self.context(proxies=True)
-        return self._proxies[0] if self._proxies else {}
+            try:
+                self._proxies = gradient_proxies(self.model, [t[:self.n] for t in self.samples.inputs],
+                                                 self.weights, labels=self._labels(), logits=self.logits,
+                                                 batch=min(32, self.batch_size))
+            except Exception as e:  # e.g. a graph without autograd support: measure without them
+                self._proxies = ({}, {})
+                self.notes.append(f"gradient proxies unavailable: {str(e).splitlines()[0][:160]}")
+        return self._proxies
+
+    def hessian(self) -> dict[str, "torch.Tensor"]:
+        """The output-MSE Hessian diagonal per layer."""
+        return self.gradient_proxies()[0]
 
     def samples_hash(self, n: int | None = None) -> str:
         """The cache's key for the first n samples (all by default)."""
