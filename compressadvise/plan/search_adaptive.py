@@ -29,7 +29,7 @@ from compressadvise.errors import CompressionFailed
 from compressadvise.measure.sensitivity import FP16, Measurement, Prepared, SensitivityReport, Setting, sensitivity
 from compressadvise.measure.sensitivity_results import proxy_quality, rank_layers, spearman
 from compressadvise.plan.search_results import Budget, Pruning
-from compressadvise.plan.search_space import Estimates, _candidate_plans, _space, _Space
+from compressadvise.plan.search_space import Estimates, Option, _candidate_plans, _space, _Space
 
 if TYPE_CHECKING:
     from compressadvise.knowledge.base import Knowledge
@@ -87,9 +87,9 @@ def adaptive_sensitivities(scope: Scope, allowed: dict[str, list[Setting]]
     kept = {x.name: undominated(scope, x, predicted.get(x.name, {})) for x in scope.layers}
     st = _State(predicted=predicted, kept=kept)
     n, first = scope.prep.n, _first_samples(scope.prep.n)
-    _rounds(scope, st, first)
+    space, plans = _rounds(scope, st, first)
     if first < n:
-        again = _too_close(scope, st)
+        again = _too_close(scope, st, space, plans)
         if again:
             st.remeasured = len(again)
             _measure(scope, st, again, None)
@@ -97,13 +97,11 @@ def adaptive_sensitivities(scope: Scope, allowed: dict[str, list[Setting]]
     sens = _report(scope, st)
     candidates = sum(len([s for s in v if not s.is_fp16]) for v in allowed.values())
     kept_n = sum(len(v) for v in kept.values())
-    pairs = [(st.predicted[m.layer][m.setting][1], m.metrics["output_mse"]) for m in st.measured.values()
-             if m.setting in st.predicted.get(m.layer, {})]
     pruning = Pruning(candidates=candidates, predicted=sum(len(v) for v in predicted.values()),
                       dominated=sum(len(v) for v in predicted.values()) - kept_n, measured=len(st.measured),
                       not_needed=kept_n - len(st.measured), first_samples=first, all_samples=n,
                       remeasured=st.remeasured, rounds=st.rounds, widened=sorted(st.widened),
-                      proxy_spearman=_rho(pairs), trusted=st.trusted, predict_wall_s=round(predict_s, 2))
+                      proxy_spearman=_rho(_pairs(st)), trusted=st.trusted, predict_wall_s=round(predict_s, 2))
     return sens, estimates(scope, st), pruning
 
 
@@ -154,8 +152,9 @@ def undominated(scope: Scope, layer: "LayerInfo", predicted: dict[str, tuple[Set
 
 
 # ------------------------------------------------------------------ rounds
-def _rounds(scope: Scope, st: _State, first: int) -> None:
-    """Solve on calibrated predictions, measure the unmeasured picks, until the picks are all measured."""
+def _rounds(scope: Scope, st: _State, first: int) -> tuple[_Space, list[tuple[str, str, list[int]]]]:
+    """Solve on calibrated predictions, measure the unmeasured picks, until the picks are all
+    measured; the last space solved and its candidate plans."""
     for _ in range(MAX_ROUNDS):
         space = _space_of(scope, st)
         plans = _candidate_plans(space, scope.budget, scope.prep.logits, scope.buckets)
@@ -167,10 +166,12 @@ def _rounds(scope: Scope, st: _State, first: int) -> None:
             need |= {(layer, s.key) for layer, v in st.kept.items() for s in v}
         need -= set(st.measured)
         if not need:
-            return
+            return space, plans
         st.rounds += 1
         _measure(scope, st, need, first)
         _widen_and_trust(st)
+    space = _space_of(scope, st)
+    return space, _candidate_plans(space, scope.budget, scope.prep.logits, scope.buckets)
 
 
 def _space_of(scope: Scope, st: _State) -> _Space:
@@ -203,16 +204,20 @@ def _neighbours(space: _Space, picks: list[int], st: _State, layers: set[str]) -
         if name not in layers:
             continue
         kept = {s.key for s in st.kept.get(name, [])}
-        by_size = sorted((o for o in space.groups[i] if o.setting.key in kept or o is space.groups[i][j]),
-                         key=lambda o: o.bytes)
         pick = space.groups[i][j]
-        at = next(n for n, o in enumerate(by_size) if o is pick)
-        for o in by_size[max(0, at - 1):at + 2]:
+        for o in [pick] + _beside(pick, [o for o in space.groups[i] if o.setting.key in kept or o is pick]):
             # a neighbour a tenth as damaging as the pick: the choice between them turns on the
             # pick's value and the bytes, not on the neighbour's (often a costly 8-bit k-means)
             if not o.setting.is_fp16 and (o is pick or o.mse >= pick.mse / 10):
                 out.add((name, o.setting.key))
     return out
+
+
+def _beside(pick: Option, options: list[Option]) -> list[Option]:
+    """The options just smaller and just larger than the pick among these (which hold the pick)."""
+    by_size = sorted(options, key=lambda o: o.bytes)
+    at = next(n for n, o in enumerate(by_size) if o is pick)
+    return by_size[max(0, at - 1):at] + by_size[at + 1:at + 2]
 
 
 def _measure(scope: Scope, st: _State, need: set[tuple[str, str]], samples: int | None) -> None:
@@ -244,7 +249,7 @@ def _widen_and_trust(st: _State) -> None:
     for layer, rows in by_layer.items():
         if any(pa < pb and _worse(ma, mb) for pa, ma in rows for pb, mb in rows):
             st.widened.add(layer)
-    pairs = [(p, m.metrics["output_mse"]) for rows in by_layer.values() for p, m in rows]
+    pairs = _pairs(st)
     rho = _rho(pairs)
     if rho is not None and len(pairs) >= TRUST_MIN and rho < TRUST_SPEARMAN:
         st.trusted = False
@@ -254,6 +259,12 @@ def _worse(a: Measurement, b: Measurement) -> bool:
     """a measured more damaging than b beyond noise (and by more than the predictions' slack)."""
     gap = a.metrics["output_mse"] - b.metrics["output_mse"] * DOMINANCE_MARGIN
     return gap > 0 and not _close(a, b)
+
+
+def _pairs(st: _State) -> list[tuple[float, float]]:
+    """(predicted, measured) output MSE of every measured pair."""
+    return [(p[1], m.metrics["output_mse"]) for (layer, key), m in st.measured.items()
+            if (p := st.predicted.get(layer, {}).get(key)) is not None]
 
 
 def _rho(pairs: list[tuple[float, float]]) -> float | None:
@@ -268,12 +279,11 @@ def _first_samples(n: int) -> int:
     return n if n < 2 * MIN_FIRST_SAMPLES else max(MIN_FIRST_SAMPLES, n // 3)
 
 
-def _too_close(scope: Scope, st: _State) -> set[tuple[str, str]]:
+def _too_close(scope: Scope, st: _State, space: _Space, plans: list[tuple[str, str, list[int]]]
+               ) -> set[tuple[str, str]]:
     """Chosen pairs measured on the first samples whose score the next measured setting in size
     (smaller or larger, same layer) matches within CLOSE_SIGMAS standard errors: both measured
     again on all samples."""
-    space = _space_of(scope, st)
-    plans = _candidate_plans(space, scope.budget, scope.prep.logits, scope.buckets)
     out: set[tuple[str, str]] = set()
     for _, _, picks in plans:
         for i, (name, j) in enumerate(zip(space.names, picks)):
@@ -281,9 +291,7 @@ def _too_close(scope: Scope, st: _State) -> set[tuple[str, str]]:
             m = st.measured.get((name, pick.setting.key))
             if m is None or (m.samples or scope.prep.n) >= scope.prep.n:
                 continue
-            rivals = sorted((o for o in space.groups[i] if (name, o.setting.key) in st.measured), key=lambda o: o.bytes)
-            at = next(n for n, o in enumerate(rivals) if o is pick)
-            for o in rivals[max(0, at - 1):at] + rivals[at + 1:at + 2]:
+            for o in _beside(pick, [o for o in space.groups[i] if (name, o.setting.key) in st.measured]):
                 q = st.measured[(name, o.setting.key)]
                 if _close(m, q):
                     out |= {(name, pick.setting.key), (name, o.setting.key)}
