@@ -191,7 +191,7 @@ def test_cli_search(tmp_path, cache_dir):
     import numpy as np
 
     np.savez(tmp_path / "s.npz", inputs=fragile_samples().inputs[0].numpy())
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1",
+    env = {**os.environ, "COLUMNS": "60", "NO_COLOR": "1",  # a pipe ignores it
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     exe = [sys.executable, "-c", "from compressadvise.ui.cli import main; main()"]
     args = ["search", "test_sensitivity:fragile_mlp", "--samples", str(tmp_path / "s.npz"), "--size-fraction", "0.3",
@@ -205,3 +205,4 @@ def test_cli_search(tmp_path, cache_dir):
     r = subprocess.run([*exe, *args, "--force"], capture_output=True, text=True, env=env, timeout=300)  # --out exists now
     assert r.returncode == 0, r.stderr
     assert "Pareto frontier" in r.stdout and "<- chosen" in r.stdout and "0 single-layer evaluation(s) run" in r.stdout
+    assert "…" not in r.stdout  # piped: every cell in full (the frontier's settings, layer names)

@@ -261,5 +261,6 @@ def test_cli_sensitivity_interrupt_and_resume(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "fc2" in r.stdout and "0 evaluation(s) run" in r.stdout and f"{total} from the cache" in r.stdout
     assert "Cheap proxies" in r.stdout and "hessian_output" in r.stdout
+    assert "…" not in r.stdout
     r = subprocess.run([*exe, *base[:4], "--techniques", "quantum"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 6 and "unknown technique 'quantum'" in r.stderr and "Traceback" not in r.stderr

@@ -69,7 +69,7 @@ def test_json_passes_with_exit_0(capsys, models):
     (lambda m, p: ["bundled", m["pal4"], "--samples", str(p / "nope.npz")], 3, "no such sample file"),
     (lambda m, p: ["bundled", m["pal4"], "--eval", "no_such_module_q:f"], 3, "cannot import evaluator"),
     (lambda m, p: ["bundled", m["pal4"], "--metric", "output=bleu"], 6, "bad metric override"),
-    (lambda m, p: ["bundled", m["pal4"], "--target", "toaster"], 6, "unknown target 'toaster'"),
+    (lambda m, p: ["bundled", m["pal4"], "--target", "toaster"], 2, "unknown target 'toaster'"),
     (lambda m, p: ["bundled", m["pal4"], "--compute-units", "GPU_ONLY"], 2, "--compute-units"),
 ])
 def test_bad_input_is_one_line_with_its_exit_code(capsys, models, tmp_path, make_args, code, text):

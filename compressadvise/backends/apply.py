@@ -39,10 +39,11 @@ from compressadvise.fsutil import atomic_dir, check_output, temp_files_in, write
 from compressadvise.knowledge.base import Knowledge, builtin
 from compressadvise.model.loading import LoadedModel, load_model
 from compressadvise.knowledge.schema import Plan
+from compressadvise.measure.metrics import Summarized, size_text
 
 
-@dataclass
-class ApplyResult:
+@dataclass(repr=False)  # Summarized's one-line repr: the dataclass one printed the whole manifest
+class ApplyResult(Summarized):
     out_dir: Path
     torch_artifact: Path | None
     mlpackage: Path | None
@@ -52,6 +53,22 @@ class ApplyResult:
     @property
     def torch_model_path(self) -> Path | None:
         return self.torch_artifact
+
+    def _summary(self) -> tuple[str, list[tuple[str, str]]]:
+        """Where the artefacts are, what was built against the plan, and the sizes on disk."""
+        m = self.manifest
+        sizes = {k: v.get("value") for k, v in (m.get("sizes") or {}).items() if isinstance(v, dict)}
+        built = m.get("planned_vs_built") or {}
+        files = [p.name if p.parent == self.out_dir else str(p) for p in (self.torch_artifact, self.mlpackage) if p]
+        rows = [("out", str(self.out_dir)), ("artefacts", ", ".join(files) or "none")]
+        if built:
+            rows.append(("built", f"{built.get('layers_built')} of {built.get('layers_planned')} planned layers, "
+                                  f"size {built.get('size', '?')}"))
+        rows += [(label, size_text(sizes[key])) for key, label in (
+            ("plan_estimate_bytes", "planned size"), ("weight_file_bytes", "weight file"),
+            ("mlpackage_bytes", "mlpackage size")) if isinstance(sizes.get(key), (int, float))]
+        rows.append(("time", f"{self.seconds:.1f} s"))
+        return "ApplyResult", rows
 
 
 # ====================================================================== public API

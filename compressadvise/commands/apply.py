@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
 def apply_cmd(
     model: Optional[str] = MODEL_ARG,
     plan: str = typer.Option(..., "--plan", help="Plan file from `compressadvise recommend --out` (or hand-written)."),
-    out: str = typer.Option(..., "--out", help="Output folder (written atomically): model.pt2, model.mlpackage, manifest.json."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder (written atomically): model.pt2, model.mlpackage, manifest.json."),
     force: bool = FORCE,
     samples: Optional[str] = SAMPLES,
     input_shape: Optional[str] = INPUT_SHAPE,

@@ -9,11 +9,13 @@ from typing import Callable, Optional
 
 import typer
 
+from compressadvise.ui.cli_help import complete_target
+
 DEFAULT_TARGET = "ane-a17"  # the target a command that makes a plan uses when none is given
 MB = 1e6  # budgets are in MB of 10^6 bytes, like engine.MB and search.MB
 
 MODEL_ARG = typer.Argument(
-    None, metavar="[MODEL]",
+    None, metavar="MODEL",
     help="Model file (TorchScript, .pt2, state dict, .safetensors), or module:function, which "
     "imports and runs that Python code (a factory returning an nn.Module): only your own code; "
     "omit for the bundled example.",
@@ -47,9 +49,29 @@ def value_of(choice: Optional[Enum], default: Optional[str] = None) -> Optional[
     return default if choice is None else str(choice.value)
 
 
+# ------------------------------------------------------------------ names from the knowledge base
+def check_name(kind: str, value: Optional[str], known: list[str], *, listing: str = "") -> Optional[str]:
+    """A name typed on the command line: unknown is a usage error (exit 2), with a guess
+    ('ane-a71' -> did you mean 'ane-a17'?); `listing` replaces a list too long to print."""
+    from compressadvise.errors import did_you_mean
+
+    if value is None or value in known:
+        return value
+    hint = did_you_mean(value, known)
+    if listing:
+        hint = hint.split("known: ")[0] + listing
+    raise typer.BadParameter(f"unknown {kind} {value!r}; {hint}")
+
+
+def _check_target(value: Optional[str]) -> Optional[str]:
+    from compressadvise.knowledge.base import builtin
+
+    return check_name("target", value, list(builtin().targets))
+
+
 # ------------------------------------------------------------------ target and OS
 TARGET = typer.Option(
-    None, "--target",
+    None, "--target", autocompletion=complete_target, callback=_check_target,
     help=f"Target profile (see `compressadvise targets`). Default: {DEFAULT_TARGET} where a plan is made "
     "(recommend, search, report, walkthrough); elsewhere none (no target limits, no target estimate).")
 OS = typer.Option(None, "--os",
@@ -149,6 +171,17 @@ def parse_shape(text: str | None) -> list[int] | None:
         raise typer.BadParameter(f"--input-shape {shown} would allocate {n:,} floats ({n * 4 / 1e9:,.1f} GB); "
                                  f"at most {MAX_SHAPE_ELEMENTS:,} elements (one example input is enough)")
     return dims
+
+
+def replay_hint(plan_path: str, model: Optional[str], *, trust_pickle: bool = False,
+                input_shape: Optional[str] = None) -> str:
+    """The `apply` that builds a plan just written, quoted so that it runs when pasted."""
+    import shlex
+
+    words = ["compressadvise", "apply", *([model] if model else []), "--plan", plan_path, "--out", "compressed"]
+    words += ["--input-shape", input_shape] if input_shape else []
+    words += ["--trust-pickle"] if trust_pickle else []
+    return f"plan written to {plan_path}: replay with `{shlex.join(words)}`"
 
 
 def progress_bar(description: str):

@@ -9,7 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from compressadvise.commands.common import JSON, TARGET
+from compressadvise.commands.common import JSON, TARGET, check_name
+from compressadvise.ui.cli_help import complete_explainable, complete_technique
 
 PLAYBOOKS_OPT = typer.Option(None, "--playbooks", help="Extra playbook folder or file (repeatable), validated like the built-in ones.")
 playbooks_app = typer.Typer(help="Tools for playbook authors.", no_args_is_help=True)
@@ -31,7 +32,7 @@ def _knowledge(extra: list[str] | None):
 
 def rules_cmd(
     playbook: Optional[str] = typer.Option(None, "--playbook", help="Only rules of this playbook."),
-    technique: Optional[str] = typer.Option(None, "--technique", help="Only rules acting with this technique."),
+    technique: Optional[str] = typer.Option(None, "--technique", autocompletion=complete_technique, help="Only rules acting with this technique."),
     target: Optional[str] = TARGET,
     playbooks: Optional[List[str]] = PLAYBOOKS_OPT,
     json_out: bool = JSON,
@@ -43,13 +44,10 @@ def rules_cmd(
     k = _knowledge(playbooks)
     rows = list(k.rules.values())
     if playbook:
-        if playbook not in k.playbooks:
-            from compressadvise.errors import InvalidKnowledge
-
-            raise InvalidKnowledge(f"unknown playbook {playbook!r}", hint=f"known: {', '.join(sorted(k.playbooks))}")
+        check_name("playbook", playbook, list(k.playbooks))
         rows = [r for r in rows if r.playbook == playbook]
     if technique:
-        k.technique(technique)
+        check_name("technique", technique, list(k.techniques))
         rows = [r for r in rows if r.rule.action.technique == technique]
     if target:
         rows = [r for r in rows if _possible_on(r, k.target(target))]
@@ -93,7 +91,7 @@ def _possible_on(cr, target) -> bool:
 
 
 def explain_cmd(
-    code: str = typer.Argument(..., help="Rule code (e.g. WGT001, case-insensitive), technique name "
+    code: str = typer.Argument(..., metavar="NAME", autocompletion=complete_explainable, help="Rule code (e.g. WGT001, case-insensitive), technique name "
                                "(e.g. palettization) or target name (e.g. ane-a17)."),
     playbooks: Optional[List[str]] = PLAYBOOKS_OPT,
     json_out: bool = JSON,
@@ -104,6 +102,9 @@ def explain_cmd(
     from compressadvise.knowledge.textdocs import rule_markdown, target_markdown, technique_markdown
 
     k = _knowledge(playbooks)
+    if code.upper() not in k.rules:
+        check_name("rule, technique or target", code, [*k.rules, *k.techniques, *k.targets],
+                   listing="`compressadvise rules`, `techniques` and `targets` list them")
     if code in k.techniques or code in k.targets:
         item = k.techniques.get(code) or k.targets[code]
         kind = "technique" if code in k.techniques else "target"
@@ -121,8 +122,11 @@ def explain_cmd(
         return
     from rich.markdown import Markdown
 
-    from compressadvise.ui.render import out
+    from compressadvise.ui.render import is_tty, out
 
+    if not is_tty(out):  # a pipe or a file gets the page's Markdown itself (`explain X > x.md`)
+        out.file.write(md if md.endswith("\n") else md + "\n")
+        return
     out.print(Markdown(md))
 
 

@@ -7,7 +7,7 @@ import typer
 
 from compressadvise.commands.common import (BITS_PER_WEIGHT, DATA, DEFAULT_TARGET, FORCE, INPUT_SHAPE, JSON, MAX_ACCURACY_DROP,
                      MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS, SAMPLES, SIZE_FRACTION, TARGET, TRUST_PICKLE, Data,
-                     parse_shape, size_budget_mb, value_of)
+                     parse_shape, replay_hint, size_budget_mb, value_of)
 from compressadvise.commands.knowledge import PLAYBOOKS_OPT
 
 
@@ -25,7 +25,7 @@ def recommend_cmd(
     max_latency_ms: Optional[float] = MAX_LATENCY_MS,
     max_accuracy_drop: Optional[float] = MAX_ACCURACY_DROP,
     data: Optional[Data] = DATA,
-    out: Optional[str] = typer.Option(None, "--out", help="Write the plan file (YAML) here."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Write the plan file (YAML) here."),
     force: bool = FORCE,
     input_shape: Optional[str] = INPUT_SHAPE,
     trace: bool = typer.Option(False, "--trace", help="Also list the rules that did not fire, and why."),
@@ -78,7 +78,8 @@ def recommend_cmd(
     if out:
         from compressadvise.ui.render import out as console
 
-        console.print(f"plan written to [bold]{out}[/]: replay with `compressadvise apply {model or ''} --plan {out} --out compressed`".replace("  ", " "))
+        console.print(replay_hint(out, model, trust_pickle=trust_pickle, input_shape=input_shape),
+                      markup=False, soft_wrap=True)
 
 
 def _measured(plan, loaded, report, k, samples, min_psnr):

@@ -8,11 +8,13 @@ from typing import List, Optional
 
 import typer
 
-from compressadvise.commands.common import (BITS_PER_WEIGHT, DEFAULT_TARGET, FORCE, JSON, MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS,
-                     SAMPLES, SIZE_FRACTION, TARGET, TRUST_PICKLE, ExecutorKind, size_budget_mb, value_of)
+from compressadvise.commands.common import (BITS_PER_WEIGHT, DATA, DEFAULT_TARGET, FORCE, JSON, MAX_ACCURACY_DROP,
+                                            MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS, SAMPLES, SIZE_FRACTION, TARGET,
+                                            TRUST_PICKLE, Data, ExecutorKind, replay_hint, size_budget_mb, value_of)
 from compressadvise.commands.knowledge import PLAYBOOKS_OPT
+from compressadvise.ui.cli_help import complete_technique
 
-TECHNIQUES_OPT = typer.Option(None, "--techniques", help="Candidate settings: a technique (its default grid) or a "
+TECHNIQUES_OPT = typer.Option(None, "--techniques", autocompletion=complete_technique, help="Candidate settings: a technique (its default grid) or a "
                               "grid such as 'palettization:nbits=4|3,granularity=per_grouped_channel,group_size=8|16'. "
                               "Repeatable. Default: palettization 8/6/4/3/2 bits per tensor and grouped (4/8/16), "
                               "int8/int4 per channel (sym/asym), int4 per block (16/32/128).")
@@ -156,9 +158,9 @@ def show_sensitivity(rep, *, top: int = 20) -> None:  # noqa: ANN001 - Sensitivi
         p.add_row(q.proxy, _rho(q.layer_rank_spearman), _rho(q.per_setting_spearman), _rho(q.pairs_spearman),
                   "-" if q.top1_match is None else ("yes" if q.top1_match else "no"))
     out.print(p)
-    where = f"cache {rep.cache_dir}" if rep.cache_dir else "cache off"
+    cached = f"{rep.cache_hits} from the cache {rep.cache_dir}" if rep.cache_dir else "cache off"
     out.print(f"[dim]{rep.evaluations} evaluation(s) run ({rep.executor}, {rep.workers} worker(s)), "
-              f"{rep.cache_hits} from the {where}; {rep.forward_passes:g} forward-pass equivalent(s) "
+              f"{cached}; {rep.forward_passes:g} forward-pass equivalent(s) "
               f"({rep.suffix_evaluations} suffix-only); {rep.wall_s:.1f} s[/]")
 
 
@@ -191,6 +193,8 @@ def search_cmd(
     bits_per_weight: Optional[float] = BITS_PER_WEIGHT,
     size_fraction: Optional[float] = SIZE_FRACTION,
     max_latency_ms: Optional[float] = MAX_LATENCY_MS,
+    max_accuracy_drop: Optional[float] = MAX_ACCURACY_DROP,
+    data: Optional[Data] = DATA,
     techniques: Optional[List[str]] = TECHNIQUES_OPT,
     lessons: Lessons = typer.Option(Lessons.apply, "--lessons", help="apply: playbook layer rules restrict the "
                                     "candidates; advise: measure everything and report where a rule disagrees."),
@@ -198,7 +202,7 @@ def search_cmd(
     measure_all: bool = typer.Option(False, "--measure-all", help="Measure every candidate setting of every layer on "
                                      "all samples (slower). By default only what the budget can choose is measured: "
                                      "settings are predicted first, dominated ones skipped."),
-    out: Optional[str] = typer.Option(None, "--out", help="Write the chosen plan file (YAML) here."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Write the chosen plan file (YAML) here."),
     force: bool = FORCE,
     workers: Optional[int] = WORKERS_OPT,
     executor: ExecutorKind = EXECUTOR_OPT,
@@ -210,7 +214,10 @@ def search_cmd(
     trust_pickle: bool = TRUST_PICKLE,
     json_out: bool = JSON,
 ) -> None:
-    """Choose a setting per layer that meets a size or latency budget with the least measured damage."""
+    """Choose a setting per layer that meets a size or latency budget with the least measured damage.
+
+    With --max-accuracy-drop and labelled samples, a confirmed candidate that loses more top-1
+    accuracy does not fit; when none fits, the best is still written and the exit code is 1."""
     # Each budget was checked while parsing (common.check_budget), before anything is loaded or measured.
     target = target or DEFAULT_TARGET
     size_budget_mb(0, 0, max_size_mb=max_size_mb, size_fraction=size_fraction, bits_per_weight=bits_per_weight)
@@ -231,7 +238,8 @@ def search_cmd(
     prog, update = _progress()
     with prog:
         res = search(prepared=prep, max_size_mb=max_size_mb, bits_per_weight=bits_per_weight,
-                     size_fraction=size_fraction, max_latency_ms=max_latency_ms, target=target, os=os,
+                     size_fraction=size_fraction, max_latency_ms=max_latency_ms,
+                     max_accuracy_drop=max_accuracy_drop, data=value_of(data), target=target, os=os,
                      knowledge=k, settings=grid, lessons=value_of(lessons), confirm=confirm,
                      cache=_cache(cache, no_cache), executor=ex, progress=update, measure_all=measure_all)
     if out:
@@ -242,13 +250,17 @@ def search_cmd(
         from compressadvise.ui.render import emit_json
 
         emit_json(res.model_dump(mode="json"))
-        return
-    show_search(res)
-    if out:
+    else:
+        show_search(res)
+    if out and not json_out:
         from compressadvise.ui.render import out as console
 
-        console.print(f"plan written to [bold]{out}[/]: replay with `compressadvise apply {model or ''} --plan {out} --out compressed`"
-                      .replace("  ", " "))
+        console.print(replay_hint(out, model, trust_pickle=trust_pickle), markup=False, soft_wrap=True)
+    if not res.chosen.fits:
+        from compressadvise.errors import BudgetMissed
+
+        raise BudgetMissed("no confirmed candidate meets every budget (see the candidates' 'fits'); "
+                           + ("the best is written to " + out if out else "the best is shown above"))
 
 
 def _pruning_line(pr) -> str:  # noqa: ANN001 - Pruning

@@ -12,7 +12,8 @@ from typing import List, Optional
 
 import typer
 
-from compressadvise.commands.common import JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, OS, SAMPLES, TARGET, TRUST_PICKLE, value_of
+from compressadvise.commands.common import (BITS_PER_WEIGHT, JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, OS, SAMPLES,
+                                            SIZE_FRACTION, TARGET, TRUST_PICKLE, size_budget_mb, value_of)
 
 
 class ComputeUnits(str, Enum):
@@ -36,6 +37,8 @@ def verify_cmd(
     max_accuracy_drop: Optional[float] = MAX_ACCURACY_DROP,
     max_latency_ms: Optional[float] = MAX_LATENCY_MS,
     max_size_mb: Optional[float] = MAX_SIZE_MB,
+    size_fraction: Optional[float] = SIZE_FRACTION,
+    bits_per_weight: Optional[float] = BITS_PER_WEIGHT,
     target: Optional[str] = TARGET,
     os_version: Optional[int] = OS,
     calibration: Optional[str] = typer.Option(None, "--calibration", help="YAML of latencies measured on a device, to scale the estimate."),
@@ -49,6 +52,11 @@ def verify_cmd(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Batch size for the accuracy pass."),
     trust_pickle: bool = TRUST_PICKLE,
     json_out: bool = JSON,
+    summary_md: Optional[str] = typer.Option(
+        None, "--summary-md", metavar="PATH",
+        help="Also write a Markdown summary for a pull request (verdict, budgets, sizes, accuracy, worst classes, "
+        "latency), even when a budget is missed; appended to PATH if it exists, as GitHub's job summary expects: "
+        "--summary-md \"$GITHUB_STEP_SUMMARY\". '-' prints it instead of the tables."),
 ) -> None:
     """Verify a compressed model: accuracy, fidelity, slices, drift, latency and size vs budgets.
 
@@ -60,7 +68,10 @@ def verify_cmd(
     """
     from compressadvise.errors import BudgetMissed
     from compressadvise.measure.verify import Budgets, verify
+    from compressadvise.ui.summary_md import check_summary_path, write_summary
 
+    check_summary_path(summary_md, json_out)
+    size_budget_mb(0, 0, max_size_mb=max_size_mb, size_fraction=size_fraction, bits_per_weight=bits_per_weight)
     plan_obj = None
     if plan:
         from compressadvise.plan.planfile import load_plan
@@ -72,7 +83,7 @@ def verify_cmd(
         result = verify(
             original, compressed, samples=samples, evaluator=evaluator, target=target, os=os_version,
             budgets=Budgets(max_accuracy_drop=max_accuracy_drop, max_latency_ms=max_latency_ms,
-                            max_size_mb=max_size_mb),
+                            max_size_mb=max_size_mb, size_fraction=size_fraction, bits_per_weight=bits_per_weight),
             latency=not no_latency, compile=compile_, reps=reps, warmup=warmup, metrics=metric,
             plan=plan_obj, calibration=calibration, compute_units=value_of(compute_units), batch_size=batch_size,
             drift=not no_drift, trust_pickle=trust_pickle, progress=lambda m: status.update(m))
@@ -80,8 +91,10 @@ def verify_cmd(
         import sys
 
         sys.stdout.write(result.to_json() + "\n")
-    else:
+    elif summary_md != "-":
         show_result(result)
+    if summary_md:
+        write_summary(result, summary_md)  # before the exit code: a missed budget is what CI must see
     if not result.passed:
         missed = "; ".join(f"{b.name} {_num(b.value)} {b.unit} > {_num(b.limit)}" if b.value is not None
                            else f"{b.name}: {b.basis}" for b in result.missed())
@@ -125,10 +138,27 @@ def show_result(r) -> None:  # noqa: ANN001 - VerifyResult
     _budgets(r)
 
 
+def _size_rows(t, r) -> None:  # noqa: ANN001 - a rich Table, a VerifyResult
+    from compressadvise.ui.render import human_bytes
+
+    if r.original.size_bytes is not None and r.compressed.size_bytes is not None:
+        # A ratio only between like and like: an fp32 file against an fp16 .mlpackage is not
+        # what compression bought (the target row below compares the weights on the target).
+        same = r.original.size_basis == r.compressed.size_basis
+        t.add_row("size", human_bytes(r.original.size_bytes), human_bytes(r.compressed.size_bytes),
+                  _ratio(r.original.size_bytes, r.compressed.size_bytes, "smaller", "larger") if same else "formats differ",
+                  r.compressed.size_basis if same else
+                  f"original: {r.original.size_basis}; compressed: {r.compressed.size_basis}")
+    if r.target_size_bytes:
+        o, c = r.target_size_bytes["original"], r.target_size_bytes["compressed"]
+        t.add_row("size on target (weights)", human_bytes(o), human_bytes(c), _ratio(o, c, "smaller", "larger"),
+                  "[cyan]estimate[/]")
+
+
 def _before_after(r) -> None:  # noqa: ANN001
     from rich.table import Table
 
-    from compressadvise.ui.render import human_bytes, out
+    from compressadvise.ui.render import out
 
     t = Table(title="Before / after", show_edge=False)
     for col, j in (("metric", "left"), ("original", "right"), ("compressed", "right"), ("change", "right"), ("basis", "left")):
@@ -157,14 +187,7 @@ def _before_after(r) -> None:  # noqa: ANN001
             if a.peak_rss_delta_mb is not None and b.peak_rss_delta_mb is not None:
                 t.add_row(f"peak memory during inference ({mode})", f"+{a.peak_rss_delta_mb:.2f} MB",
                           f"+{b.peak_rss_delta_mb:.2f} MB", "", "measured (RSS growth)")
-    if r.original.size_bytes is not None and r.compressed.size_bytes is not None:
-        t.add_row("size", human_bytes(r.original.size_bytes), human_bytes(r.compressed.size_bytes),
-                  _ratio(r.original.size_bytes, r.compressed.size_bytes, "smaller", "larger"),
-                  r.compressed.size_basis)
-    if r.target_size_bytes:
-        o, c = r.target_size_bytes["original"], r.target_size_bytes["compressed"]
-        t.add_row("size on target (weights)", human_bytes(o), human_bytes(c), _ratio(o, c, "smaller", "larger"),
-                  "[cyan]estimate[/]")
+    _size_rows(t, r)
     if r.estimate:
         o, c = r.estimate["original"], r.estimate["compressed"]
         t.add_row(f"latency on {o.target} (iOS {o.os})", f"{o.total_ms:.4f} ms", f"{c.total_ms:.4f} ms",
@@ -210,6 +233,7 @@ def _slices(r) -> None:  # noqa: ANN001
 def _drift(r) -> None:  # noqa: ANN001
     from rich.table import Table
 
+    from compressadvise.measure.verify_drift import NOISE_FLOOR_DB
     from compressadvise.ui.render import bar, out
 
     d = r.drift
@@ -234,7 +258,7 @@ def _drift(r) -> None:  # noqa: ANN001
                   + (f"; first below {d.threshold_db:.0f} dB: [bold]{d.first_degraded}[/]" if d.first_degraded else "")
                   + f"; worst: [bold]{d.worst}[/]; at the output: {_num(d.layers[-1].snr_db)} dB")
     else:
-        out.print("no layer output differs from the original")
+        out.print(f"no layer output differs from the original beyond float rounding (all above {NOISE_FLOOR_DB:.0f} dB)")
 
 
 def _estimate(r) -> None:  # noqa: ANN001

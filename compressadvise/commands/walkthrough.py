@@ -5,6 +5,7 @@ non-interactive commands unless --yes accepts every default.
 """
 from __future__ import annotations
 
+import shlex
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +14,8 @@ from typing import Any, Iterator, Optional
 import typer
 
 from compressadvise.commands.common import (DATA, FORCE, INPUT_SHAPE, JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS,
-                     SAMPLES, TARGET, TRUST_PICKLE, Data, value_of)
+                     SAMPLES, TARGET, TRUST_PICKLE, Data, check_name, value_of)
+from compressadvise.ui.cli_help import complete_lesson
 
 INTERRUPTED = 130  # the shell convention for Ctrl-C
 
@@ -41,7 +43,7 @@ def _ui_console(json_out: bool):
 
 def walkthrough_cmd(
     model: Optional[str] = MODEL_ARG,
-    out: str = typer.Option("compressadvise-session", "--out", help="Folder for the session, plan, compressed model and report."),
+    out: str = typer.Option("compressadvise-session", "--out", "-o", help="Folder for the session, plan, compressed model and report."),
     resume: Optional[str] = typer.Option(
         None, "--resume", metavar="OUT",
         help="Continue an interrupted session in this folder. The saved session grants nothing: give "
@@ -109,12 +111,12 @@ def _say_interrupted(e: Exception, folder: Path, session_file: str) -> None:
 
     err.print(f"\n[yellow]interrupted[/] during '{e}': everything written so far is complete "
               f"({folder / session_file} keeps your answers).")
-    err.print(f"resume with: compressadvise walkthrough --resume {folder}", markup=False, highlight=False,
+    err.print(f"resume with: compressadvise walkthrough --resume {shlex.quote(str(folder))}", markup=False, highlight=False,
               soft_wrap=True)  # one line, so it can be copied
 
 
 def learn_cmd(
-    topic: Optional[str] = typer.Argument(None, metavar="[TOPIC]", help="Lesson to run; omit to list them."),
+    topic: Optional[str] = typer.Argument(None, metavar="TOPIC", autocompletion=complete_lesson, help="Lesson to run; omit to list them."),
     choice: Optional[str] = typer.Option(None, "--choice", help="Answer to the lesson's question (else asked, or its default)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask: use the default setting."),
     json_out: bool = JSON,
@@ -135,7 +137,7 @@ def learn_cmd(
             except (KeyboardInterrupt, W.Interrupted):
                 raise typer.Exit(INTERRUPTED) from None
     if topic not in L.LESSONS:
-        raise typer.BadParameter(f"no lesson {topic!r}; lessons: {', '.join(L.LESSONS)}")
+        check_name("lesson", topic, list(L.LESSONS))
     lesson = L.LESSONS[topic]
     if choice is not None and choice not in lesson.question.choices:
         raise typer.BadParameter(f"--choice for {topic} must be one of {', '.join(lesson.question.choices)}")

@@ -6,6 +6,7 @@ module does not import torch, so `rules`, `explain` & co. start fast.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from compressadvise import backends  # the registry only: no backend library is imported
-from compressadvise.errors import InvalidKnowledge
+from compressadvise.errors import InvalidKnowledge, did_you_mean
 from compressadvise.knowledge.expressions import Condition, ExpressionError, compile_condition, compile_value
 from compressadvise.knowledge.facts import LAYER_SCOPE, MODEL_SCOPE, NAMESPACES, OUTCOME_SCOPE
 from compressadvise.knowledge.schema import Playbook, Rule, Target, Technique
@@ -84,17 +85,19 @@ class Knowledge:
             close = fnmatch.filter(self.rules, code[:3] + "*")
             hint = (f"rules with that prefix: {', '.join(sorted(close)[:8])}" if close
                     else "`compressadvise rules` lists the codes; `explain` also takes a technique or target name")
+            guess = difflib.get_close_matches(code, list(self.rules), n=1, cutoff=0.8)
+            hint = f"did you mean {guess[0]}? " * bool(guess) + hint
             raise InvalidKnowledge(f"no rule with code {code}", hint=hint)
         return self.rules[code]
 
     def target(self, name: str) -> Target:
         if name not in self.targets:
-            raise InvalidKnowledge(f"unknown target {name!r}", hint=f"known: {', '.join(sorted(self.targets))}")
+            raise InvalidKnowledge(f"unknown target {name!r}", hint=did_you_mean(name, self.targets))
         return self.targets[name]
 
     def technique(self, name: str) -> Technique:
         if name not in self.techniques:
-            raise InvalidKnowledge(f"unknown technique {name!r}", hint=f"known: {', '.join(sorted(self.techniques))}")
+            raise InvalidKnowledge(f"unknown technique {name!r}", hint=did_you_mean(name, self.techniques))
         return self.techniques[name]
 
 

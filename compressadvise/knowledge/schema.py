@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from compressadvise.measure.metrics import Summarized  # short reprs and notebook displays
+
 PLAN_VERSION = 1
 SLOTS = ("sparsity", "weights", "activations")
 LAYER_TYPES = ("linear", "conv", "depthwise_conv", "embedding", "norm", "attention", "recurrent", "other")
@@ -379,7 +381,7 @@ class WayForward(Strict):
     cost: str = Field("", description="what it costs: data, time, OS, accuracy")
 
 
-class Plan(Strict):
+class Plan(Summarized, Strict):
     plan_version: int = PLAN_VERSION
     generated_by: str = "compressadvise"
     model: PlanModel = PlanModel()
@@ -400,3 +402,28 @@ class Plan(Strict):
         if v != PLAN_VERSION:
             raise ValueError(f"plan_version {v} is not supported (this tool reads {PLAN_VERSION})")
         return v
+
+    def _summary(self) -> tuple[str, list[tuple[str, str]]]:
+        """Target, steps, the predicted size against the budgets, and what else the plan says."""
+        from compressadvise.measure.metrics import size_text
+
+        rows = [("target", f"{self.target.name} (OS {self.target.os})" if self.target.os else self.target.name),
+                ("steps", "; ".join(_step_text(s) for s in self.steps) or "none (nothing to compress)")]
+        if self.prediction:
+            p = self.prediction
+            rows.append(("size", f"{size_text(p.bytes_before)} -> {size_text(p.bytes_after)} (x{p.ratio:.2f}, estimate)"))
+        budgets = {k: v for k, v in self.constraints.model_dump().items() if v not in (0.0, "none")}
+        if budgets:
+            meets = self.prediction.meets_size_budget if self.prediction else None
+            fit = "" if meets is None else ", size fits" if meets else ", size missed (estimate)"
+            rows.append(("budgets", ", ".join(f"{k} {v}" for k, v in budgets.items()) + fit))
+        if self.fidelity:
+            rows.append(("fidelity", self.fidelity.label))
+        rows += [(name, str(len(items))) for name, items in (("advisories", self.advisories),
+                                                           ("ways forward", self.ways_forward)) if items]
+        return "Plan", rows
+
+
+def _step_text(s: Step) -> str:
+    bits = f" {s.params['nbits']}-bit" if "nbits" in s.params else ""
+    return f"{s.technique}{bits} on {len(s.layers)} layer{'s' if len(s.layers) != 1 else ''}"

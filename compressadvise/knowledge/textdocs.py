@@ -7,7 +7,7 @@ so `explain` gets the same words without the cross references.
 from __future__ import annotations
 
 from compressadvise.knowledge.base import SIZE_VARIABLES, CompiledRule, Knowledge
-from compressadvise.knowledge.schema import Citation, Target, Technique
+from compressadvise.knowledge.schema import Citation, ModeSupport, Target, Technique
 
 BEHAVIOUR_LEGEND = (
     "*accelerated*: the runtime computes on the compressed form, so it runs faster as well as "
@@ -84,12 +84,29 @@ def _allowed(p) -> str:
     return f"{lo}..{hi}"
 
 
+def _behaviour(t: Target, m: ModeSupport) -> str:
+    """A mode's behaviour, with the OS versions whose runtime expands weights at load anyway
+    (iOS 16 on the Neural Engine): 'accelerated' alone would contradict the decompression table."""
+    if m.behaviour != "accelerated" or not t.decompression:
+        return m.behaviour
+    family = t.os_family or "OS"
+    steps = sorted(t.decompression, key=lambda d: d.min_os)
+    at_load = [d for d in steps if d.at == "load"]
+    later = [d.min_os for d in steps if d.at != "load" and d.min_os > m.min_os]
+    if not at_load or not later or max(d.min_os for d in at_load) >= later[0] or m.min_os >= later[0]:
+        return m.behaviour
+    first = max(m.min_os, t.min_os or 0)
+    span = f"{family} {first}" if later[0] - 1 <= first else f"{family} {first}-{later[0] - 1}"
+    return f"decompressed at load on {span}; accelerated from {family} {later[0]}"
+
+
 def _support_cell(t: Target, mode: str) -> str:
     m = t.mode(mode)
     if m is None or m.behaviour == "unsupported":
         return "unsupported"
     since = f", {t.os_family or 'OS'} {m.min_os}+" if m.min_os else ""
-    return m.behaviour + since
+    behaviour = _behaviour(t, m)
+    return behaviour if behaviour != m.behaviour else m.behaviour + since
 
 
 def _support_table(k: Knowledge, t: Technique, link_prefix: str) -> list[str]:
@@ -171,7 +188,7 @@ def target_markdown(k: Knowledge, t: Target, *, link_prefix: str = "") -> str:
               "| mode | min OS | behaviour | used by | note |", "| --- | --- | --- | --- | --- |"]
     for m in t.modes:
         os_txt = f"{t.os_family or 'OS'} {m.min_os}" if m.min_os else "any"
-        lines.append(f"| `{m.mode}` | {os_txt} | {m.behaviour} | {_mode_users(k, m.mode, link_prefix)} "
+        lines.append(f"| `{m.mode}` | {os_txt} | {_behaviour(t, m)} | {_mode_users(k, m.mode, link_prefix)} "
                      f"| {cell(m.note or '')} |")
     lines += _runtime_facts(t)
     if t.storage:

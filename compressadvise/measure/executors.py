@@ -7,18 +7,22 @@ only the evaluations in flight). Workers run torch single-threaded, so a pool of
 uses N cores and every executor computes bit-identical results.
 
 Ray is optional (`pip install "compressadvise[distributed]"`): `RayExecutor(address=...)`
-connects to an existing cluster (or starts a local one when no address is given and none is
-running) and runs the function in actors that hold the context.
+connects to an existing cluster (or starts a local one, on 127.0.0.1, when no address is given
+and none is running) once for all its runs, and runs the function in actors that hold the
+context. `close()` ends what an executor started; the process pool and serial ones hold nothing.
 """
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import sys
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from compressadvise.errors import Unavailable
 
@@ -57,6 +61,9 @@ class SerialExecutor:
     def run(self, fn: EvalFn, context: Any, items: list[Any], on_result: OnResult) -> None:
         for item in items:
             on_result(item, fn(context, item))
+
+    def close(self) -> None:
+        pass
 
 
 # ------------------------------------------------------------------ process pool
@@ -193,6 +200,9 @@ class ProcessExecutor:
             raise
         pool.shutdown(wait=True)
 
+    def close(self) -> None:
+        pass  # each run's pool ends with the run (the fork server ends with this process)
+
 
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Cancel queued items and end this pool's own worker processes (not waiting for in-flight ones)."""
@@ -231,78 +241,248 @@ def _by_value(ray: Any, context: Any) -> None:
 
 
 class _ActorBody:
-    """One Ray actor: holds the context, evaluates items."""
+    """One Ray actor: holds the current run's context, evaluates items. Actors live as long as
+    their executor, so each run only ships its context (`load`), not a fresh worker's imports."""
 
-    def __init__(self, context: Any) -> None:
+    def __init__(self) -> None:
+        import importlib
+
         _quiet_worker()
+        for name in PRELOAD:  # now, while the caller prepares, rather than on the first evaluation
+            try:
+                importlib.import_module(name)
+            except ImportError:  # as the fork server does: the evaluation reports what is missing
+                pass
+        self.context: Any = None
+
+    def load(self, context: Any) -> None:
         self.context = context
 
     def call(self, fn: EvalFn, item: Any) -> tuple[Any, Any]:
         return item, fn(self.context, item)
 
 
+LOOPBACK = "127.0.0.1"
+CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+
+
+@contextmanager
+def _loopback(ray: Any) -> Iterator[None]:
+    """On Linux Ray swaps a loopback node address for the host's routable one ("cluster mode")
+    and its gRPC servers then listen on every interface. With cluster mode off while it starts,
+    the node address stays 127.0.0.1 and Ray's servers bind to loopback only."""
+    consts = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    flag = getattr(consts, "ENABLE_RAY_CLUSTER", None)
+    env = os.environ.get(CLUSTER_ENV)
+    os.environ[CLUSTER_ENV] = "0"  # for the processes it starts, which read it on import
+    if flag is not None:
+        consts.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if flag is not None:
+            consts.ENABLE_RAY_CLUSTER = flag
+        if env is None:
+            os.environ.pop(CLUSTER_ENV, None)
+        else:
+            os.environ[CLUSTER_ENV] = env
+
+
+def _local_token() -> None:
+    """Token authentication on when this machine holds a token (as Ray does for "auto")."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """("host", port) of "HOST:PORT" or "ray://HOST:PORT"; None for "auto" and the like."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    return (host.strip("[]"), int(port)) if host and port.isdigit() else None
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail now on an address nothing listens at: ray.init would retry it for minutes."""
+    import socket
+
+    hp = _host_port(address)
+    if hp is None:
+        return
+    try:
+        socket.create_connection(hp, timeout=timeout_s).close()
+    except OSError as e:
+        raise Unavailable(f"cannot reach Ray at {address}: {e.strerror or e}",
+                          hint="check the address (HOST:PORT of the head node's GCS, as `ray start --head` "
+                               "printed it) and that the cluster is up") from e
+
+
 class RayExecutor:
     """Runs the evaluation function in `workers` Ray actors (default: the cluster's CPUs).
 
-    `address`: an existing cluster ("HOST:PORT" or "auto"); None connects to the Ray instance
-    this process already started, or starts a local one. A cluster this executor started is
-    shut down when the run ends.
+    `address`: an existing cluster ("HOST:PORT" or "auto"); None reuses the Ray instance this
+    process already started, or starts a local one bound to 127.0.0.1. Ray starts on the first
+    run and every later run of this executor reuses it and its actors; `close()` (or the end of
+    the process) stops the actors and shuts down a local instance this executor started (from
+    a cluster it connected to it only disconnects). Ray's log lines stay off the user's
+    terminal: only its errors show.
     """
 
     name = "ray"
 
     def __init__(self, address: str | None = None, workers: int | None = None):
         self.address = address
-        self.workers = int(workers or 0)
+        self.requested = int(workers or 0)
+        self.starts = 0  # ray.init calls: one per executor however many runs it serves
+        self._ray: Any = None
+        self._inited = False  # this executor called ray.init (so it calls ray.shutdown)
+        self._actors: list[Any] = []
+        self._cpus = 0
+        self._log_level: int | None = None
 
-    def _connect(self, ray: Any) -> bool:
-        if ray.is_initialized():
-            return False
+    @property
+    def workers(self) -> int:
+        """Actors in use; before Ray starts, what it will use (read to size tasks)."""
+        if self._actors:
+            return len(self._actors)
+        return self.requested or self._cpus or os.cpu_count() or 1
+
+    @property
+    def warm(self) -> bool:
+        return bool(self._ray is not None and self._ray.is_initialized())
+
+    def _connect(self, ray: Any) -> None:
         kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
         try:
             if self.address:
-                ray.init(address=self.address, **kwargs)
-            else:
-                ray.init(address="local", include_dashboard=False, **kwargs)
+                _check_reachable(self.address)
+                hp = _host_port(self.address)
+                local = bool(hp and _is_loopback(hp[0]))
+                # Ray would replace a loopback host by this machine's routable address, where a
+                # cluster bound to loopback does not listen; and only a local cluster's token is ours.
+                with _loopback(ray) if local else nullcontext():
+                    if local:
+                        _local_token()
+                    ray.init(address=self.address, **kwargs)
+            else:  # as many CPUs as workers asked for, like the pool (actors need one each)
+                cpus = max(self.requested, os.cpu_count() or 1)
+                with _loopback(ray):
+                    ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK,
+                             num_cpus=cpus, **kwargs)
+        except Unavailable:
+            raise
         except Exception as e:  # connection refused, version mismatch...
             raise Unavailable(f"cannot connect to Ray at {self.address or 'a new local instance'}: "
                               f"{str(e).splitlines()[0][:200]}") from e
-        return True
+        self._inited = True
+        self.starts += 1
+
+    def start(self) -> Any:
+        """Start (or connect to) Ray once; later calls return it. Returns the ray module."""
+        if self.warm:
+            return self._ray
+        ray = _ray()
+        self._actors = []  # from an instance someone shut down since
+        self._quiet(True)
+        if not ray.is_initialized():
+            try:
+                self._connect(ray)
+            except Unavailable:
+                self._quiet(False)
+                raise
+        self._cpus = int(ray.cluster_resources().get("CPU", 1))
+        self._ray = ray
+        atexit.register(self.close)
+        if self._inited and not self.address:  # our own instance: its actors start (and import) meanwhile
+            self._pool(ray, self.requested or self._cpus)
+        return ray
+
+    def _quiet(self, on: bool) -> None:
+        """Only errors from Ray's loggers while it serves us (e.g. not its token-authentication notice)."""
+        logger = logging.getLogger("ray")
+        if on and self._log_level is None:
+            self._log_level = logger.level
+            logger.setLevel(logging.ERROR)
+        elif not on and self._log_level is not None:
+            logger.setLevel(self._log_level)
+            self._log_level = None
+
+    def _pool(self, ray: Any, items: int) -> list[Any]:
+        """The first n actors (started once, kept for later runs); n never above the cluster's CPUs."""
+        n = max(1, min(self.requested or self._cpus, self._cpus, items))
+        actor_cls = ray.remote(num_cpus=1)(_ActorBody)
+        while len(self._actors) < n:
+            self._actors.append(actor_cls.remote())
+        return self._actors[:n]
 
     def run(self, fn: EvalFn, context: Any, items: list[Any], on_result: OnResult) -> None:
         if not items:
             return
-        ray = _ray()
-        started = self._connect(ray)
+        ray = self.start()
+        _by_value(ray, context)
+        actors = self._pool(ray, len(items))
+        ctx_ref = ray.put(context)
+        for actor in actors:  # runs before their calls below: one caller's actor calls keep their order
+            actor.load.remote(ctx_ref)
         try:
-            _by_value(ray, context)
-            cpus = int(ray.cluster_resources().get("CPU", 1))
-            n = max(1, min(self.workers or cpus, len(items)))
-            self.workers = n
-            actor_cls = ray.remote(num_cpus=1)(_ActorBody)
-            ctx_ref = ray.put(context)
-            actors = [actor_cls.remote(ctx_ref) for _ in range(n)]
-            queue = iter(items)
-            pending: dict[Any, Any] = {}
-            for actor in actors:
-                for _ in range(2):
-                    item = next(queue, None)
-                    if item is not None:
-                        pending[actor.call.remote(fn, item)] = actor
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                ref = done[0]
-                actor = pending.pop(ref)
-                item, result = ray.get(ref)
-                on_result(item, result)
-                nxt = next(queue, None)
-                if nxt is not None:
-                    pending[actor.call.remote(fn, nxt)] = actor
-            for actor in actors:
-                ray.kill(actor)
-        finally:
-            if started:
-                ray.shutdown()
+            self._drive(ray, actors, fn, items, on_result)
+        except BaseException:  # Ctrl-C or an error: abandon the calls in flight with their actors
+            self._kill()
+            raise
+
+    @staticmethod
+    def _drive(ray: Any, actors: list[Any], fn: EvalFn, items: list[Any], on_result: OnResult) -> None:
+        """Two items in flight per actor; each finished one hands its actor the next."""
+        queue = iter(items)
+        pending: dict[Any, Any] = {}
+        for actor in actors:
+            for _ in range(2):
+                item = next(queue, None)
+                if item is not None:
+                    pending[actor.call.remote(fn, item)] = actor
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(done[0])
+            item, result = ray.get(done[0])
+            on_result(item, result)
+            nxt = next(queue, None)
+            if nxt is not None:
+                pending[actor.call.remote(fn, nxt)] = actor
+
+    def _kill(self) -> None:
+        for actor in self._actors:
+            try:
+                self._ray.kill(actor)
+            except Exception:  # already gone with its node
+                pass
+        self._actors = []
+
+    def close(self) -> None:
+        """Stop the actors; shut Ray down if this executor started it. Safe to call twice."""
+        atexit.unregister(self.close)
+        if self.warm:
+            self._kill()
+            if self._inited:
+                self._ray.shutdown()
+        self._ray, self._inited, self._actors = None, False, []
+        self._quiet(False)
+
+    def __enter__(self) -> "RayExecutor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def make_executor(kind: str = "process", *, workers: int | None = None, address: str | None = None,
@@ -312,6 +492,8 @@ def make_executor(kind: str = "process", *, workers: int | None = None, address:
         raise Unavailable(f"unknown executor {kind!r}", hint=f"one of {', '.join(EXECUTORS)}")
     if kind == "ray":
         _ray()
+        if address:
+            _check_reachable(address)  # before the caller loads a model for minutes
         return RayExecutor(address=address, workers=workers)
     if kind == "serial" or (workers or os.cpu_count() or 1) <= 1 or (items is not None and items <= 1):
         return SerialExecutor()

@@ -11,16 +11,106 @@ Output kinds decide which metrics apply (chosen automatically by `choose_kind`, 
 """
 from __future__ import annotations
 
+import html
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     import torch
 
-class ResultModel(BaseModel):
-    """Base of result objects: JSON keeps +inf/NaN as the strings "Infinity"/"NaN" (valid JSON)."""
+SummaryRows = list[tuple[str, str]]
+REPR_MAX = 199  # a repr is one line a person reads, not the object's dump (a VerifyResult's ran to 4k)
+
+
+class Summarized:
+    """Short displays of a result: `repr` (one line), `_repr_html_` (a notebook table) and
+    `__rich__` (a rich table). A class names its key figures in `summary_fields`, or overrides
+    `_summary` for figures that need working out; by default every plain field is shown."""
+
+    summary_fields: ClassVar[tuple[str, ...]] = ()
+
+    def _summary(self) -> tuple[str, SummaryRows]:
+        names = self.summary_fields or _field_names(self)
+        rows = [(n, text) for n in names if (text := value_text(n, getattr(self, n, None))) is not None]
+        return type(self).__name__, rows
+
+    def __repr__(self) -> str:
+        try:
+            title, rows = self._summary()
+        except Exception:  # a half-built object (model_construct, a test double): repr must not raise
+            return f"<{type(self).__name__} object>"
+        inner = ", ".join(f"{k}={v}" for k, v in rows)
+        line = f"{title}({inner})"
+        return line if len(line) <= REPR_MAX else line[:REPR_MAX - 2] + "…)"
+
+    def _repr_html_(self) -> str:
+        title, rows = self._summary()
+        e = html.escape
+        body = "".join(f"<tr><th style=\"text-align:left\">{e(k)}</th><td style=\"text-align:left\">{e(v)}</td></tr>"
+                       for k, v in rows)
+        return f"<table><caption style=\"text-align:left\"><b>{e(title)}</b></caption>{body}</table>"
+
+    def __rich__(self) -> Any:
+        from rich.table import Table
+        from rich.text import Text
+
+        title, rows = self._summary()
+        table = Table(title=Text(title, style="bold"), title_justify="left", show_header=False)
+        table.add_column(style="dim")
+        table.add_column()
+        for k, v in rows:
+            table.add_row(Text(k), Text(v))  # Text: a layer named "[red]" is not markup
+        return table
+
+
+def _field_names(obj: Any) -> list[str]:
+    fields = getattr(type(obj), "model_fields", None)
+    if fields is None:
+        import dataclasses
+
+        return [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+    return list(fields)
+
+
+def size_text(n: float) -> str:
+    from compressadvise.ui.render import human_bytes  # the CLI's units
+
+    return human_bytes(n)
+
+
+def count_text(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def value_text(name: str, value: Any, limit: int = 60) -> str | None:
+    """A field's value as a short display string; None leaves it out (unset, empty or nested)."""
+    if value is None or isinstance(value, (Summarized, BaseModel)) or isinstance(value, (str, list, dict)) and not value:
+        return None
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        if "bytes" in name:
+            return size_text(value)
+        return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) and len(value) <= 6:
+            return "x".join(f"{v:g}" for v in value)  # a shape
+        return count_text(len(value), "item")
+    if isinstance(value, dict):
+        if all(isinstance(v, (int, float)) for v in value.values()):
+            text = ", ".join(f"{k} {v:.4g}" for k, v in value.items())
+        else:
+            text = count_text(len(value), "entry", "entries")
+    else:
+        text = str(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+class ResultModel(Summarized, BaseModel):
+    """Base of result objects: JSON keeps +inf/NaN as the strings "Infinity"/"NaN" (valid JSON),
+    and displays are short summaries (Summarized)."""
 
     model_config = ConfigDict(ser_json_inf_nan="strings")
 

@@ -7,7 +7,7 @@ from typing import Any, Callable
 from pydantic import Field
 
 from compressadvise.model.analysis import ModelReport
-from compressadvise.measure.metrics import ResultModel
+from compressadvise.measure.metrics import ResultModel, count_text
 
 PROXIES = ("weight_rel_error", "hessian_output", "fisher_labels")
 
@@ -78,6 +78,16 @@ class SensitivityReport(ResultModel):
         for m in self.measurements:
             out.setdefault(m.layer, {})[m.setting] = m
         return out
+
+    def _summary(self) -> tuple[str, list[tuple[str, str]]]:
+        """What was measured, the most sensitive layers and what it cost."""
+        top = sorted(self.ranking, key=lambda r: r.rank)[:3]
+        return "SensitivityReport", [
+            ("model", self.source), ("samples", f"{self.samples_used} ({self.samples})"),
+            ("measured", f"{count_text(len(self.layers), 'layer')} x {count_text(len(self.settings), 'setting')}"),
+            ("most sensitive", ", ".join(f"{r.layer} (x{r.vs_median:.3g} median)" for r in top) or "-"),
+            ("evaluations", f"{self.evaluations} run, {self.cache_hits} cached"),
+            ("time", f"{self.wall_s:.1f} s")]
 
 
 # ------------------------------------------------------------------ ranking and proxy quality

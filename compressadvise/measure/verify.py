@@ -13,7 +13,7 @@ from pydantic import Field
 from compressadvise.errors import BadModel, InputNotFound
 from compressadvise.measure.estimate import ModelEstimate
 from compressadvise.measure.latency import LatencyReport, Timing
-from compressadvise.measure.metrics import ResultModel
+from compressadvise.measure.metrics import ResultModel, count_text, size_text
 from compressadvise.model.samples import InvalidSamples, Samples, load_samples, random_samples
 from compressadvise.measure.verify_budgets import BudgetVerdict, Budgets, _estimates, judge
 from compressadvise.measure.verify_budgets import ACCURACY_KEY  # re-exported
@@ -74,6 +74,35 @@ class VerifyResult(ResultModel):
     def missed(self) -> list[BudgetVerdict]:
         return [b for b in self.budgets if not b.passed]
 
+    def _summary(self) -> tuple[str, list[tuple[str, str]]]:
+        """The verdict first, then size, fidelity per output, task metrics and each budget."""
+        missed = self.missed()
+        verdict = "passed" if self.passed else (f"missed {', '.join(b.name for b in missed)}" if missed else "failed")
+        rows = [("verdict", verdict), ("samples", f"{self.samples.count} ({self.samples.kind})")]
+        o, c = self.original.size_bytes, self.compressed.size_bytes
+        if o and c:
+            rows.append(("size", f"{size_text(o)} -> {size_text(c)} (x{o / c:.2f})"))
+        rows += [(f.name, _key_metrics(f)) for f in self.fidelity[:3]]
+        rows += [(m.name, f"{m.original:.4g} -> {m.compressed:.4g}{m.unit} ({m.delta:+.3g})")
+                 for m in [*self.accuracy, *self.evaluator][:4]]
+        rows += [(f"budget {b.name}", f"{'passed' if b.passed else 'missed'}: {_num(b.value)} vs {_num(b.limit)}"
+                  f"{b.unit} ({b.basis})") for b in self.budgets]
+        if self.warnings:
+            rows.append(("warnings", count_text(len(self.warnings), "warning")))
+        return "VerifyResult", rows
+
+
+# The figures that say most about one output of each kind (all are in `metrics`).
+_KEY_METRICS = {"logits": ("top1_agreement", "snr_db"), "dense": ("psnr_db", "cosine"), "mask": ("iou",)}
+
+
+def _key_metrics(f: OutputFidelity) -> str:
+    return ", ".join(f"{m} {f.metrics[m]:.4g}" for m in _KEY_METRICS[f.kind] if m in f.metrics)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
 
 # ------------------------------------------------------------------ the entry point
 def _budgets(budgets: Any) -> Budgets:
@@ -83,8 +112,14 @@ def _budgets(budgets: Any) -> Budgets:
     if isinstance(budgets, Budgets):
         return budgets
     if isinstance(budgets, dict):
+        unknown = sorted(set(budgets) - set(Budgets.model_fields) - {"size_from"})
+        if unknown:  # Budgets, a result model, would ignore them: a typo must not drop a budget
+            from compressadvise.errors import BadArgument, did_you_mean
+
+            valid = [n for n in Budgets.model_fields if n != "size_from"]
+            raise BadArgument(f"budgets: unknown key {unknown[0]!r} ({did_you_mean(unknown[0], valid)})")
         return Budgets(**budgets)
-    names = ("max_accuracy_drop", "max_latency_ms", "max_size_mb")
+    names = ("max_accuracy_drop", "max_latency_ms", "max_size_mb", "size_fraction", "bits_per_weight")
     return Budgets(**{k: (getattr(budgets, k, 0.0) or None) for k in names})
 
 
@@ -144,13 +179,17 @@ def verify(
     the first) feeds the accuracy budget, in points.
     """
     say = progress or (lambda _msg: None)
-    say = progress or (lambda _msg: None)
     budget = _budgets(budgets)
     overrides = parse_metric_overrides(metrics)
     if compressed is None:
         raise InputNotFound("no compressed model given", hint="verify ORIGINAL COMPRESSED")
     say("loading models")
     orig = _resolve(original, trust_pickle)
+    if budget.relative():
+        from compressadvise.model.analysis import analyze
+
+        facts = analyze(orig.loaded, stats=False)
+        budget = budget.resolved(facts.total_bytes_fp16, facts.total_params)
     comp = _resolve(compressed, trust_pickle, named=_named_spec(original))  # its factory, if any, is the user's
     smp = _samples(samples, orig)
     lab = _labels(labels, smp)

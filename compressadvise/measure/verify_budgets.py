@@ -21,6 +21,29 @@ class Budgets(ResultModel):
     max_accuracy_drop: float | None = Field(None, description="points (percentage points of accuracy)")
     max_latency_ms: float | None = None
     max_size_mb: float | None = Field(None, description="MB = 10^6 bytes")
+    size_fraction: float | None = Field(None, description="of the original's fp16 size (as recommend and search read it)")
+    bits_per_weight: float | None = Field(None, description="average bits per parameter of the original")
+    size_from: str = Field("", description="how max_size_mb was derived from size_fraction or bits_per_weight")
+
+    def relative(self) -> bool:
+        return self.size_fraction is not None or self.bits_per_weight is not None
+
+    def resolved(self, fp16_bytes: int, params: int) -> Budgets:
+        """One size budget in MB: a fraction is of the fp16 size, bits are per parameter (the
+        sizes recommend and search plan with, so a plan's budget checks the same way here)."""
+        given = [n for n in ("max_size_mb", "size_fraction", "bits_per_weight") if getattr(self, n) is not None]
+        if len(given) > 1:
+            from compressadvise.errors import BadArgument
+
+            raise BadArgument(f"give one size budget, not {' and '.join(given)}")
+        if self.size_fraction is not None:
+            mb, how = self.size_fraction * fp16_bytes / 1e6, f"{self.size_fraction:g} of the original's fp16 size"
+        elif self.bits_per_weight is not None:
+            mb, how = self.bits_per_weight * params / 8 / 1e6, f"{self.bits_per_weight:g} bits x {params:,} parameters"
+        else:
+            return self
+        return self.model_copy(update={"max_size_mb": mb, "size_fraction": None, "bits_per_weight": None,
+                                       "size_from": how})
 
 
 class BudgetVerdict(ResultModel):
@@ -109,7 +132,7 @@ def _latency_verdict(limit: float, result: VerifyResult) -> BudgetVerdict:
     return BudgetVerdict(name="latency", limit=limit, value=v, unit="ms", basis=basis, passed=v <= limit)
 
 
-def _size_verdict(limit: float, result: VerifyResult) -> BudgetVerdict:
+def _size_verdict(limit: float, result: VerifyResult, from_: str = "") -> BudgetVerdict:
     side = result.compressed
     if side.mlpackage is None and result.target_size_bytes is not None:
         v, basis = result.target_size_bytes["compressed"] / 1e6, "estimate: weights on the target"
@@ -118,7 +141,8 @@ def _size_verdict(limit: float, result: VerifyResult) -> BudgetVerdict:
     else:
         return BudgetVerdict(name="size", limit=limit, unit="MB", basis="not measured", passed=False,
                              detail="the compressed model's size is unknown")
-    return BudgetVerdict(name="size", limit=limit, value=v, unit="MB", basis=basis, passed=v <= limit)
+    return BudgetVerdict(name="size", limit=limit, value=v, unit="MB", basis=basis, passed=v <= limit,
+                         detail=f"limit: {from_}" if from_ else "")
 
 
 def judge(result: VerifyResult, budgets: Budgets) -> VerifyResult:
@@ -129,7 +153,7 @@ def judge(result: VerifyResult, budgets: Budgets) -> VerifyResult:
     if budgets.max_latency_ms is not None:
         verdicts.append(_latency_verdict(budgets.max_latency_ms, result))
     if budgets.max_size_mb is not None:
-        verdicts.append(_size_verdict(budgets.max_size_mb, result))
+        verdicts.append(_size_verdict(budgets.max_size_mb, result, budgets.size_from))
     bad = [f for f in result.fidelity if f.nonfinite]
     if bad:
         verdicts.append(BudgetVerdict(name="finite outputs", value=float(sum(f.nonfinite for f in bad)),

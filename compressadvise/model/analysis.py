@@ -4,11 +4,12 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
 from compressadvise.errors import BadModel
+from compressadvise.measure.metrics import Summarized
 from compressadvise.model.loading import LoadedModel, load_model
 
 SCHEMA_VERSION = "1"
@@ -91,7 +92,8 @@ class TypeBreakdown(BaseModel):
     share: float
 
 
-class ModelReport(BaseModel):
+class ModelReport(Summarized, BaseModel):
+    summary_fields: ClassVar[tuple[str, ...]] = ("source", "format", "family", "total_params", "total_bytes_fp16", "layers")
     schema_version: str = SCHEMA_VERSION
     source: str
     format: str

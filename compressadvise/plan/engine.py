@@ -21,16 +21,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from pydantic import ValidationError
-
 from compressadvise.model.analysis import LayerInfo, ModelReport, analyze
-from compressadvise.errors import BadModel, InvalidKnowledge
+from compressadvise.errors import BadModel
 from compressadvise.knowledge.expressions import cel
 from compressadvise.knowledge.deployment import Deployment
 from compressadvise.knowledge.facts import extract, step_facts
 from compressadvise.knowledge.base import PLACEHOLDER, CompiledRule, Knowledge, builtin, load_knowledge
 from compressadvise.knowledge.schema import (COMPRESSIBLE, SLOTS, UNSUPPORTED_KINDS, Advisory, Constraints, LayerPrediction, Plan, PlanModel,
                      PlanTarget, Skip, Step, Target, TraceEntry)
+from compressadvise.plan.budgets import budget_request, plan_constraints, size_mb
 from compressadvise.plan.setting import Setting, stacked_label, unchanged_label
 from compressadvise.plan.sizing import NotApplicable, layer_bytes, prediction, pruned_fraction
 
@@ -75,16 +74,6 @@ def constraint_facts(c: Constraints, r: ModelReport) -> dict[str, Any]:
     return extract("constraints", c, r)
 
 
-def _constraints(values: dict[str, Any]) -> Constraints:
-    """Budgets as given by a caller; NaN or inf (refused by the schema) is a one-line error."""
-    try:
-        return Constraints(**values)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(x) for x in err["loc"])
-        raise InvalidKnowledge(f"constraints: '{key}': {err['msg']} (got {err.get('input')!r})") from None
-
-
 def rule_rank(cr: CompiledRule) -> tuple:
     return (-cr.rule.priority, -cr.specificity(), cr.code)
 
@@ -125,6 +114,8 @@ def recommend(
     target: str = "ane-a17",
     os: int | None = None,
     constraints: Constraints | dict | None = None,
+    max_size_mb: float | None = None, size_fraction: float | None = None, bits_per_weight: float | None = None,
+    max_latency_ms: float | None = None, max_accuracy_drop: float | None = None, data: str | None = None,
     knowledge: Knowledge | None = None,
     playbooks: Iterable[str] = (),
     measure: bool = False,
@@ -133,33 +124,33 @@ def recommend(
 ) -> Plan:
     """Evaluate the playbooks against a model's facts and return an explained plan.
 
-    measure=True applies the plan in memory to the deployable weights and measures it on
-    `samples` (random inputs when None: weak evidence), choosing a gentler setting when it misses
-    the fidelity floor (`plan.fidelity` says what was measured); it needs the model, not a report."""
+    Budgets are keywords, as `search` takes them (plan.budgets); `constraints` (a dict or a
+    Constraints, 0 = none) still works. measure=True applies the plan in memory to the deployable
+    weights and measures it on `samples` (random inputs when None: weak evidence), choosing a
+    gentler setting when it misses the fidelity floor (`plan.fidelity` says what was measured);
+    it needs the model, not a report."""
+    given = budget_request(constraints, max_size_mb=max_size_mb, size_fraction=size_fraction,  # before any work
+                           bits_per_weight=bits_per_weight, max_latency_ms=max_latency_ms,
+                           max_accuracy_drop=max_accuracy_drop, data=data)
     k = knowledge or (load_knowledge(playbooks) if playbooks else builtin())
     if measure and isinstance(model, ModelReport):
         raise BadModel("measuring a plan needs the model itself, not its analysis report",
                        hint="pass the loaded model (or its path) to recommend")
     from compressadvise.plan.ways import ways_forward
+    from compressadvise.model.loading import LoadedModel, load_model
 
-    if measure:
-        from compressadvise.model.loading import LoadedModel, load_model
+    loaded = (model if isinstance(model, LoadedModel) else load_model(model)) if measure else None
+    report = analyze(loaded) if loaded is not None else model if isinstance(model, ModelReport) else analyze(model)
+    plan = _recommend(report, target, os, plan_constraints(given, size_mb(given, report)), k)
+    if loaded is not None:
         from compressadvise.plan.measured import measure_plan
 
-        loaded = model if isinstance(model, LoadedModel) else load_model(model)
-        report = analyze(loaded)
-        plan = measure_plan(_recommend(report, target, os, constraints, k), loaded, report, k, samples=samples,
-                            min_psnr=min_psnr)
-    else:
-        report = model if isinstance(model, ModelReport) else analyze(model)
-        plan = _recommend(report, target, os, constraints, k)
+        plan = measure_plan(plan, loaded, report, k, samples=samples, min_psnr=min_psnr)
     return plan.model_copy(update={"ways_forward": ways_forward(plan, report, k)})
 
 
-def _recommend(report: ModelReport, target: str, os: int | None, constraints: Constraints | dict | None,
-               k: Knowledge) -> Plan:
+def _recommend(report: ModelReport, target: str, os: int | None, c: Constraints, k: Knowledge) -> Plan:
     dep = Deployment.resolve(k, target, os)  # default OS and min-OS check, once
-    c = constraints if isinstance(constraints, Constraints) else _constraints(constraints or {})
     base = {"model": model_facts(report), "target": target_facts(dep),
             "constraints": constraint_facts(c, report)}
     trace: list[TraceEntry] = []

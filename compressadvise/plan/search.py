@@ -31,6 +31,7 @@ from compressadvise.model.analysis import LayerInfo, ModelReport
 from compressadvise.errors import BudgetMissed, InvalidKnowledge
 from compressadvise.knowledge.base import Knowledge
 from compressadvise.knowledge.schema import Constraints, Plan
+from compressadvise.plan.budgets import SIZE_KEYS, plan_constraints, search_request
 from compressadvise.plan.search_knapsack import (DEFAULT_BUCKETS, Choice, MultipleChoiceKnapsack, solve_mckp,  # re-exported
                               solve_two_budgets)
 from compressadvise.plan.search_adaptive import Scope, adaptive_sensitivities
@@ -86,6 +87,9 @@ def search(
     bits_per_weight: float | None = None,
     size_fraction: float | None = None,
     max_latency_ms: float | None = None,
+    max_accuracy_drop: float | None = None,
+    data: str | None = None,
+    constraints: Constraints | dict | None = None,
     target: str = "ane-a17",
     os: int | None = None,
     knowledge: Knowledge | None = None,
@@ -107,7 +111,11 @@ def search(
 
     By default only what the budget can choose is measured (`search_adaptive`: predicted,
     dominated pairs skipped, the knapsack's picks measured on the first samples, close calls on
-    all); `measure_all` measures every allowed (layer, setting) pair on all samples."""
+    all); `measure_all` measures every allowed (layer, setting) pair on all samples.
+    Budgets are the keywords `recommend` takes (plan.budgets): one size budget and/or a latency one."""
+    given = search_request(budget, constraints, max_size_mb=max_size_mb, bits_per_weight=bits_per_weight,
+                           size_fraction=size_fraction, max_latency_ms=max_latency_ms,
+                           max_accuracy_drop=max_accuracy_drop, data=data)  # before any work
     from compressadvise.knowledge.deployment import Deployment
     from compressadvise.knowledge.base import builtin, load_knowledge
 
@@ -119,12 +127,12 @@ def search(
     baseline = tgt.baseline_bytes_per_param
     prep = prepared or prepare(model, samples, max_samples=max_samples, trust_pickle=trust_pickle)
     report = prep.report
-    budget = budget or Budget.of(max_size_mb=max_size_mb, bits_per_weight=bits_per_weight, size_fraction=size_fraction,
-                                 max_latency_ms=max_latency_ms, report=report, baseline=baseline)
-    constraints = Constraints(max_size_mb=(budget.max_bytes or 0.0) / MB, max_latency_ms=budget.max_latency_ms or 0.0)
+    budget = budget or Budget.of(**{n: given.get(n) for n in (*SIZE_KEYS, "max_latency_ms", "max_accuracy_drop")},
+                                 report=report, baseline=baseline)
+    limits = plan_constraints(given, (budget.max_bytes or 0.0) / MB, budget.max_latency_ms)
     grid, notes = _target_grid(k, settings or default_grid(k=k), target, tgt.name, os_major)
     layers = candidate_layers(report)
-    allowed, lesson_notes = _allowed(k, report, target, os_major, constraints, layers, grid, lessons, baseline)
+    allowed, lesson_notes = _allowed(k, report, target, os_major, limits, layers, grid, lessons, baseline)
     pruning, guesses = None, None
     if measure_all:
         sens = _sensitivities(prep, k, allowed, grid, cache, executor, progress)
@@ -132,12 +140,12 @@ def search(
         scope = Scope(prep, k, layers, target, os_major, baseline, budget, buckets, grid, cache, executor, progress)
         sens, guesses, pruning = adaptive_sensitivities(scope, allowed)
     space = _space(k, report, sens, layers, target, os_major, baseline, guesses)
-    notes += _latency_notes(space, layers, budget, tgt.name)
+    notes += _latency_notes(space, layers, budget, tgt.name) + _accuracy_notes(prep, budget)
     plans = _plans(space, budget, prep.logits, buckets)
     candidates, ran_full, chosen, picks = _confirm_best(prep, space, plans, budget, cache, executor, confirm, progress)
     ranks = {r.layer: r.vs_median for r in sens.ranking}
     layer_choices = _explain(space, picks, ranks, lesson_notes, lessons, budget, buckets)
-    plan = _build_plan(k, report, prep, tgt.name, os_major, constraints, space, picks,
+    plan = _build_plan(k, report, prep, tgt.name, os_major, limits, space, picks,
                        layer_choices, lesson_notes, lessons, budget, chosen, baseline)
     frontier_size, frontier_lat = _frontiers(space, candidates, plans, buckets)
     notes += _closing_notes(plan, space) + sens.notes
@@ -225,6 +233,21 @@ def _confirm_best(prep: Prepared, space: _Space, plans: list[tuple[str, str, lis
     return candidates, ran_full, candidates[best_i], plans[best_i][2]
 
 
+def _accuracy_notes(prep: Prepared, budget: Budget) -> list[str]:
+    if budget.max_accuracy_drop is None or "accuracy" in prep.ref_metrics:
+        return []
+    return ["the accuracy budget is recorded in the plan, not checked here: the samples have no labels "
+            "(`verify --max-accuracy-drop` with labels or --eval judges the build)"]
+
+
+def _accuracy_ok(prep: Prepared, budget: Budget, measured: dict[str, float]) -> bool:
+    """A candidate within the accuracy budget, where labels make it measurable (else: not refused)."""
+    ref = prep.ref_metrics.get("accuracy")
+    if budget.max_accuracy_drop is None or ref is None or "accuracy" not in measured:
+        return True
+    return ref - measured["accuracy"] <= budget.max_accuracy_drop + 1e-9
+
+
 def _closing_notes(plan: Plan, space: _Space) -> list[str]:
     """Notes on an empty plan and on a missing latency estimate."""
     notes: list[str] = []
@@ -251,7 +274,8 @@ def _confirm(prep: Prepared, space: _Space, plans: list[tuple[str, str, list[int
     for (name, objective, picks), res in zip(plans, measured):
         size, lat = space.size(picks), space.latency(picks)
         fits = (budget.max_bytes is None or size <= budget.max_bytes + 1e-6) and (
-            budget.max_latency_ms is None or (lat is not None and lat <= budget.max_latency_ms + 1e-12))
+            budget.max_latency_ms is None or (lat is not None and lat <= budget.max_latency_ms + 1e-12)) and (
+            _accuracy_ok(prep, budget, res["metrics"]))
         settings = space.settings(picks)
         out.append(Candidate(
             name=name, objective=objective, assignment={n: s.label for n, s in zip(space.names, settings)},

@@ -7,20 +7,24 @@ from pydantic import Field
 
 from compressadvise.model.analysis import ModelReport
 from compressadvise.errors import InvalidKnowledge
-from compressadvise.measure.metrics import ResultModel
+from compressadvise.measure.metrics import ResultModel, size_text
 from compressadvise.knowledge.schema import Plan
 
 MB = 1e6
+_KEY_MEASURES = ("psnr_db", "top1_agreement", "accuracy")  # a candidate's figures worth a summary line
 
 
 class Budget(ResultModel):
     max_bytes: float | None = Field(None, description="whole-model size budget in bytes")
     max_latency_ms: float | None = Field(None, description="estimate: roofline latency budget on the target")
+    max_accuracy_drop: float | None = Field(None, description=(
+        "points of top-1 accuracy a confirmed candidate may lose, measured on labelled samples"))
     basis: str = ""
 
     @classmethod
     def of(cls, *, max_size_mb: float | None = None, bits_per_weight: float | None = None,
            max_latency_ms: float | None = None, size_fraction: float | None = None,
+           max_accuracy_drop: float | None = None,
            report: ModelReport | None = None, baseline: float = 2.0) -> "Budget":
         given = [x for x in (max_size_mb, bits_per_weight, size_fraction) if x]
         if len(given) > 1:
@@ -40,11 +44,16 @@ class Budget(ResultModel):
         elif size_fraction:
             if report is None:
                 raise ValueError("size_fraction needs the model report")
-            max_bytes = size_fraction * report.stored() * baseline
-            basis.append(f"{size_fraction:g} of the uncompressed size")
+            # Of the fp16 size, as recommend, verify and the CLI's help read it (not of the target's
+            # own uncompressed size: on an fp32 target that would be twice the bytes).
+            max_bytes = size_fraction * report.total_bytes_fp16
+            basis.append(f"{size_fraction:g} of the fp16 size")
         if max_latency_ms:
             basis.append(f"{max_latency_ms:g} ms (estimate)")
-        return cls(max_bytes=max_bytes, max_latency_ms=max_latency_ms or None, basis=" and ".join(basis))
+        if max_accuracy_drop is not None:
+            basis.append(f"at most {max_accuracy_drop:g} points of accuracy (measured)")
+        return cls(max_bytes=max_bytes, max_latency_ms=max_latency_ms or None, max_accuracy_drop=max_accuracy_drop,
+                   basis=" and ".join(basis))
 
 
 class FrontierPoint(ResultModel):
@@ -115,3 +124,18 @@ class SearchResult(ResultModel):
     wall_s: float
     lessons: Literal["apply", "advise"]
     notes: list[str] = []
+
+    def _summary(self) -> tuple[str, list[tuple[str, str]]]:
+        """The budget, the chosen plan's size and measured fidelity, and what the search cost."""
+        c = self.chosen
+        size = c.estimate.get("bytes")
+        compressed = sum(1 for x in self.layers if not x.setting.endswith("(unchanged)"))
+        ev = self.evaluations
+        return "SearchResult", [
+            ("budget", self.budget.basis), ("fits", "yes" if c.fits else "no"),
+            ("chosen", f"{c.name}: {size_text(size) if size is not None else '-'} (estimate)"),
+            ("measured", ", ".join(f"{k} {c.measured[k]:.4g}" for k in _KEY_MEASURES if k in c.measured) or "-"),
+            ("layers", f"{compressed} of {len(self.layers)} compressed"),
+            ("candidates", f"{len(self.candidates)} confirmed by measurement"),
+            ("evaluations", f"{ev.get('single_layer', 0)} single-layer run, {ev.get('single_layer_cached', 0)} cached"),
+            ("time", f"{self.wall_s:.1f} s")]

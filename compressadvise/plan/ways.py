@@ -38,7 +38,7 @@ def ways_forward(plan: Plan, report: ModelReport, k: Knowledge) -> list[WayForwa
     ways = _rule_moves(plan, report, k, dep) + _arithmetic(plan, report, budget)
     smallest = _smallest(report, k, dep)
     if smallest is not None:
-        ways.append(_floor_way(smallest, budget))
+        ways.append(_floor_way(smallest, budget, _search_command(plan, report, budget)))
     return sorted(ways, key=lambda w: (w.predicted_bytes is None,
                                        (w.predicted_bytes or 0) > budget, w.predicted_bytes or 0))
 
@@ -119,7 +119,17 @@ def _smallest(report: ModelReport, k: Knowledge, dep: Deployment) -> int | None:
     return int(total + (report.stored() - sum(x.params for x in report.layers if not x.is_dead)) * baseline)
 
 
-def _floor_way(smallest: int, budget: float) -> WayForward:
+def _search_command(plan: Plan, report: ModelReport, budget: float) -> str:
+    """The search for this model, target and budget, as it runs when pasted."""
+    import shlex
+
+    model = [] if report.format == "bundled" else [shlex.quote(report.source)]
+    os_flag = [f"--os {plan.target.os}"] if plan.target.os else []
+    return " ".join(["compressadvise search", *model, f"--target {shlex.quote(plan.target.name)}", *os_flag,
+                     f"--max-size-mb {budget / MB:g}"])
+
+
+def _floor_way(smallest: int, budget: float, search: str) -> WayForward:
     if smallest > budget:
         return WayForward(code=CODE, predicted_bytes=smallest, cost="none: a limit", message=(
             f"out of reach by post-training weight compression: the smallest plan this target allows (every "
@@ -127,7 +137,7 @@ def _floor_way(smallest: int, budget: float) -> WayForward:
             f"{_h(budget)}; raise the budget, prune (training), or change the architecture"))
     return WayForward(code=CODE, predicted_bytes=smallest, cost="accuracy: the harshest settings, measure first",
                       message=(f"within reach: every compressible layer at its smallest supported setting gives "
-                               f"{_h(smallest)}; `compressadvise search --max-size-mb {budget / MB:g}` "
+                               f"{_h(smallest)}; `{search}` "
                                "spends the budget where it costs least accuracy"))
 
 

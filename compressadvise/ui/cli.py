@@ -17,17 +17,26 @@ import typer
 
 from compressadvise.errors import EXIT_CODES, CompressAdviseError
 
+try:  # Typer >= 0.25 vendors click
+    from typer._click.exceptions import ClickException as _ClickException
+    from typer.exceptions import Abort as _Abort
+except ImportError:  # pragma: no cover - older Typer on click itself
+    from click.exceptions import Abort as _Abort
+    from click.exceptions import ClickException as _ClickException
+from compressadvise.ui.cli_help import CleanGroup
+
 app = typer.Typer(
     name="compressadvise",
     help="Expert model-compression advice you can run: analyze, recommend, apply, verify.",
+    cls=CleanGroup,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion; names complete from the knowledge base
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
 
 # Command modules, in the order `--help` lists them; each has register(app).
-COMMAND_MODULES = ["analyze", "recommend", "knowledge", "apply", "verify", "sensitivity", "report", "walkthrough"]
+COMMAND_MODULES = ["analyze", "recommend", "knowledge", "apply", "export", "verify", "sensitivity", "report", "walkthrough"]
 STATE: dict[str, Any] = {"debug": False, "interrupts": 0, "pending": False, "profile_previous": None}
 
 
@@ -41,11 +50,12 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and library warnings."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and library warnings (accepted anywhere "
+                               "on the command line)."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
                                  callback=_print_version),
 ) -> None:
-    STATE["debug"] = debug
+    STATE["debug"] = STATE["debug"] or debug  # main() takes --debug out of argv wherever it was
 
 
 def _register() -> None:
@@ -163,8 +173,17 @@ def _pressed_while_starting() -> bool:
     return bool(console is not None and console.PRESSED)
 
 
+def _take_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """--debug anywhere before `--` (click accepts a group option only before the subcommand, so
+    "rerun with --debug" would fail when pasted after it): removed here, set for the run."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    return kept, len(kept) != len(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    argv, debug = _take_debug(list(argv if argv is not None else sys.argv[1:]))
+    STATE["debug"] = debug
     if not debug:
         _quiet_libraries()
     previous = _install_handlers()
@@ -172,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             if _pressed_while_starting():
                 raise Interrupted()
-            # Standalone mode: click prints usage errors itself (exit 2) and handles --help.
-            app(args=argv, prog_name="compressadvise")
+            # Not standalone: usage errors come here, to be one line like every other error.
+            code = app(args=argv, prog_name="compressadvise", standalone_mode=False)
         finally:
             if STATE["pending"]:  # a Ctrl-C still waiting for a safe point when the command ends
                 _raise_now()
@@ -184,6 +203,13 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         sys.stderr.write(f"error: {e.one_line()}\n")
         sys.exit(e.exit_code)
+    except _ClickException as e:
+        if e.format_message().strip():  # empty: the bare command, whose help was the answer
+            sys.stderr.write(f"error: {_usage_line(e)}\n")
+        sys.exit(e.exit_code)
+    except _Abort:
+        sys.stderr.write("aborted\n")
+        sys.exit(1)
     except (Interrupted, KeyboardInterrupt):
         sys.stderr.write("interrupted: outputs are written atomically, nothing half-written was left\n")
         sys.exit(130)
@@ -194,6 +220,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(70)
     finally:
         _restore_handlers(previous)  # main() may be called in-process (tests, notebooks)
+    # Always an exit, as click's standalone mode did (callers and tests rely on SystemExit):
+    # typer.Exit(n) from a command returns n here, a command that returns gives None.
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_line(e: Exception) -> str:
+    """click's usage error, on one line, with the help to read: Typer's framed panel splits a
+    long message over lines a CI log or a grep would have whole."""
+    message = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+    ctx = getattr(e, "ctx", None)
+    return f"{message} (see `{ctx.command_path} --help`)" if ctx is not None else message
 
 
 def exit_codes_markdown() -> str:

@@ -134,7 +134,8 @@ def render_output(spec: RunSpec, res: dict, replacements: dict[str, str]) -> str
     if spec.lines and len(lines) > spec.lines:
         lines = lines[: spec.lines] + [f"... ({len(lines) - spec.lines} more lines)"]
     rc = f"\n(exit code {res['code']})" if res["code"] else ""
-    return "```console\n$ " + shown + "\n" + "\n".join(lines) + rc + "\n```\n"
+    # text, not console: output highlighted as a shell session colours its numbers and quotes.
+    return "```text\n$ " + shown + "\n" + "\n".join(lines) + rc + "\n```\n"
 
 
 def shorten_json(value: Any, keep: int = 2, max_chars: int = 160) -> Any:

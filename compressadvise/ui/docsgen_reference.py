@@ -322,6 +322,9 @@ def _command_md(cmd: Any, ctx: Any, path: str) -> list[str]:
                   "| --- | --- | --- | --- | --- |"]
         lines += [_param_row(p, ctx) for p in params]
         lines += ["| `--help` |  |  |  | Show the help and exit. |", ""]
+    if getattr(cmd, "epilog", None):
+        head, _, body = cmd.epilog.partition("\n\n")
+        lines += [f"{head}", "", "```text", *(ln.strip() for ln in body.splitlines()), "```", ""]
     return lines
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from compressadvise.ui.docsgen_blocks import DocsError, Job
 from compressadvise.ui.docsgen_firing import firing_examples
 
-WIDTH = 130  # wide enough that Rich tables keep every column (layer names included)
+WIDTH = 100  # what the site's code column shows without scrolling; tables wrap, words stay whole
 
 
 def _worker() -> None:
@@ -96,7 +96,7 @@ def _resolve(word: str) -> str:
 def _worker_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "CLICOLOR_FORCE")}
-    env.update(COLUMNS=str(WIDTH), LINES="50", NO_COLOR="1", TERM="dumb", PYTHONHASHSEED="0",
+    env.update(COLUMNS=str(WIDTH), COMPRESSADVISE_WIDTH=str(WIDTH), LINES="50", NO_COLOR="1", TERM="dumb", PYTHONHASHSEED="0",
                PYTHONWARNINGS="ignore")
     return env
 

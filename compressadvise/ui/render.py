@@ -2,12 +2,82 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
+from rich.errors import MarkupError
+from rich.table import Table
+from rich.text import Text
 
-out = Console(highlight=False, soft_wrap=False)
+# stdout that is not a terminal (a pipe, a CI log, a file) has no width: tables print every
+# column in full and prose is not wrapped, whatever COLUMNS says (COMPRESSADVISE_WIDTH sets a
+# width on purpose). A bound keeps a stray full-width renderable finite.
+PIPE_WIDTH = 4096
+WIDTH_ENV = "COMPRESSADVISE_WIDTH"  # set: stdout is that wide, terminal or not
+PIPE_BLOCK_WIDTH = 100  # what a renderable that fills its width (Markdown, a rule) gets in a pipe
+
+
+def is_tty(console: Console) -> bool:
+    """The stream itself, not Rich's is_terminal: FORCE_COLOR (common in CI) asks for colour, not width."""
+    isatty = getattr(console.file, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
+
+
+def _longest_word(cell: Any) -> int:
+    if isinstance(cell, Text):
+        text = cell.plain
+    elif isinstance(cell, str):
+        try:
+            text = Text.from_markup(cell).plain
+        except MarkupError:  # a name like 'x[/y]' printed with markup off
+            text = cell
+    else:
+        return 0
+    return max((len(w) for w in text.split()), default=0)
+
+
+def _keep_words(table: Table) -> None:
+    """No column narrower than its longest word, so Rich never splits an identifier
+    ('joint_compressio n') or cuts it to 'la…': a table too wide for the terminal is printed
+    wider than it (the terminal wraps the line) rather than altered."""
+    for column in table.columns:
+        if column.width is None:
+            longest = max([_longest_word(column.header), *map(_longest_word, column.cells)])
+            column.min_width = max(column.min_width or 0, longest)
+
+
+class _Stdout(Console):
+    """stdout: at its terminal's width on a terminal, unbounded in a pipe; tables keep words whole."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)  # type: ignore[attr-defined]
+        forced = os.environ.get(WIDTH_ENV, "")
+        if forced.isdigit() and int(forced) > 0:  # render as a terminal this wide would (the docs do)
+            return ConsoleDimensions(int(forced), size.height)
+        return size if is_tty(self) else ConsoleDimensions(PIPE_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        tables = [o for o in objects if isinstance(o, Table)]
+        for table in tables:
+            _keep_words(table)
+        if tables:
+            kwargs.setdefault("crop", False)
+        if not is_tty(self) and not all(isinstance(o, (str, Text, Table)) for o in objects):
+            kwargs.setdefault("width", PIPE_BLOCK_WIDTH)  # it would pad every line to PIPE_WIDTH
+        super().print(*objects, **kwargs)
+
+
+out = _Stdout(highlight=False, soft_wrap=False)
 err = Console(stderr=True, highlight=False)
 
 BLOCKS = " ▏▎▍▌▋▊▉█"

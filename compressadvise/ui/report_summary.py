@@ -1,6 +1,7 @@
 """The report's summary rows (plan, apply, verify, latency) and its plan and rule views."""
 from __future__ import annotations
 
+import shlex
 from typing import TYPE_CHECKING, Any
 
 from compressadvise.ui.report_data import RuleRef, StepView, SummaryRow, _finite
@@ -108,7 +109,8 @@ def _verify_hint(inp: Inputs) -> str:
     if inp.report is not None:
         orig = "bundled" if inp.report.format == "bundled" else inp.report.source
     comp = str(inp.run_dir) if inp.run_dir else "COMPRESSED"
-    return (f"not measured yet: run `compressadvise verify {orig} {comp} --json > verify.json` "
+    words = shlex.join(["compressadvise", "verify", orig, comp, "--json"])
+    return (f"not measured yet: run `{words} > verify.json` "
             "and pass it with --verify (or save it in the run folder)")
 
 

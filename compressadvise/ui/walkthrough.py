@@ -210,8 +210,10 @@ def stage_apply(ctx: Context) -> None:
         return
     if not available("apply"):
         s.apply_status = "unavailable: apply is not available in this build"
+        model = f"{shlex.quote(s.model)} " if s.model else ""
         ui.say(f"[yellow]apply is not available in this build[/]: the plan is saved; run "
-               f"`compressadvise apply --plan {ctx.out / PLAN_FILE} --out {ctx.out / APPLY_DIR}` once it is.")
+               f"`compressadvise apply {model}--plan {shlex.quote(str(ctx.out / PLAN_FILE))} "
+               f"--out {shlex.quote(str(ctx.out / APPLY_DIR))}` once it is.")
         return
     if not ui.confirm("Apply the plan now?", f"writes {ctx.out / APPLY_DIR} (Core ML package and torch model); "
                       "a small model takes under a minute", True):

@@ -32,7 +32,8 @@ class UI:
         from rich.rule import Rule
 
         self.console.print()
-        self.console.print(Rule(f"[bold]{number}/6  {title}[/]", align="left"))
+        # A rule spans the console: in a pipe that is unbounded (render.PIPE_WIDTH), so cap it.
+        self.console.print(Rule(f"[bold]{number}/6  {title}[/]", align="left"), width=min(self.console.width, 100))
 
     def _read(self, question: str, explain: str, default: str) -> str:
         if explain:
