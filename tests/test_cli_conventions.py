@@ -158,3 +158,24 @@ def test_the_search_hint_in_ways_forward_names_the_model_and_target(tmp_path):
     command = re.search(r"`(compressadvise search [^`]+)`", hints[0]).group(1)
     assert "--target ane-a14" in command
     _parse(shlex.split(command)[1:])
+
+
+def test_a_size_fraction_means_the_same_bytes_in_recommend_report_and_verify():
+    """--size-fraction is of the fp16 size wherever it is taken (report plans with it, verify gates it)."""
+    from compressadvise.measure.verify_budgets import Budgets
+    from compressadvise.ui import report as R
+
+    inp = R.gather(None, constraints={"max_size_mb": 0.0, "size_fraction": 0.3, "bits_per_weight": None})
+    fp16 = inp.report.total_bytes_fp16
+    assert inp.plan.constraints.max_size_mb == pytest.approx(0.3 * fp16 / 1e6)
+    b = Budgets(size_fraction=0.3).resolved(fp16, inp.report.total_params)
+    assert b.max_size_mb == pytest.approx(0.3 * fp16 / 1e6) and "0.3 of the original's fp16 size" in b.size_from
+    from compressadvise.plan.search_results import Budget
+
+    assert Budget.of(size_fraction=0.3, report=inp.report, baseline=4.0).max_bytes == pytest.approx(0.3 * fp16)  # fp32 target too
+    bits = Budgets(bits_per_weight=4).resolved(fp16, inp.report.total_params)
+    assert bits.max_size_mb == pytest.approx(4 * inp.report.total_params / 8 / 1e6)
+    from compressadvise.errors import BadArgument
+
+    with pytest.raises(BadArgument, match="one size budget"):
+        Budgets(size_fraction=0.3, max_size_mb=1).resolved(fp16, 1)

@@ -1,5 +1,6 @@
-"""The Ray executor: one Ray instance per executor however many runs it serves, bound to loopback,
-shut down by close(), and silent on the user's terminal."""
+"""The Ray executor: silent on the user's terminal and on loopback (one start for every run of an
+executor, and close(): tests/test_sensitivity.py::test_process_pool_and_ray_identical), and
+--address to a cluster it did not start."""
 from __future__ import annotations
 
 import logging
@@ -40,32 +41,6 @@ def _listening(root: psutil.Process) -> set[str]:
         except psutil.Error:
             pass
     return addrs
-
-
-def test_ray_starts_once_for_all_runs_on_loopback_and_close_shuts_it_down():
-    if ray.is_initialized():
-        ray.shutdown()
-    me = psutil.Process()
-    level = logging.getLogger("ray").level
-    ex = make_executor("ray", workers=2)
-    assert isinstance(ex, RayExecutor) and ex.workers == 2 and not ex.warm  # nothing started yet
-    seen: list[tuple[int, int]] = []
-    ex.run(operator.add, 10, [1, 2, 3], lambda item, res: seen.append((item, res)))
-    first = _gcs_servers(me)
-    assert len(first) == 1 and ex.warm and ex.workers == 2
-    listening = _listening(me)
-    assert listening and all(a in LOOPBACK for a in listening), listening
-    actors = list(ex._actors)
-    ex.run(operator.mul, 100, [4, 5], lambda item, res: seen.append((item, res)))  # a new context, same actors
-    assert _gcs_servers(me) == first and ex.starts == 1 and ex._actors == actors
-    assert sorted(seen) == [(1, 11), (2, 12), (3, 13), (4, 400), (5, 500)]
-    ex.close()
-    assert not ray.is_initialized() and logging.getLogger("ray").level == level
-    deadline = time.monotonic() + 10
-    while _gcs_servers(me) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _gcs_servers(me)
-    ex.close()  # twice is harmless
 
 
 def test_serial_and_pool_close_is_a_no_op():

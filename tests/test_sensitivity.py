@@ -3,10 +3,12 @@ interruption, and identical results from the in-process, process-pool and Ray ex
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -164,14 +166,27 @@ def test_process_pool_and_ray_identical(prep, tmp_path):
             pytest.fail("the Ray half of this test must run in CI: install compressadvise[distributed]")
         pytest.skip("ray is not installed (pip install 'compressadvise[distributed]')")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
-    try:
-        on_ray = sensitivity(prepared=prep, settings=GRID[1:], cache=Cache(tmp_path / "ray"),
-                             executor=make_executor("ray", workers=2))
-    finally:
+    from test_executors import LOOPBACK, _gcs_servers, _listening, psutil
+
+    if ray.is_initialized():
         ray.shutdown()
-    assert on_ray.executor == "ray" and on_ray.evaluations == pool.evaluations == 12
+    me, level = psutil.Process(), logging.getLogger("ray").level
+    ex = make_executor("ray", workers=2)  # starts Ray itself, on loopback, once for both runs below
+    assert not ex.warm  # nothing started before the first run
+    try:
+        on_ray = sensitivity(prepared=prep, settings=GRID[1:], cache=Cache(tmp_path / "ray"), executor=ex)
+        first, actors, listening = _gcs_servers(me), list(ex._actors), _listening(me)
+        again = sensitivity(prepared=prep, settings=GRID[1:2], cache=Cache(enabled=False), executor=ex)
+        assert len(first) == 1 and _gcs_servers(me) == first and ex.starts == 1 and ex._actors == actors
+        assert listening and all(a in LOOPBACK for a in listening), listening
+    finally:
+        ex.close()
+    assert not ray.is_initialized() and logging.getLogger("ray").level == level
+    deadline = time.monotonic() + 10
+    while _gcs_servers(me) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _gcs_servers(me)
+    assert on_ray.executor == "ray" and on_ray.evaluations == pool.evaluations == 12 and again.evaluations == 4
     assert metrics_of(on_ray) == metrics_of(pool)  # bit-identical: both single-threaded workers
     assert [m.proxies for m in on_ray.measurements] == [m.proxies for m in pool.measurements]
 
@@ -230,7 +245,6 @@ def test_spearman():
 def test_cli_sensitivity_interrupt_and_resume(tmp_path):
     """Ctrl-C mid-run: exit 130, no traceback, finished evaluations kept; the rerun resumes."""
     import signal
-    import time
 
     np.savez(tmp_path / "s.npz", inputs=fragile_samples().inputs[0].numpy())
     env = {**os.environ, "COLUMNS": "160", "NO_COLOR": "1",

@@ -5,8 +5,9 @@ from typing import List, Optional
 
 import typer
 
-from compressadvise.commands.common import (DATA, FORCE, INPUT_SHAPE, JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, OS, TARGET,
-                     TRUST_PICKLE, Data, parse_shape, value_of)
+from compressadvise.commands.common import (BITS_PER_WEIGHT, DATA, FORCE, INPUT_SHAPE, JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS,
+                                            MAX_SIZE_MB, OS, SIZE_FRACTION, TARGET, TRUST_PICKLE, Data, parse_shape,
+                                            size_budget_mb, value_of)
 from compressadvise.commands.knowledge import PLAYBOOKS_OPT
 
 
@@ -33,6 +34,8 @@ def report_cmd(
     sensitivity: Optional[str] = typer.Option(
         None, "--sensitivity", help="Sensitivity or search results (JSON): per-layer sensitivity, size-vs-fidelity points."),
     max_size_mb: Optional[float] = MAX_SIZE_MB,
+    size_fraction: Optional[float] = SIZE_FRACTION,
+    bits_per_weight: Optional[float] = BITS_PER_WEIGHT,
     max_latency_ms: Optional[float] = MAX_LATENCY_MS,
     max_accuracy_drop: Optional[float] = MAX_ACCURACY_DROP,
     data: Optional[Data] = DATA,
@@ -57,6 +60,7 @@ def report_cmd(
     from compressadvise.ui.render import err
     from compressadvise.ui.report import write_report
 
+    size_budget_mb(0, 0, max_size_mb=max_size_mb, size_fraction=size_fraction, bits_per_weight=bits_per_weight)
     if model is not None and not (source and Path(source).is_dir()):
         raise typer.BadParameter("--model names the original model of an `apply` output folder; "
                                  "to report on a model, pass it as the argument")
@@ -70,7 +74,8 @@ def report_cmd(
             input_shape=parse_shape(input_shape), trust_pickle=trust_pickle,
             model=model,
             constraints={"max_size_mb": max_size_mb or 0.0, "max_latency_ms": max_latency_ms or 0.0,
-                         "max_accuracy_drop": max_accuracy_drop or 0.0, "data": value_of(data, "none")})
+                         "max_accuracy_drop": max_accuracy_drop or 0.0, "data": value_of(data, "none"),
+                         "size_fraction": size_fraction, "bits_per_weight": bits_per_weight})
     if json_out:
         from compressadvise.ui.render import emit_json
 

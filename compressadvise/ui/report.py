@@ -133,8 +133,9 @@ def _recommend(report: Any, k: Any, target: str | None, os_version: int | None,
                constraints: dict[str, Any] | None) -> Any:
     from compressadvise.plan.engine import recommend
 
-    return recommend(report, target=target or "ane-a17", os=os_version, knowledge=k,
-                     constraints=constraints or {})
+    c = dict(constraints or {})
+    relative = {n: c.pop(n, None) for n in ("size_fraction", "bits_per_weight")}  # keywords, not Constraints
+    return recommend(report, target=target or "ane-a17", os=os_version, knowledge=k, constraints=c, **relative)
 
 
 def _load_plan_arg(plan: Any) -> Any:
