@@ -220,3 +220,18 @@ def test_cli_coremltools_json_names_its_calls(tmp_path, capsys):
     assert data["calls"] == [{"step": 1, "technique": "palettization", "function": "palettize_weights",
                               "joint_compression": False, "ops": ["p_conv_weight_to_fp16", "p_fc_weight_to_fp16"]}]
     assert run_captured(capsys, "export", plan_file, "--to", "coremltools", "--out", plan_file, "--force")[0] == 9
+
+
+def test_torchao_source_is_read_back_without_eval():
+    """The read-back check walks the generated source's AST: a name it did not import, a private
+    attribute or any other expression is refused, never run."""
+    import ast
+
+    from compressadvise.backends.export_torchao import _rebuild
+    from compressadvise.errors import CompressionFailed
+
+    assert _rebuild(ast.parse("dict(a=[1, -2.5], b=(None,))", mode="eval").body, {"dict": dict}) == \
+        {"a": [1, -2.5], "b": (None,)}
+    for hostile in ("__import__('os').system('true')", "dict.__class__", "(lambda: 1)()", "x + 1"):
+        with pytest.raises(CompressionFailed):
+            _rebuild(ast.parse(hostile, mode="eval").body, {"dict": dict, "x": 1})

@@ -2,12 +2,13 @@
 
 The configs are the objects apply's torchao backend builds (`Torchao.config`), grouped the way
 it groups them (one `quantize_` per distinct config, limited to its modules by `filter_fn`),
-written as Python source and evaluated back: the source must rebuild an equal object.
+written as Python source and read back (an AST walk, no eval): the source must rebuild an equal object.
 Layers torchao cannot take (`Torchao.layer_support`: nn.Linear only, intx also nn.Embedding)
 and techniques it lacks are notes in the file's header.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import enum
 from typing import Any
@@ -158,15 +159,41 @@ def _need(cls: type, imports: dict[str, set[str]]) -> None:
 
 
 def _checked_source(cfg: Any, imports: dict[str, set[str]]) -> str:
-    """The config's source, evaluated back with only its imports: it must rebuild an equal object."""
+    """The config's source, rebuilt with only its imports: it must give back an equal object."""
+    import importlib
+
+    import torch
+
     src = source_of(cfg, imports)
-    scope: dict[str, Any] = {}
-    exec(_import_lines(imports) + "\nimport torch\n", scope)  # noqa: S102 - our own import lines
-    back = eval(src, scope)  # noqa: S307 - our own generated source
+    scope: dict[str, Any] = {"torch": torch}
+    for module, names in imports.items():
+        scope.update({n: getattr(importlib.import_module(module), n) for n in names})
+    back = _rebuild(ast.parse(src, mode="eval").body, scope)
     if back != cfg or repr(back) != repr(cfg):  # repr too: a plain tuple equals a NamedTuple
         raise CompressionFailed(f"export: {src} does not rebuild torchao's config {cfg!r}",
                                 hint="a bug in compressadvise's exporter: rerun with --debug and report it")
     return src
+
+
+def _rebuild(node: ast.AST, scope: dict[str, Any]) -> Any:
+    """The value of what source_of writes (calls of imported names, their attributes, literals),
+    read without eval: nothing else is accepted."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+        return -node.operand.value
+    if isinstance(node, ast.Name) and node.id in scope:
+        return scope[node.id]
+    if isinstance(node, ast.Attribute) and not node.attr.startswith("_"):
+        return getattr(_rebuild(node.value, scope), node.attr)
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_rebuild(e, scope) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute)):
+        fn = _rebuild(node.func, scope)
+        return fn(*(_rebuild(a, scope) for a in node.args), **{k.arg: _rebuild(k.value, scope) for k in node.keywords})
+    raise CompressionFailed(f"export: unexpected {type(node).__name__} in generated source",
+                            hint="a bug in compressadvise's exporter: rerun with --debug and report it")
 
 
 def _import_lines(imports: dict[str, set[str]]) -> str:
@@ -180,7 +207,7 @@ def _render(prep: Prepared, calls: list[TorchaoCall], folds: list[Any], imports:
     lines = ['"""torchao recipe exported by `compressadvise export`: `compress(model)` reproduces the plan\'s',
              "torchao steps with torchao alone (model: your torch.nn.Module in eval mode).", "",
              f"    from {module} import compress" if module.isidentifier() else
-             "    exec(open(PATH_OF_THIS_FILE).read())", "    model = compress(model)", '"""',
+             "    from compress_plan import compress  # saved as compress_plan.py", "    model = compress(model)", '"""',
              f"# {comment(header_title(prep, 'torchao recipe'))}."]
     lines += ["#", "# Module names (filter_fn's fqn) by plan layer:"]
     lines += [f"#   {comment(lj.name)} -> {comment(lj.module)}" for job in prep.jobs for lj in job.layers
