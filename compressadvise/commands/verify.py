@@ -112,10 +112,9 @@ def _num(x: float | None, digits: int = 3) -> str:
 
 
 def _ratio(before: float, after: float, better: str, worse: str) -> str:
-    """'2.00x smaller' when after < before, '1.25x larger' otherwise (never '0.8x smaller')."""
-    if not before or not after:
-        return ""
-    return f"{before / after:.2f}x {better}" if after <= before else f"{after / before:.2f}x {worse}"
+    from compressadvise.ui.render import ratio_text
+
+    return ratio_text(before, after, better, worse)
 
 
 def _pct(x: float) -> str:

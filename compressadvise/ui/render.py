@@ -91,6 +91,16 @@ def bar(fraction: float, width: int = 12) -> str:
     return ("█" * full + (BLOCKS[rest] if rest else "")).ljust(width)
 
 
+def ratio_text(before: float | None, after: float | None, better: str, worse: str) -> str:
+    """'2.00x smaller' when after < before, '1.25x larger' otherwise (never '0.8x smaller');
+    'same' when equal, '' when either is missing or zero."""
+    if not before or not after:
+        return ""
+    if abs(before - after) <= 1e-9 * max(abs(before), abs(after)):
+        return "same"
+    return f"{before / after:.2f}x {better}" if after <= before else f"{after / before:.2f}x {worse}"
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":

@@ -52,12 +52,9 @@ def _bytes(n: float) -> str:
 
 
 def _ratio(before: float | None, after: float | None, better: str, worse: str) -> str:
-    """'2.00x smaller' when after < before, '1.25x larger' otherwise (never '0.8x smaller')."""
-    if not before or not after:
-        return ""
-    if abs(before - after) <= 1e-9 * max(abs(before), abs(after)):
-        return "same"
-    return f"{before / after:.2f}x {better}" if after <= before else f"{after / before:.2f}x {worse}"
+    from compressadvise.ui.render import ratio_text
+
+    return ratio_text(before, after, better, worse)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
