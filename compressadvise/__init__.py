@@ -15,7 +15,7 @@ The library API (the CLI is a thin layer over it)::
 
 Budgets, one way for `recommend` and `search` (keywords; `verify(budgets={...})` uses the same names):
 `max_size_mb=` (MB = 10^6 bytes), `size_fraction=` (in (0, 1]: of the fp16 size),
-`bits_per_weight=` (in (0, 32]), `max_latency_ms=` (estimate),
+`bits_per_weight=` (in (0, 32]), `max_latency_ms=` (estimate; `device_profile=` calibrates it on device figures),
 `max_accuracy_drop=` (points, recorded in the plan for `verify`), `data=` ("none", "calibration",
 "training"). One size budget at most; `search` needs a size or latency budget. `constraints={...}`
 keeps working (plan/budgets.py).

@@ -30,6 +30,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def sha256_path(path: str | os.PathLike) -> str:
+    """A file's sha256, or one over a folder (an .mlpackage): every file's relative POSIX path and
+    hash, in sorted order, so the digest does not depend on the file system's listing order."""
+    p = Path(path)
+    if not p.is_dir():
+        return sha256_file(p)
+    h = hashlib.sha256()
+    for f in sorted((f for f in p.rglob("*") if f.is_file()), key=lambda f: f.relative_to(p).as_posix()):
+        h.update(f"{f.relative_to(p).as_posix()}\0{sha256_file(f)}\0".encode())
+    return h.hexdigest()
+
+
 @contextlib.contextmanager
 def _interrupts_deferred() -> Iterator[None]:
     """Hold Ctrl-C until the block ends: a signal handler raises wherever it lands, and one

@@ -131,7 +131,7 @@ def test_rules_are_documented(kb):
                      "Model Compression in Practice (Hohman et al., CHI 2024)",
                      "Talaria (Hohman et al., CHI 2024)", "Compress and Compare (Boggust et al., VIS 2024)",
                      "measured on the host (torchao 0.18.0, torch 2.13 CPU)", "torchao documentation",
-                     "NVIDIA H100 Tensor Core GPU datasheet"}
+                     "NVIDIA H100 Tensor Core GPU datasheet", "hollance/neural-engine"}
     prefixes: dict[str, str] = {}
     for cr in kb.rules.values():
         r = cr.rule

@@ -117,6 +117,21 @@ def test_forward_is_finite(real: Built) -> None:
     assert not bad, f"{real.spec.id}: non-finite values in output(s) {bad}"
 
 
+def test_placement_finds_what_the_neural_engine_lacks(real: Built, real_report: ModelReport) -> None:
+    """Every real model's recurrent layers and embedding tables are found in its op graph (not in
+    its names) and fall back on ane-a17; a model with neither (MobileNetV2) has no switches."""
+    from compressadvise.knowledge.base import builtin
+    from compressadvise.measure.placement import check
+
+    kinds = {type(m).__name__ for m in real.module.modules()}
+    expected = ({"recurrent"} if kinds & {"LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"} else set()) | (
+        {"gather"} if "Embedding" in kinds else set())
+    rep = check(real_report.ops, builtin().target("ane-a17"))
+    assert rep.basis != "layer inventory (no graph)", real.spec.id
+    assert {p.entry for p in rep.fallback} == expected, (real.spec.id, rep.basis, [p.op for p in rep.fallback])
+    assert bool(rep.boundaries) == bool(expected), real.spec.id
+
+
 def test_total_params_counts_parameters_only(real: Built, real_report: ModelReport) -> None:
     # BatchNorm running statistics and fixed bases held as buffers are not parameters.
     assert real_report.total_params == sum(p.numel() for p in real.module.parameters())
@@ -228,6 +243,10 @@ def test_akiki_conformance_planned_is_built(fmt: str, target: str, os_major: int
     assert gate["ok"] and gate["layers_built"] == gate["layers_planned"] > 0 and abs(gate["size_error"]) <= 0.02
     diffs = [e["coreml"]["parity_max_abs_diff"] for x in m["layers"] for e in x["steps"] if "coreml" in e]
     assert diffs and max(diffs) <= 1e-6  # the torch artefact holds the shipped weights
+    # placement: the plan saw the GRU in the torch graph; the built program has it as a while_loop
+    assert [p.entry for p in plan.placement.fallback] == ["recurrent"]
+    built_ops = [(f["op"], f["entry"]) for f in m["placement"]["built"]["fallback"]]
+    assert ("while_loop", "control_flow") in built_ops and m["placement"]["built"]["basis"] == "Core ML program"
     v = verify(loaded, tmp_path / "out", latency=False, drift=False)
     assert v.coreml is not None and v.coreml.parity_layers == len(diffs)
     assert all(f.metrics["snr_db"] > 20 for f in v.fidelity)

@@ -124,6 +124,7 @@ TABLE: dict[str, tuple[Case, Case]] = {
     "TGT004": (C("dwcnn", "ane-a17", ratio=3.5, **LAT), C("dwcnn", "ane-a17", 17, ratio=3.5, **LAT)),
     "TGT005": (C("dwcnn", "ane-a17", 17, ratio=3.5), C("dwcnn", "ane-a17", 18, ratio=3.5)),
     "TGT006": (C("mlp", "apple-cpu", **LAT), C("mlp", "apple-cpu", **LAT, **CAL)),
+    "TGT010": (C("decoder_lm", "ane-a17"), C("dwcnn", "ane-a17")),  # an embedding look-up vs convs only
     # LLMs and transformers
     "LLM001": (C("decoder_lm", "ane-a17"), C("decoder_lm", "ane-a17", 16)),
     "LLM002": (C("decoder_lm", "ane-a17", ratio=3.5), C("decoder_lm", "ane-a17", ratio=2.5)),

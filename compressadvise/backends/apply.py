@@ -131,6 +131,7 @@ def apply(
         with temp_files_in(tmp / ".scratch"):  # coremltools' temp .mlpackages: swept if we are killed
             manifest = _execute(plan, k, loaded, report, jobs, ctx, route, tmp)
         enforce(manifest["planned_vs_built"], allow_partial, manifest["notes"])
+        manifest["placement"] = _built_placement(plan, target, tmp / manifest["mlpackage"] if manifest["mlpackage"] else None)
         manifest["seconds"] = round(time.perf_counter() - started, 2)
         write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
     if ctx.training is not None and ctx.training.checkpoints is not None:
@@ -138,6 +139,23 @@ def apply(
     return ApplyResult(out_dir=out, torch_artifact=out / manifest["torch_artifact"] if manifest["torch_artifact"] else None,
                        mlpackage=out / manifest["mlpackage"] if manifest["mlpackage"] else None,
                        manifest=manifest, seconds=manifest["seconds"])
+
+
+def _built_placement(plan: Plan, target: Any, package: Path | None) -> dict[str, Any] | None:
+    """Placement read from the built program (the MIL ops Core ML is handed) beside what the plan
+    predicted from the torch graph: a difference is said, never smoothed over."""
+    if package is None or target.placement is None:
+        return None
+    from compressadvise.measure.placement import for_mlpackage
+
+    built = for_mlpackage(str(package), target)
+    out: dict[str, Any] = {"built": built.model_dump(mode="json"), "note": ""}
+    planned = plan.placement
+    counts = (len(built.fallback), len(built.boundaries))
+    if planned is not None and (len(planned.fallback), len(planned.boundaries)) != counts:
+        out["note"] = (f"the plan predicted {len(planned.fallback)} fallback op(s) and {len(planned.boundaries)} "
+                       f"switch(es) from the {planned.basis}; the built program has {counts[0]} and {counts[1]}")
+    return out
 
 
 def check_out(out: str | Path, model: LoadedModel | str | Path | None, *, force: bool) -> Path:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from compressadvise.commands.common import INPUT_SHAPE, JSON, MODEL_ARG, TRUST_PICKLE, parse_shape, progress_bar
+from compressadvise.commands.common import INPUT_SHAPE, JSON, MODEL_ARG, TARGET, TRUST_PICKLE, parse_shape, progress_bar
 
 
 class Sort(str, Enum):
@@ -29,10 +29,16 @@ def analyze_cmd(
     top: int = typer.Option(20, "--top", help="Rows in the layer table (0 = all)."),
     sort: Sort = typer.Option(Sort.size, "--sort", help="Order of the layer table."),
     no_stats: bool = typer.Option(False, "--no-stats", help="Skip weight statistics (faster on huge files)."),
+    target: Optional[str] = TARGET,
     trust_pickle: bool = TRUST_PICKLE,
     json_out: bool = JSON,
 ) -> None:
-    """Inventory a model: layers, sizes, weight statistics, structure and findings."""
+    """Inventory a model: layers, sizes, weight statistics, structure and findings.
+
+    With --target, also the placement check: the ops the target's accelerator lacks (they fall
+    back to another unit) and the switches between units, from the model's op graph (an estimate;
+    the table and its sources: `compressadvise targets NAME`).
+    """
     from compressadvise.model.analysis import analyze
     from compressadvise.model.loading import load_model
 
@@ -40,12 +46,31 @@ def analyze_cmd(
     prog, update = progress_bar("analyzing")
     with prog:
         report = analyze(loaded, input_shape=parse_shape(input_shape), stats=not no_stats, progress=update)
+    placed = _placement(report, target)
     if json_out:
         from compressadvise.ui.render import emit_json
 
-        emit_json(report.model_dump(mode="json"))
+        data = report.model_dump(mode="json")
+        if target is not None:
+            data["placement"] = placed.model_dump(mode="json") if placed is not None else None
+        emit_json(data)
         return
     show_report(report, top=top, sort=sort.value)
+    if target is not None:
+        from compressadvise.ui.placement_view import show_placement
+
+        show_placement(placed)
+
+
+def _placement(report, target: Optional[str]):
+    """The placement check for --target (its table may be empty: the report then says so)."""
+    if target is None:
+        return None
+    from compressadvise.knowledge.base import builtin
+    from compressadvise.measure.placement import check
+    from compressadvise.model.ops import from_layers
+
+    return check(report.ops or from_layers(report), builtin().target(target))
 
 
 def show_report(report, *, top: int = 20, sort: str = "size") -> None:

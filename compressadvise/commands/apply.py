@@ -127,7 +127,25 @@ def show_result(result) -> None:
         out.print(f"  weight file vs estimate: {sizes['weight_file_error']['value']:+.2%}")
     for note in m.get("notes", []):
         out.print(f"[yellow]note:[/] {note}")
+    _show_placement(m.get("placement"))
     out.print(f"[dim]manifest: {result.out_dir / 'manifest.json'}[/]")
+
+
+def _show_placement(p: dict | None) -> None:
+    """One line from the built program's placement (the report shows the full table)."""
+    from compressadvise.ui.render import out
+
+    if not p:
+        return
+    b = p["built"]
+    if not b["fallback"]:
+        out.print(f"  placement (built program): every op expected on the {b['accelerator']} [dim](estimate)[/]")
+    else:
+        ops = ", ".join(dict.fromkeys(f["op"] for f in b["fallback"]))
+        out.print(f"  placement (built program): {len(b['fallback'])} op(s) fall back ({ops}), "
+                  f"{len(b['boundaries'])} switch(es) between units [dim](estimate; {b['rule']})[/]")
+    if p.get("note"):
+        out.print(f"[yellow]note:[/] placement: {p['note']}")
 
 
 def show_gate(gate: dict, err: bool = False) -> None:

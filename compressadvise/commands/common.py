@@ -110,6 +110,22 @@ BITS_PER_WEIGHT = typer.Option(None, "--bits-per-weight", callback=_budget_check
 MAX_LATENCY_MS = typer.Option(None, "--max-latency-ms", callback=_budget_check("--max-latency-ms"),
                               help="Latency budget in ms per inference, > 0 (a roofline estimate on the target "
                               "until measured); omit for none.")
+DEVICE_PROFILE = typer.Option(
+    None, "--device-profile", metavar="FILE",
+    help="Device profile (JSON: latencies measured on a device, from Xcode's Core ML performance report or "
+    "`verify --write-device-profile`): calibrates the target's latency per op type; its target is used "
+    "when --target is not given, and must match it otherwise (docs/device-profiles.md).")
+
+
+def profile_target(path: Optional[str]) -> Optional[str]:
+    """The target a --device-profile names (None without one): the default target for a command."""
+    if not path:
+        return None
+    from compressadvise.measure.device_profile import load_device_profile
+
+    return load_device_profile(path).target
+
+
 MAX_ACCURACY_DROP = typer.Option(None, "--max-accuracy-drop",
                                  callback=_budget_check("--max-accuracy-drop", zero_ok=True),
                                  help="Tolerated accuracy drop in points (top-1 or your evaluator's 'accuracy'), >= 0; "

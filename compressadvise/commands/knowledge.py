@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from compressadvise.commands.common import JSON, TARGET, check_name
-from compressadvise.ui.cli_help import complete_explainable, complete_technique
+from compressadvise.ui.cli_help import complete_explainable, complete_target, complete_technique
 
 PLAYBOOKS_OPT = typer.Option(None, "--playbooks", help="Extra playbook folder or file (repeatable), validated like the built-in ones.")
 playbooks_app = typer.Typer(help="Tools for playbook authors.", no_args_is_help=True)
@@ -150,9 +150,18 @@ def techniques_cmd(json_out: bool = JSON) -> None:
     out.print(t)
 
 
-def targets_cmd(json_out: bool = JSON) -> None:
-    """List the target profiles (devices and what they accelerate)."""
+def targets_cmd(
+    name: Optional[str] = typer.Argument(None, autocompletion=complete_target, metavar="[NAME]",
+                                         help="One target profile to show in full (modes by OS, figures, the ops "
+                                         "its accelerator lacks), each with its source."),
+    json_out: bool = JSON,
+) -> None:
+    """List the target profiles (devices and what they accelerate), or show one in full."""
     k = _knowledge(None)
+    check_name("target", name, list(k.targets))
+    if name is not None:
+        _show_target(k.targets[name], json_out)
+        return
     if json_out:
         from compressadvise.ui.render import emit_json
 
@@ -169,6 +178,45 @@ def targets_cmd(json_out: bool = JSON) -> None:
         os_txt = f"{tgt.os_family} {tgt.default_os}" if tgt.os_family else "-"
         t.add_row(tgt.name, tgt.kind, os_txt, ", ".join(tgt.accelerates(tgt.default_os)), tgt.title)
     out.print(t)
+
+
+def _show_target(tgt, json_out: bool) -> None:
+    """One profile: its modes, figures and fallback table, each with the source it rests on."""
+    from rich.table import Table
+
+    from compressadvise.ui.render import emit_json, out
+
+    if json_out:
+        emit_json(tgt.model_dump(mode="json"))
+        return
+    os_txt = f", {tgt.os_family} {tgt.min_os}+ (default {tgt.default_os})" if tgt.os_family else ""
+    out.print(f"[bold]{tgt.name}[/]: {tgt.title} ({tgt.kind}{os_txt})")
+    modes = Table(title="Compression modes", show_edge=False)
+    for col in ("mode", "from OS", "behaviour", "note"):
+        modes.add_column(col)
+    for m in tgt.modes:
+        modes.add_row(m.mode, str(m.min_os or "-"), m.behaviour, m.note or "")
+    out.print(modes)
+    figs = Table(title="Figures", show_edge=False)
+    for col in ("figure", "value", "source"):
+        figs.add_column(col)
+    for fname, f in tgt.figures.items():
+        figs.add_row(fname, f"{f.value:g} {f.unit}", f.source)
+    out.print(figs)
+    if tgt.placement is None:
+        out.print("ops off the accelerator: none listed for this target (every op is assumed to run on it)")
+        return
+    p = tgt.placement
+    ops = Table(title=f"Ops the {p.accelerator} lacks (they fall back)", show_edge=False)
+    for col in ("entry", "Core ML ops", "torch ops", "only when", "runs on", "confidence", "source"):
+        ops.add_column(col)
+    for f in p.fallback_ops:
+        when = ", ".join(w for w in (f"dilation >= {f.min_dilation}" if f.min_dilation else "",
+                                     f"dtype {f.dtype}" if f.dtype else "") if w)
+        ops.add_row(f.name, ", ".join(f.mil), ", ".join(f.torch) or "-", when or "-", f.runs_on, f.confidence,
+                    f.source)
+    out.print(ops)
+    out.print(f"switching units: {p.switch} ({p.switch_source})")
 
 
 @playbooks_app.command("validate")

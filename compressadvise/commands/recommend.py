@@ -5,9 +5,9 @@ from typing import List, Optional
 
 import typer
 
-from compressadvise.commands.common import (BITS_PER_WEIGHT, DATA, DEFAULT_TARGET, FORCE, INPUT_SHAPE, JSON, MAX_ACCURACY_DROP,
-                     MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS, SAMPLES, SIZE_FRACTION, TARGET, TRUST_PICKLE, Data,
-                     parse_shape, replay_hint, size_budget_mb, value_of)
+from compressadvise.commands.common import (BITS_PER_WEIGHT, DATA, DEFAULT_TARGET, DEVICE_PROFILE, FORCE, INPUT_SHAPE, JSON,
+                     MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS, SAMPLES, SIZE_FRACTION, TARGET,
+                     TRUST_PICKLE, Data, parse_shape, profile_target, replay_hint, size_budget_mb, value_of)
 from compressadvise.commands.knowledge import PLAYBOOKS_OPT
 
 
@@ -25,6 +25,7 @@ def recommend_cmd(
     max_latency_ms: Optional[float] = MAX_LATENCY_MS,
     max_accuracy_drop: Optional[float] = MAX_ACCURACY_DROP,
     data: Optional[Data] = DATA,
+    device_profile: Optional[str] = DEVICE_PROFILE,
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Write the plan file (YAML) here."),
     force: bool = FORCE,
     input_shape: Optional[str] = INPUT_SHAPE,
@@ -48,7 +49,7 @@ def recommend_cmd(
     from compressadvise.knowledge.base import builtin, load_knowledge
     from compressadvise.model.loading import load_model
 
-    target = target or DEFAULT_TARGET
+    target = target or profile_target(device_profile) or DEFAULT_TARGET
     size_budget_mb(0, 0, max_size_mb=max_size_mb, size_fraction=size_fraction,
                    bits_per_weight=bits_per_weight)  # one size budget: refused before any work
     if out:  # before any work: never the model, never an existing file without --force
@@ -62,9 +63,13 @@ def recommend_cmd(
                              size_fraction=size_fraction, bits_per_weight=bits_per_weight)
     plan = recommend(report, target=target, os=os, knowledge=k, constraints={  # 0 = none for the engine
         "max_size_mb": size_mb or 0.0, "max_latency_ms": max_latency_ms or 0.0,
-        "max_accuracy_drop": max_accuracy_drop or 0.0, "data": value_of(data, "none")})
+        "max_accuracy_drop": max_accuracy_drop or 0.0, "data": value_of(data, "none")}, device_profile=device_profile)
     if measure:
         plan = _measured(plan, loaded, report, k, samples, min_psnr)
+    if device_profile and measure:  # measuring may change the settings: the latency follows the final plan
+        from compressadvise.measure.device_profile import plan_latency
+
+        plan = plan_latency(plan, report, k, device_profile)
     if out:
         from compressadvise.plan.planfile import save_plan
 
@@ -179,6 +184,9 @@ def show_plan(plan, *, show_trace: bool = False) -> None:
                       bar(x.bytes_before / total, 10) + f" {x.bytes_before / total:.0%}")
         out.print(t)
     show_advice(plan, k)
+    from compressadvise.ui.placement_view import show_placement
+
+    show_placement(plan.placement)
     fired = [e for e in plan.trace if e.status == "fired"]
     other = [e for e in plan.trace if e.status in ("outranked", "unsupported")]
     out.print(f"\n[dim]rules fired: {', '.join(e.code for e in fired) or 'none'}[/]")

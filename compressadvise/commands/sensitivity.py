@@ -8,9 +8,10 @@ from typing import List, Optional
 
 import typer
 
-from compressadvise.commands.common import (BITS_PER_WEIGHT, DATA, DEFAULT_TARGET, FORCE, JSON, MAX_ACCURACY_DROP,
-                                            MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS, SAMPLES, SIZE_FRACTION, TARGET,
-                                            TRUST_PICKLE, Data, ExecutorKind, replay_hint, size_budget_mb, value_of)
+from compressadvise.commands.common import (BITS_PER_WEIGHT, DATA, DEFAULT_TARGET, DEVICE_PROFILE, FORCE, JSON,
+                                            MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, MODEL_ARG, OS, SAMPLES,
+                                            SIZE_FRACTION, TARGET, TRUST_PICKLE, Data, ExecutorKind, profile_target,
+                                            replay_hint, size_budget_mb, value_of)
 from compressadvise.commands.knowledge import PLAYBOOKS_OPT
 from compressadvise.ui.cli_help import complete_technique
 
@@ -195,6 +196,7 @@ def search_cmd(
     max_latency_ms: Optional[float] = MAX_LATENCY_MS,
     max_accuracy_drop: Optional[float] = MAX_ACCURACY_DROP,
     data: Optional[Data] = DATA,
+    device_profile: Optional[str] = DEVICE_PROFILE,
     techniques: Optional[List[str]] = TECHNIQUES_OPT,
     lessons: Lessons = typer.Option(Lessons.apply, "--lessons", help="apply: playbook layer rules restrict the "
                                     "candidates; advise: measure everything and report where a rule disagrees."),
@@ -217,9 +219,10 @@ def search_cmd(
     """Choose a setting per layer that meets a size or latency budget with the least measured damage.
 
     With --max-accuracy-drop and labelled samples, a confirmed candidate that loses more top-1
-    accuracy does not fit; when none fits, the best is still written and the exit code is 1."""
+    accuracy does not fit; when none fits, the best is still written and the exit code is 1.
+    With --device-profile the latency costs are calibrated per op type by measurements on a device."""
     # Each budget was checked while parsing (common.check_budget), before anything is loaded or measured.
-    target = target or DEFAULT_TARGET
+    target = target or profile_target(device_profile) or DEFAULT_TARGET
     size_budget_mb(0, 0, max_size_mb=max_size_mb, size_fraction=size_fraction, bits_per_weight=bits_per_weight)
     from compressadvise.fsutil import check_output
     from compressadvise.knowledge.base import builtin, load_knowledge
@@ -241,7 +244,8 @@ def search_cmd(
                      size_fraction=size_fraction, max_latency_ms=max_latency_ms,
                      max_accuracy_drop=max_accuracy_drop, data=value_of(data), target=target, os=os,
                      knowledge=k, settings=grid, lessons=value_of(lessons), confirm=confirm,
-                     cache=_cache(cache, no_cache), executor=ex, progress=update, measure_all=measure_all)
+                     cache=_cache(cache, no_cache), executor=ex, progress=update, measure_all=measure_all,
+                     device_profile=device_profile)
     if out:
         from compressadvise.plan.planfile import save_plan
 
@@ -273,6 +277,19 @@ def _pruning_line(pr) -> str:  # noqa: ANN001 - Pruning
             f"{pr.rounds} round(s); predicted vs measured rank correlation {rho}"
             + ("" if pr.trusted else " (too low to rank by: every kept pair measured)")
             + (f"; widened where they disagreed: {', '.join(pr.widened)}" if pr.widened else "") + "[/]")
+
+
+def _show_prediction(p, target: str) -> None:  # noqa: ANN001 - a plan's Prediction
+    """The chosen plan's size against the budget, and its latency when the plan records one."""
+    from compressadvise.ui.render import human_bytes, human_ms, out
+
+    verdict = "" if p.meets_size_budget is None else (" [green]meets the size budget[/]" if p.meets_size_budget
+                                                      else " [red]misses the size budget[/]")
+    out.print(f"size: {human_bytes(p.bytes_before)} -> {human_bytes(p.bytes_after)} ({p.ratio:.2f}x) "
+              f"[dim](estimate)[/]{verdict}")
+    if p.latency_basis and p.latency_ms_before is not None and p.latency_ms_after is not None:
+        out.print(f"latency on {target}: {human_ms(p.latency_ms_before)} -> {human_ms(p.latency_ms_after)} "
+                  f"[dim]({p.latency_basis})[/]")
 
 
 def show_search(res) -> None:  # noqa: ANN001 - SearchResult
@@ -315,17 +332,15 @@ def show_search(res) -> None:  # noqa: ANN001 - SearchResult
                    _db(f.predicted_psnr_db), _db(f.measured_psnr_db), str(f.compressed_layers))
     out.print(ft)
     if res.frontier_latency:
-        lt = Table(title="Pareto frontier: latency on the target vs predicted fidelity (roofline estimates)", show_edge=False)
+        how = "roofline estimates" if res.latency_basis in (None, "estimate (roofline)") else res.latency_basis
+        lt = Table(title=f"Pareto frontier: latency on the target vs predicted fidelity ({how})", show_edge=False)
         for col in ("latency", "size", "PSNR (estimate)"):
             lt.add_column(col, justify="right")
         for f in res.frontier_latency:
             lt.add_row(human_ms(f.latency_ms), human_bytes(f.bytes), _db(f.predicted_psnr_db))
         out.print(lt)
     if p:
-        verdict = "" if p.meets_size_budget is None else (" [green]meets the size budget[/]" if p.meets_size_budget
-                                                          else " [red]misses the size budget[/]")
-        out.print(f"size: {human_bytes(p.bytes_before)} -> {human_bytes(p.bytes_after)} ({p.ratio:.2f}x) "
-                  f"[dim](estimate)[/]{verdict}")
+        _show_prediction(p, res.plan.target.name)
     ref = ", ".join(f"{k} {v:.2f}" for k, v in res.reference.items())
     e = res.evaluations
     out.print(f"[dim]{e['single_layer']} single-layer evaluation(s) run, {e['single_layer_cached']} from the cache; "

@@ -12,8 +12,9 @@ from typing import List, Optional
 
 import typer
 
-from compressadvise.commands.common import (BITS_PER_WEIGHT, JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS, MAX_SIZE_MB, OS, SAMPLES,
-                                            SIZE_FRACTION, TARGET, TRUST_PICKLE, size_budget_mb, value_of)
+from compressadvise.commands.common import (BITS_PER_WEIGHT, DEVICE_PROFILE, JSON, MAX_ACCURACY_DROP, MAX_LATENCY_MS,
+                                            MAX_SIZE_MB, OS, SAMPLES, SIZE_FRACTION, TARGET, TRUST_PICKLE,
+                                            size_budget_mb, value_of)
 
 
 class ComputeUnits(str, Enum):
@@ -42,6 +43,12 @@ def verify_cmd(
     target: Optional[str] = TARGET,
     os_version: Optional[int] = OS,
     calibration: Optional[str] = typer.Option(None, "--calibration", help="YAML of latencies measured on a device, to scale the estimate."),
+    device_profile: Optional[str] = DEVICE_PROFILE,
+    write_device_profile: Optional[str] = typer.Option(
+        None, "--write-device-profile", metavar="FILE",
+        help="macOS only: write the device profile of the timed .mlpackage (Core ML timing, and MLComputePlan's "
+        "compute unit and cost per op where coremltools 8+ and macOS 14.4+ provide it), for --device-profile "
+        "on any machine."),
     plan: Optional[str] = typer.Option(None, "--plan", help="Plan file: per-layer compressed sizes for the estimate."),
     compute_units: ComputeUnits = typer.Option(ComputeUnits.ALL, "--compute-units", help="Core ML compute units on a Mac."),
     compile_: bool = typer.Option(False, "--compile", help="Also time torch.compile versions."),
@@ -64,7 +71,11 @@ def verify_cmd(
     unusable or outputs that differ in structure (or an apply folder whose state dict needs the
     factory its manifest names: give that factory as ORIGINAL), 6 bad sample file or failing evaluator.
     A calibration YAML holds `model: original|compressed`, `total_ms` and/or `layers: {name: ms}`.
-    The latency budget is the --target estimate with --target, else measured here.
+    A --device-profile (JSON) calibrates the target estimate per op type instead ("calibrated from
+    DEVICE profile"), or gives the compressed latency itself when it profiled this very build
+    ("measured on DEVICE"); its target is used without --target. The latency budget is Core ML's
+    timing on a Mac, else the --target estimate, else measured here. --write-device-profile
+    (macOS) writes the profile of the timed .mlpackage; elsewhere it exits 7.
     """
     from compressadvise.errors import BudgetMissed
     from compressadvise.measure.verify import Budgets, verify
@@ -85,7 +96,8 @@ def verify_cmd(
             budgets=Budgets(max_accuracy_drop=max_accuracy_drop, max_latency_ms=max_latency_ms,
                             max_size_mb=max_size_mb, size_fraction=size_fraction, bits_per_weight=bits_per_weight),
             latency=not no_latency, compile=compile_, reps=reps, warmup=warmup, metrics=metric,
-            plan=plan_obj, calibration=calibration, compute_units=value_of(compute_units), batch_size=batch_size,
+            plan=plan_obj, calibration=calibration, device_profile=device_profile,
+            write_device_profile=write_device_profile, compute_units=value_of(compute_units), batch_size=batch_size,
             drift=not no_drift, trust_pickle=trust_pickle, progress=lambda m: status.update(m))
     if json_out:
         import sys
@@ -190,8 +202,7 @@ def _before_after(r) -> None:  # noqa: ANN001
     if r.estimate:
         o, c = r.estimate["original"], r.estimate["compressed"]
         t.add_row(f"latency on {o.target} (iOS {o.os})", f"{o.total_ms:.4f} ms", f"{c.total_ms:.4f} ms",
-                  _ratio(o.total_ms, c.total_ms, "faster", "slower"),
-                  "[cyan]estimate[/]" + (" (calibrated)" if o.calibrated else " (roofline)"))
+                  _ratio(o.total_ms, c.total_ms, "faster", "slower"), _latency_basis(o, c))
     if r.coreml is not None:
         if r.coreml.timing is not None:
             tm = r.coreml.timing
@@ -205,6 +216,14 @@ def _before_after(r) -> None:  # noqa: ANN001
     if r.latency is not None:
         for n in r.latency.notes:
             out.print(f"[dim]{n}[/]")
+
+
+def _latency_basis(o, c) -> str:  # noqa: ANN001 - two ModelEstimates
+    """The estimate's label, in the estimate colour unless part of it was measured on the device."""
+    from compressadvise.measure.estimate import pair_basis
+
+    text = pair_basis(o, c)
+    return text if "measured" in text else f"[cyan]{text}[/]"
 
 
 def _slices(r) -> None:  # noqa: ANN001
@@ -270,7 +289,8 @@ def _estimate(r) -> None:  # noqa: ANN001
     o, c = r.estimate["original"], r.estimate["compressed"]
     by = {x.name: x for x in o.layers}
     total = c.total_ms or 1.0
-    t = Table(title=f"Estimate per layer on {c.target} (iOS {c.os}), roofline, sorted by compressed time",
+    how = "roofline" if c.basis == "estimate" else f"roofline {o.basis}"
+    t = Table(title=f"Estimate per layer on {c.target} (iOS {c.os}), {how}, sorted by compressed time",
               show_edge=False)
     for col in ("layer", "type", "setting", "MACs", "weights moved", "bound", "orig ms", "comp ms", "share", ""):
         t.add_column(col, justify="right" if col in ("MACs", "weights moved", "orig ms", "comp ms", "share") else "left",

@@ -184,6 +184,22 @@ STEP = {  # (params, technique, slot); absent parameters read as the type's zero
     "pattern": Fact("string", "pruning pattern: unstructured | block | n_m ('' otherwise)", _p("pattern", str, "")),
 }
 
+PLACEMENT = {  # p: measure.placement.facts() of the model's ops against the target's table
+    "known": Fact("bool", "the target lists ops its accelerator lacks and the model's ops were matched against it",
+                  lambda p: p["known"]),
+    "fallback_ops": Fact("int", "ops the target's accelerator lacks (they fall back to another unit; estimate "
+                         "from the op graph and the target's cited table)", lambda p: p["fallback_ops"]),
+    "fallback_preview": Fact("string", "the first fallback ops, e.g. 'lstm at rnn (CPU)'",
+                             lambda p: p["fallback_preview"]),
+    "fallback_units": Fact("string", "units they fall back to, e.g. 'CPU'", lambda p: p["fallback_units"]),
+    "unit_switches": Fact("int", "edges between ops on different units (0 when the ops have no order)",
+                          lambda p: p["unit_switches"]),
+    "accelerator": Fact("string", "the accelerator of the target's table, e.g. NE ('' when none)",
+                        lambda p: p["accelerator"]),
+    "basis": Fact("string", "where the ops came from: torch.export graph, torch.fx trace, Core ML program...",
+                  lambda p: p["basis"]),
+}
+
 # What a verify run left behind, for `outcome` rules (the next moves after a missed budget).
 OUTCOME = {
     "missed": Fact("list(string)", "budgets the compressed model missed: size | latency | accuracy drop | finite outputs"),
@@ -203,12 +219,13 @@ NAMESPACES: dict[str, dict[str, Fact]] = {
     "layer": LAYER,
     "target": TARGET,
     "constraints": CONSTRAINTS,
+    "placement": PLACEMENT,
     "step": STEP,
     "outcome": OUTCOME,
 }
-MODEL_SCOPE = ("model", "target", "constraints")
-LAYER_SCOPE = ("model", "layer", "target", "constraints", "step")
-OUTCOME_SCOPE = ("model", "target", "constraints", "step", "outcome")
+MODEL_SCOPE = ("model", "target", "constraints", "placement")
+LAYER_SCOPE = ("model", "layer", "target", "constraints", "placement", "step")
+OUTCOME_SCOPE = ("model", "target", "constraints", "placement", "step", "outcome")
 
 _PROTO = {
     "int": (16, 3),

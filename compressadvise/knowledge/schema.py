@@ -181,6 +181,32 @@ class Storage(Strict):
     source: str
 
 
+class FallbackOp(Strict):
+    """Operations the target's accelerator does not run: Core ML moves them to another unit."""
+
+    name: str = Field(description="short id of the entry, e.g. recurrent")
+    mil: list[str] = Field(description="Core ML (MIL) op types it covers, as a converted program names them")
+    torch: list[str] = Field([], description=(
+        "torch ops (aten overload packets, e.g. lstm) and torch.nn classes (LSTM) that convert to them"))
+    min_dilation: int | None = Field(None, description="only convolutions with a dilation at least this")
+    dtype: Literal["fp32"] | None = Field(None, description="only ops computing in this dtype (a Core ML program)")
+    runs_on: Literal["CPU", "GPU", "CPU or GPU"]
+    confidence: Literal["documented", "measured", "reported"] = Field(description=(
+        "documented by the vendor, measured (by whom, in the source), or reported by practitioners"))
+    reason: str
+    source: str
+    url: str | None = None
+
+
+class Placement(Strict):
+    """Which ops leave the accelerator, and what a switch between compute units costs."""
+
+    accelerator: str = Field(description="the unit the target profile describes, e.g. NE")
+    fallback_ops: list[FallbackOp] = []
+    switch: str = Field(description="what a switch between units costs, and why")
+    switch_source: str
+
+
 class Target(Strict):
     name: str
     title: str
@@ -200,6 +226,8 @@ class Target(Strict):
     int8_compute: StatedFact | None = Field(None, description=(
         "int8 math much faster than fp16 (an int8 fast path); absent: no"))
     figures: dict[str, Figure]
+    placement: Placement | None = Field(None, description=(
+        "ops the accelerator lacks (they fall back to another unit); absent: none known"))
     notes: list[str] = []
     citation: list[Citation] = Field(min_length=1)
 
@@ -351,6 +379,10 @@ class Prediction(Strict):
     bytes_after: int
     ratio: float
     meets_size_budget: bool | None = None
+    latency_ms_before: float | None = Field(None, description="latency on the target without the plan (latency_basis)")
+    latency_ms_after: float | None = Field(None, description="latency on the target with the plan (latency_basis)")
+    latency_basis: str | None = Field(None, description=(
+        "what the latencies are: 'estimate (roofline)' or 'calibrated from DEVICE profile' (a device profile)"))
 
 
 class Measured(Strict):
@@ -381,6 +413,58 @@ class WayForward(Strict):
     cost: str = Field("", description="what it costs: data, time, OS, accuracy")
 
 
+# ---------------------------------------------------------------- placement (a plan's and a report's)
+class PlacedOp(Strict):
+    id: int
+    op: str
+    layer: str = ""
+    runs_on: str
+    entry: str = Field(description="the target table's entry that matched, e.g. recurrent")
+    confidence: str
+    reason: str
+    source: str
+
+
+class Boundary(Strict):
+    producer: str = Field(description="op (and layer) whose output crosses")
+    consumer: str
+    from_unit: str
+    to_unit: str
+    bytes: int | None = Field(None, description="the crossing tensor at fp16 (None: shape unknown)")
+    ms: float | None = Field(None, description="estimate: write + read at the memory bandwidth (lower bound)")
+
+
+class PlacementReport(Strict):
+    label: Literal["estimate"] = "estimate"
+    target: str
+    accelerator: str | None = Field(None, description="the unit the target profile describes (None: no table)")
+    basis: str = Field(description="where the ops came from: the graph kind, or the layer inventory")
+    ops_total: int = 0
+    fallback: list[PlacedOp] = []
+    boundaries: list[Boundary] = []
+    switches_counted: bool = Field(True, description="False when the ops have no order or edges (weights only)")
+    switch_ms: float | None = Field(None, description="estimate: the boundaries' copy cost (lower bound)")
+    rule: str = Field("TGT010", description="the rule that explains fallbacks (playbooks/targets.yaml)")
+    notes: list[str] = []
+
+    def units(self) -> list[str]:
+        return sorted({p.runs_on for p in self.fallback})
+
+    def preview(self, n: int = 3) -> str:
+        """'lstm at rnn (CPU), embedding at emb (CPU)' for the first ops, grouped by op type."""
+        groups: dict[tuple[str, str], list[PlacedOp]] = {}
+        for p in self.fallback:
+            groups.setdefault((p.op, p.runs_on), []).append(p)
+        parts = []
+        for (op, unit), rows in list(groups.items())[:n]:
+            where = rows[0].layer or "?"
+            more = f" and {len(rows) - 1} more" if len(rows) > 1 else ""
+            parts.append(f"{op} at {where}{more} ({unit})")
+        rest = len(groups) - n
+        return ", ".join(parts) + (f", {rest} more op type(s)" if rest > 0 else "")
+
+
+
 class Plan(Summarized, Strict):
     plan_version: int = PLAN_VERSION
     generated_by: str = "compressadvise"
@@ -395,6 +479,8 @@ class Plan(Summarized, Strict):
     trace: list[TraceEntry] = []
     fidelity: PlanFidelity | None = Field(None, description="measured output fidelity of the plan (recommend --measure)")
     ways_forward: list[WayForward] = Field([], description="ranked ways to a size budget the plan misses")
+    placement: PlacementReport | None = Field(None, description=(
+        "estimate: ops the target's accelerator lacks and the unit switches, from the model's op graph"))
 
     @field_validator("plan_version")
     @classmethod

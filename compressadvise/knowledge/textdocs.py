@@ -201,7 +201,27 @@ def target_markdown(k: Knowledge, t: Target, *, link_prefix: str = "") -> str:
     for name, f in t.figures.items():
         lines.append(f"| {name} | {f.value:g} {cell(f.unit)} | {cell(f.source)}"
                      f"{cell(' (' + f.note + ')') if f.note else ''} |")
+    lines += _placement_table(t)
     if t.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in t.notes]
     lines += ["", "## Sources", ""] + _citations(t.citation)
     return "\n".join(lines) + "\n"
+
+
+def _placement_table(t: Target) -> list[str]:
+    """The ops the accelerator lacks (what `analyze --target` and `recommend` check a graph against)."""
+    if t.placement is None:
+        return []
+    p = t.placement
+    lines = ["", f"## Ops the {p.accelerator} lacks", "",
+             "Core ML runs these on another unit; `analyze --target`, `recommend` and `report` match a model's op "
+             "graph (the converted Core ML program when there is one) against this table (rule TGT010).", "",
+             "| entry | Core ML ops | torch ops | only when | runs on | confidence | source |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for f in p.fallback_ops:
+        when = ", ".join(w for w in (f"dilation >= {f.min_dilation}" if f.min_dilation else "",
+                                     f"computes in {f.dtype}" if f.dtype else "") if w) or "always"
+        src = f"[{cell(f.source)}]({f.url})" if f.url else cell(f.source)
+        lines.append(f"| {f.name} | {', '.join(f'`{m}`' for m in f.mil)} | {', '.join(f'`{x}`' for x in f.torch) or '-'} "
+                     f"| {when} | {f.runs_on} | {f.confidence} | {src} |")
+    return lines + ["", f"Switching units: {cell(p.switch)} ({cell(p.switch_source)})"]

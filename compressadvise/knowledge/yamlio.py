@@ -66,14 +66,14 @@ def _refuse_anchors(text: str, where: str) -> None:
         loader.dispose()
 
 
-def _read_text(path: str | Path, where: str) -> str:
+def _read_text(path: str | Path, where: str, limit: int = MAX_BYTES, what: str = "a knowledge or plan file") -> str:
     try:
         with open(path, "rb") as f:
-            raw = f.read(MAX_BYTES + 1)
+            raw = f.read(limit + 1)
     except OSError as e:
         raise InvalidKnowledge(f"{where}: cannot read ({e.strerror})") from None
-    if len(raw) > MAX_BYTES:
-        raise InvalidKnowledge(f"{where}: too large for a knowledge or plan file (over {MAX_BYTES // 2**20} MiB)")
+    if len(raw) > limit:
+        raise InvalidKnowledge(f"{where}: too large for {what} (over {limit // 2**20} MiB)")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

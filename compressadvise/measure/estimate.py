@@ -21,6 +21,8 @@ Target profile figures read (by name, each optional):
 - `peak_int8_tops` (TOPS): the roof for layers with int8 activations (W8A8) where the target
   accelerates `w8a8`; falls back to `peak_fp16_tops`.
 
+A device profile (JSON, measure/device_profile.py) calibrates per op type instead, and sets `basis`.
+
 Calibration (a small YAML of latencies measured on a device) scales the figures:
 
     model: original        # which model the figures were measured on (original | compressed)
@@ -70,6 +72,27 @@ class ModelEstimate(ResultModel):
     layers: list[LayerEstimate]
     calibrated: bool = False
     notes: list[str] = []
+    basis: str = Field("estimate", description=(
+        "'estimate' (roofline, or scaled by a calibration YAML), 'calibrated from DEVICE profile' "
+        "(scaled per op type by a device profile) or 'measured on DEVICE' (the profile's median)"))
+    profile: dict[str, Any] | None = Field(None, description=(
+        "the device profile applied: device, os, compute_units, factors per op type, default_factor, other_ms"))
+
+    def basis_label(self) -> str:
+        """What the latency is, in the words tables show: 'estimate (roofline)', 'estimate (calibrated)',
+        'calibrated from DEVICE profile' or 'measured on DEVICE (OS, COMPUTE_UNITS)'."""
+        if self.basis == "estimate":
+            return "estimate (calibrated)" if self.calibrated else "estimate (roofline)"
+        if self.basis.startswith("measured on") and self.profile:
+            return f"{self.basis} ({self.profile.get('os')}, {self.profile.get('compute_units')})"
+        return self.basis
+
+
+def pair_basis(original: ModelEstimate, compressed: ModelEstimate) -> str:
+    """The latency row's label: one when both estimates share it, else each model's (a profile of
+    the compressed build measures it, while the original stays calibrated)."""
+    lo, lc = original.basis_label(), compressed.basis_label()
+    return lo if lo == lc else f"original: {lo}; compressed: {lc}"
 
 
 class Calibration(ResultModel):
@@ -150,8 +173,21 @@ def roofline(report: ModelReport, target: Target, os: int | None = None,
     if rows:
         notes.append("a roofline ignores per-op dispatch, layout changes and CPU fallbacks: read it as a "
                      "lower bound, or calibrate it with latencies measured on a device")
+        notes += _fallback_note(report, target)
     return ModelEstimate(target=target.name, os=os, decompression=dep.decompression.summary, figures=figs,
                          total_ms=sum(r.ms for r in rows), layers=rows, notes=notes)
+
+
+def _fallback_note(report: ModelReport, target: Target) -> list[str]:
+    """What the placement check found that a roofline cannot price: ops off the accelerator."""
+    from compressadvise.measure.placement import for_report
+
+    placed = for_report(report, target)
+    if placed is None or not placed.fallback:
+        return []
+    return [f"{len(placed.fallback)} op(s) fall back off the {placed.accelerator} ({placed.preview()}) with "
+            f"{len(placed.boundaries)} unit switch(es) (placement, {placed.rule}): the roofline prices every "
+            "layer on the accelerator and no switch; a device profile measures both"]
 
 
 # ------------------------------------------------------------------ calibration

@@ -28,6 +28,7 @@ class Timing(ResultModel):
     p90_ms: float
     min_ms: float
     reps: int
+    p99_ms: float | None = Field(None, description="None in results written before it was recorded")
     peak_rss_delta_mb: float | None = Field(
         None, description="peak resident memory above the level before this model's memory pass")
 
@@ -225,7 +226,8 @@ def measure(models: dict[str, Callable], inputs: tuple, *, reps: int = 30, warmu
     for (name, mode) in calls:
         ts = times[f"{name}|{mode}"]
         timings[name].append(Timing(mode=mode, median_ms=statistics.median(ts), p90_ms=percentile(ts, 90),
-                                    min_ms=min(ts), reps=len(ts), peak_rss_delta_mb=mem.get((name, mode))))
+                                    p99_ms=percentile(ts, 99), min_ms=min(ts), reps=len(ts),
+                                    peak_rss_delta_mb=mem.get((name, mode))))
     dev_name = "cpu" if device == "cpu" else torch.cuda.get_device_name(0)
     return LatencyReport(machine=machine_description(), device=dev_name, threads=torch.get_num_threads(),
                          batch_size=int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1,
@@ -258,9 +260,8 @@ def coreml_available() -> tuple[bool, str]:
     return True, ""
 
 
-def coreml_timing(mlpackage: str, inputs: dict[str, Any], *, compute_units: str = "ALL",
-                  reps: int = 30, warmup: int = 5) -> Timing:
-    """Time an .mlpackage's predict() with the requested compute units (macOS only)."""
+def coreml_model(mlpackage: str, compute_units: str = "ALL") -> Any:
+    """The .mlpackage loaded (compiled) by Core ML with the requested compute units (macOS only)."""
     from compressadvise.errors import Unavailable
 
     ok, why = coreml_available()
@@ -270,7 +271,14 @@ def coreml_timing(mlpackage: str, inputs: dict[str, Any], *, compute_units: str 
 
     if compute_units not in COMPUTE_UNITS:
         raise Unavailable(f"unknown compute units {compute_units!r}", hint=f"use one of {', '.join(COMPUTE_UNITS)}")
-    model = ct.models.MLModel(mlpackage, compute_units=getattr(ct.ComputeUnit, compute_units))
+    return ct.models.MLModel(mlpackage, compute_units=getattr(ct.ComputeUnit, compute_units))
+
+
+def coreml_timing(mlpackage: str, inputs: dict[str, Any], *, compute_units: str = "ALL",
+                  reps: int = 30, warmup: int = 5, model: Any = None) -> Timing:
+    """Time an .mlpackage's predict() with the requested compute units (macOS only). `model`: one
+    already loaded by `coreml_model`, so a caller that also reads its compute plan compiles it once."""
+    model = model if model is not None else coreml_model(mlpackage, compute_units)
     ts = time_interleaved({"m": lambda: model.predict(inputs)}, reps=reps, warmup=warmup)["m"]
     return Timing(mode="coreml", median_ms=statistics.median(ts), p90_ms=percentile(ts, 90),
-                  min_ms=min(ts), reps=len(ts))
+                  p99_ms=percentile(ts, 99), min_ms=min(ts), reps=len(ts))

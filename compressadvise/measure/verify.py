@@ -1,8 +1,9 @@
 """Verify a compressed model against the original: fidelity, accuracy, slices, drift, latency, size.
 
 The judge for `apply` and for search: both models run on the same real samples, latency is
-measured interleaved on this machine, target latency is a labelled roofline estimate, and every
-budget gets a verdict saying what it was checked against ("measured" or "estimate").
+measured interleaved on this machine, target latency is a labelled roofline estimate (calibrated
+per op type by a device profile, or measured on the device when the profile is of this very
+build), and every budget gets a verdict saying what it was checked against.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class CoreMLInfo(ResultModel):
     planned_vs_built: str | None = Field(None, description="from the apply manifest: layers and size vs the plan")
     parity_layers: int | None = Field(None, description="layers whose .mlpackage weight was compared with the torch side's")
     parity_max_abs_diff: float | None = Field(None, description="measured at apply: max |Core ML - torch| weight")
+    device_profile: str | None = Field(None, description="the device profile written (--write-device-profile)")
 
 
 class VerifyResult(ResultModel):
@@ -161,6 +163,8 @@ def verify(
     metrics: dict[str, str] | list[str] | None = None,
     plan: Any = None,
     calibration: Any = None,
+    device_profile: Any = None,
+    write_device_profile: Any = None,
     compute_units: str = "ALL",
     batch_size: int = 64,
     drift: bool = True,
@@ -176,10 +180,16 @@ def verify(
     samples: Samples, a sample file or folder, "bundled", or None (bundled samples for the
     bundled model, else random inputs with a warning). evaluator: `module:function` (or a
     callable) receiving the model and returning a dict of metrics; its `accuracy` key (else
-    the first) feeds the accuracy budget, in points.
+    the first) feeds the accuracy budget, in points. device_profile: a device profile (path, dict or
+    DeviceProfile) calibrating both target estimates per op type; it sets the target when `target`
+    is None and must agree with it otherwise. write_device_profile: a path to write the profile of
+    the timed .mlpackage to (macOS only: Core ML's timing and compute plan).
     """
     say = progress or (lambda _msg: None)
     budget = _budgets(budgets)
+    profile, target = _profile_and_target(device_profile, target, calibration)
+    if write_device_profile is not None:
+        _check_profile_output(write_device_profile, original, compressed, device_profile)
     overrides = parse_metric_overrides(metrics)
     if compressed is None:
         raise InputNotFound("no compressed model given", hint="verify ORIGINAL COMPRESSED")
@@ -198,12 +208,41 @@ def verify(
     result = _compare(orig, comp, smp, lab, smp.source if labels is None else "labels", overrides, batch_size, say)
     _diagnose(result, orig, comp, smp, func, drift=drift, drift_samples=drift_samples, batch_size=batch_size,
               latency=latency, reps=reps, warmup=warmup, compile=compile, say=say)
-    result.coreml = _with_build(_coreml(comp, smp, target, compute_units), comp)
+    result.coreml = _with_build(_coreml(comp, smp, target, compute_units, write_device_profile, reps, warmup), comp)
     if target is not None:
         say("estimating target latency")
-        result.estimate, result.target_size_bytes, notes = _estimates(orig, comp, smp, target, os, calibration, plan)
+        result.estimate, result.target_size_bytes, notes = _estimates(orig, comp, smp, target, os, calibration, plan,
+                                                                      profile)
         result.estimate["compressed"].notes.extend(notes)
     return judge(result, budget)
+
+
+def _profile_and_target(device_profile: Any, target: str | None, calibration: Any) -> tuple[Any, str | None]:
+    """The device profile, loaded and checked, and the target it calibrates (before any model runs)."""
+    if device_profile is None:
+        return None, target
+    from compressadvise.errors import BadArgument
+    from compressadvise.measure.device_profile import checked_profile
+
+    if calibration is not None:
+        raise BadArgument("give a calibration YAML or a device profile, not both",
+                          hint="a device profile calibrates per op type and supersedes --calibration")
+    return checked_profile(device_profile, target)
+
+
+def _check_profile_output(path: Any, original: Any, compressed: Any, device_profile: Any) -> None:
+    """--write-device-profile: Core ML must run here, and the file must be writable and no input."""
+    from compressadvise.errors import Unavailable
+    from compressadvise.fsutil import check_output
+    from compressadvise.measure.latency import coreml_available
+
+    ok, why = coreml_available()
+    if not ok:
+        raise Unavailable(f"cannot write a device profile here: {why.split(': ', 1)[-1].split('; ')[0]}",
+                          hint="fill one by hand from Xcode's Core ML performance report instead: open the "
+                               ".mlpackage in Xcode 15+, Performance tab; see docs/device-profiles.md")
+    check_output(path, force=True, inputs={"original model": original, "compressed model": compressed,
+                                           "device profile": device_profile})  # never overwrites an input
 
 
 def _check_target(target: str | None) -> None:
@@ -274,24 +313,35 @@ def _with_build(info: CoreMLInfo | None, comp: _Side) -> CoreMLInfo | None:
     return info
 
 
-def _coreml(comp: _Side, smp: Samples, target: str | None, compute_units: str) -> CoreMLInfo | None:
-    """Time the .mlpackage on a Mac; elsewhere say plainly that on-device timing is unavailable."""
-    from compressadvise.measure.latency import coreml_available, coreml_timing
+def _coreml(comp: _Side, smp: Samples, target: str | None, compute_units: str,
+            write_profile: Any = None, reps: int = 30, warmup: int = 5) -> CoreMLInfo | None:
+    """Time the .mlpackage on a Mac (and write its device profile when asked); elsewhere say
+    plainly that on-device timing is unavailable."""
+    from compressadvise.measure.latency import coreml_available, coreml_model, coreml_timing
 
-    if comp.mlpackage is None and target is None:
+    if comp.mlpackage is None and target is None and write_profile is None:
         return None
     ok, why = coreml_available()
     if not ok:
         return CoreMLInfo(available=False, note=why)
     if comp.mlpackage is None:
+        if write_profile is not None:
+            raise InputNotFound(f"no .mlpackage to profile for {write_profile}: the compressed model is not an "
+                                "`apply` output with a Core ML package", hint="apply the plan with a Core ML target")
         return CoreMLInfo(available=True, note="no .mlpackage to time (the apply output has none)")
-    import coremltools as ct
-
-    spec = ct.models.MLModel(comp.mlpackage, skip_model_load=True).get_spec()
-    names = [i.name for i in spec.description.input]
+    model = coreml_model(comp.mlpackage, compute_units)  # compiled once: timed, then its compute plan read
+    names = [i.name for i in model.get_spec().description.input]
     feed = {n: t.numpy() for n, t in zip(names, smp.batch(0, 1))}
-    timing = coreml_timing(comp.mlpackage, feed, compute_units=compute_units)
-    return CoreMLInfo(available=True, compute_units=compute_units, timing=timing,
+    timing = coreml_timing(comp.mlpackage, feed, compute_units=compute_units, reps=reps, warmup=warmup, model=model)
+    info = CoreMLInfo(available=True, compute_units=compute_units, timing=timing,
                       note=f"measured on this Mac with compute units {compute_units}")
+    if write_profile is not None:
+        from compressadvise.measure.compute_plan import mac_profile
+        from compressadvise.measure.device_profile import save_device_profile
+
+        profile = mac_profile(comp.mlpackage, model, timing, compute_units, target)
+        info.device_profile = str(save_device_profile(profile, write_profile))
+        info.note += f"; device profile written to {info.device_profile} ({len(profile.ops)} ops)"
+    return info
 
 

@@ -57,7 +57,8 @@ class BudgetVerdict(ResultModel):
 
 
 def _estimates(orig: _Side, comp: _Side, samples: Samples, target: str, os_version: int | None,
-               calibration: Any, plan: Any) -> tuple[dict[str, ModelEstimate], dict[str, float], list[str]]:
+               calibration: Any, plan: Any, profile: Any = None
+               ) -> tuple[dict[str, ModelEstimate], dict[str, float], list[str]]:
     from compressadvise.model.analysis import analyze
     from compressadvise.measure.estimate import calibrate, detect_compression, from_plan, load_calibration, roofline
     from compressadvise.knowledge.base import builtin
@@ -81,9 +82,35 @@ def _estimates(orig: _Side, comp: _Side, samples: Samples, target: str, os_versi
     if calibration is not None:
         cal = calibration if not isinstance(calibration, (str, os.PathLike)) else load_calibration(calibration)
         e_orig, e_comp = calibrate(e_orig, e_comp, cal)
+    if profile is not None:
+        e_orig, e_comp = _with_profile(e_orig, e_comp, profile, comp)
+        notes += _placement_vs_profile(comp, tgt, profile)
     sizes = {"original": _target_bytes(report, {}, tgt.baseline_bytes_per_param),
              "compressed": _target_bytes(report, comp_layers, tgt.baseline_bytes_per_param)}
     return {"original": e_orig, "compressed": e_comp}, sizes, notes
+
+
+def _with_profile(e_orig: ModelEstimate, e_comp: ModelEstimate, profile: Any, comp: _Side
+                  ) -> tuple[ModelEstimate, ModelEstimate]:
+    """Both estimates calibrated by a device profile; measured when it profiled this very build."""
+    from compressadvise.measure.device_profile import calibrate_with_profile
+
+    hashes = [comp.loaded.sha256]
+    if comp.mlpackage and profile.model.sha256:  # hashing a package folder costs a read: only to compare
+        from compressadvise.fsutil import sha256_path
+
+        hashes.append(sha256_path(comp.mlpackage))
+    o, c = calibrate_with_profile(e_orig, e_comp, profile, compressed_sha256=hashes)
+    return o, c if c is not None else e_comp
+
+
+def _placement_vs_profile(comp: _Side, tgt: Any, profile: Any) -> list[str]:
+    """The placement predicted for the built program, checked against the ops the profile saw off the accelerator."""
+    if comp.mlpackage is None or tgt.placement is None:
+        return []
+    from compressadvise.measure.placement import against_profile, for_mlpackage
+
+    return against_profile(for_mlpackage(str(comp.mlpackage), tgt), profile)
 
 
 def _target_bytes(report: Any, comp: dict[str, LayerCompression], baseline: float) -> float:
@@ -122,7 +149,8 @@ def _latency_verdict(limit: float, result: VerifyResult) -> BudgetVerdict:
         basis = f"measured: Core ML {result.coreml.compute_units} median on this Mac"
     elif result.estimate is not None and result.estimate["compressed"].total_ms > 0:
         e = result.estimate["compressed"]
-        v, basis = e.total_ms, f"estimate: roofline for {e.target} (iOS {e.os})"
+        label = e.basis_label()
+        v, basis = e.total_ms, label if label.startswith("measured") else f"{label} for {e.target} (iOS {e.os})"
     elif result.latency is not None and result.latency.best("compressed") is not None:
         t = result.latency.best("compressed")
         v, basis = t.median_ms, f"measured: {t.mode} median on this machine ({result.latency.device}, {result.latency.threads} threads)"

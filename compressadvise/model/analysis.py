@@ -10,7 +10,9 @@ from pydantic import BaseModel, Field
 
 from compressadvise.errors import BadModel
 from compressadvise.measure.metrics import Summarized
+from compressadvise.model.findings import layer_findings
 from compressadvise.model.loading import LoadedModel, load_model
+from compressadvise.model.ops import OpGraph
 
 SCHEMA_VERSION = "1"
 DIVISORS = (4, 8, 16, 32, 64)
@@ -119,6 +121,7 @@ class ModelReport(Summarized, BaseModel):
     shipped_elements: int = Field(0, description="values the converted model stores: parameters less dead layers' "
                                   "plus float buffers that are not folded away (the size prediction's basis)")
     roles_source: str = Field("", description="where first/last/classifier/dead came from: the graph, or a guess")
+    ops: OpGraph | None = Field(None, description="the operations in graph order (what a placement check reads)")
 
     def stored(self) -> int:
         return self.shipped_elements or self.total_params  # 0: a report made before the field existed
@@ -417,6 +420,9 @@ def analyze(
     report = _report(model, layers, groups, total_unique, tied, macs, shape)
     report.roles_source, report.buffers, report.buffer_elements = roles_note, buffers, sum(b.elements for b in buffers)
     report.shipped_elements = shipped_elements(report)
+    from compressadvise.model.ops import from_layers, model_ops
+
+    report.ops = model_ops(model, example_inputs_for(model, input_shape)) or from_layers(report)
     if folds:
         report.notes.append(f"{len(folds)} BatchNorm(s) fold into the layer before them when converted (as Core ML's "
                             "converter does): their statistics are those of the folded weights that ship")
@@ -561,7 +567,7 @@ def _report(model: LoadedModel, layers: list[LayerInfo], groups: dict, total: in
     for b in breakdown.values():
         b.share = b.params / total
     family, evidence = _family(layers, total)
-    findings = _findings(layers, tied)
+    findings = layer_findings(layers, tied)
     emb = sum(x.params for x in layers if x.is_embedding) / total
     tied_groups: dict[str, list[str]] = defaultdict(list)
     for name, owner in tied.items():
@@ -576,25 +582,3 @@ def _report(model: LoadedModel, layers: list[LayerInfo], groups: dict, total: in
         input_shape=shape, macs_total=sum(m for m, _ in macs.values()) if macs else None,
         layers=layers,
     )
-
-
-def _findings(layers: list[LayerInfo], tied: dict[str, str]) -> list[str]:
-    out = []
-    dead = [x for x in layers if x.is_dead]
-    if dead:
-        out.append(f"{len(dead)} layer(s) no output depends on ({', '.join(x.name for x in dead[:5])}"
-                   f"{', ...' if len(dead) > 5 else ''}): dead weights, left out of plans "
-                   f"({sum(x.params for x in dead):,} parameters)")
-    rec = [x for x in layers if x.is_recurrent]
-    if rec:
-        share = sum(x.share for x in rec)
-        from compressadvise.knowledge.schema import UNSUPPORTED_KINDS
-
-        out.append(f"{len(rec)} recurrent weight matrices ({share:.0%} of parameters, e.g. {rec[0].name}) "
-                   f"are inventoried; {UNSUPPORTED_KINDS['recurrent']}")
-    for layer in layers:
-        if layer.stats and layer.stats.nonfinite:
-            out.append(f"{layer.name}: {layer.stats.nonfinite} NaN/inf weight value(s)")
-    for name, owner in tied.items():
-        out.append(f"{name} shares storage with {owner} (tied weight, counted once)")
-    return out

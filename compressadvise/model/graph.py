@@ -205,6 +205,7 @@ def roles_for(model: Any, groups: dict, types: dict) -> tuple[Any, str]:
             import torch
 
             ep = torch.export.export(model.module, tuple(model.example_inputs), strict=False)
+            model.traced_program = ep  # the op list reads the same trace (model.ops)
             return roles_from_program(ep, layer_of, type_of), "roles from a torch.export trace"
         except Exception as e:
             return None, (f"roles from parameter order: the module could not be traced "

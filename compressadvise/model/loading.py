@@ -61,6 +61,7 @@ class LoadedModel:
     folds: tuple = ()
     deployed: bool = False
     program_module: Any = None  # a .pt2's runnable graph with those folds applied (sensitivity runs it)
+    traced_program: Any = None  # an eager module's torch.export trace, when analysis needed one
 
     def tensors(self) -> Iterator[tuple[str, "torch.Tensor"]]:
         """Yield (name, tensor) one at a time: large files are never materialised twice."""

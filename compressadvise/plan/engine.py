@@ -29,6 +29,8 @@ from compressadvise.knowledge.facts import extract, step_facts
 from compressadvise.knowledge.base import PLACEHOLDER, CompiledRule, Knowledge, builtin, load_knowledge
 from compressadvise.knowledge.schema import (COMPRESSIBLE, SLOTS, UNSUPPORTED_KINDS, Advisory, Constraints, LayerPrediction, Plan, PlanModel,
                      PlanTarget, Skip, Step, Target, TraceEntry)
+from compressadvise.measure.placement import for_report, placement_facts, placement_namespace
+from compressadvise.measure.device_profile import checked_profile, plan_latency
 from compressadvise.plan.budgets import budget_request, plan_constraints, size_mb
 from compressadvise.plan.setting import Setting, stacked_label, unchanged_label
 from compressadvise.plan.sizing import NotApplicable, layer_bytes, prediction, pruned_fraction
@@ -121,6 +123,7 @@ def recommend(
     measure: bool = False,
     samples: Any = None,
     min_psnr: float | None = None,
+    device_profile: Any = None,
 ) -> Plan:
     """Evaluate the playbooks against a model's facts and return an explained plan.
 
@@ -128,11 +131,14 @@ def recommend(
     Constraints, 0 = none) still works. measure=True applies the plan in memory to the deployable
     weights and measures it on `samples` (random inputs when None: weak evidence), choosing a
     gentler setting when it misses the fidelity floor (`plan.fidelity` says what was measured);
-    it needs the model, not a report."""
+    it needs the model, not a report. device_profile (a path, dict or DeviceProfile) adds the plan's
+    latency before/after on the target, calibrated per op type (`prediction.latency_basis`)."""
     given = budget_request(constraints, max_size_mb=max_size_mb, size_fraction=size_fraction,  # before any work
                            bits_per_weight=bits_per_weight, max_latency_ms=max_latency_ms,
                            max_accuracy_drop=max_accuracy_drop, data=data)
     k = knowledge or (load_knowledge(playbooks) if playbooks else builtin())
+    if device_profile is not None:  # a bad file, or one for another target, fails before any work
+        device_profile, _ = checked_profile(device_profile, target)
     if measure and isinstance(model, ModelReport):
         raise BadModel("measuring a plan needs the model itself, not its analysis report",
                        hint="pass the loaded model (or its path) to recommend")
@@ -146,13 +152,16 @@ def recommend(
         from compressadvise.plan.measured import measure_plan
 
         plan = measure_plan(plan, loaded, report, k, samples=samples, min_psnr=min_psnr)
+    if device_profile is not None:  # last: measuring may change the settings the latency depends on
+        plan = plan_latency(plan, report, k, device_profile)
     return plan.model_copy(update={"ways_forward": ways_forward(plan, report, k)})
 
 
 def _recommend(report: ModelReport, target: str, os: int | None, c: Constraints, k: Knowledge) -> Plan:
     dep = Deployment.resolve(k, target, os)  # default OS and min-OS check, once
+    placed = for_report(report, dep.target)
     base = {"model": model_facts(report), "target": target_facts(dep),
-            "constraints": constraint_facts(c, report)}
+            "constraints": constraint_facts(c, report), "placement": placement_namespace(placed)}
     trace: list[TraceEntry] = []
     advisories: list[Advisory] = []
     candidates = _model_rules(k, base, trace, advisories)
@@ -168,7 +177,7 @@ def _recommend(report: ModelReport, target: str, os: int | None, c: Constraints,
         playbooks={name: pb.version for name, pb in k.playbooks.items()},
         steps=plan_steps, advisories=advisories,
         prediction=prediction(before, after, c),
-        layers=layers, trace=trace,
+        layers=layers, trace=trace, placement=placed,
     )
 
 
@@ -489,7 +498,7 @@ def next_moves(plan: Plan, report: ModelReport, missed: Iterable[str], knowledge
         return NextMoves((), tuple(TraceEntry(code=r.code, status="not_matched", detail="no budget was missed")
                                    for r in rules))
     base = {"model": model_facts(report), "target": target_facts(tgt, plan.target.os),
-            "constraints": constraint_facts(plan.constraints, report)}
+            "constraints": constraint_facts(plan.constraints, report), "placement": placement_facts(report, tgt)}
     outcome = _outcome_facts(plan, report, missed, data, worst_layer)
     moves: list[Move] = []
     trace: list[TraceEntry] = []
@@ -566,7 +575,8 @@ class LayerRules:
     @classmethod
     def of(cls, k: Knowledge, report: ModelReport, target: str, os: int, constraints: Constraints) -> "LayerRules":
         base = {"model": model_facts(report), "target": target_facts(k.target(target), os),
-                "constraints": constraint_facts(constraints, report)}
+                "constraints": constraint_facts(constraints, report),
+                "placement": placement_facts(report, k.target(target))}
         ranked = sorted((r for r in k.rules.values() if r.rule.scope == "layer"), key=rule_rank)
         deciding = tuple(r for r in ranked if r.rule.action.kind != "advise")
         return cls(base, deciding, {n: t.slot for n, t in k.techniques.items()}, len(report.layers))

@@ -37,11 +37,12 @@ from compressadvise.plan.search_knapsack import (DEFAULT_BUCKETS, Choice, Multip
 from compressadvise.plan.search_adaptive import Scope, adaptive_sensitivities
 from compressadvise.plan.search_plan import COUNTERFACTUAL_MAX_LAYERS, SEARCH_CODE, _build_plan, _explain, _pct  # re-exported
 from compressadvise.plan.search_results import MB, Budget, Candidate, FrontierPoint, LayerChoice, SearchResult  # re-exported
-from compressadvise.plan.search_space import Option, _candidate_plans, _frontier, _point, _space, _Space  # re-exported
+from compressadvise.plan.search_space import ROOFLINE, Option, _candidate_plans, _frontier, _point, _space, _Space  # re-exported
 from compressadvise.measure.sensitivity import (Cache, Prepared, SensitivityReport, Setting, applicable, candidate_layers, default_grid,
                           measure, prepare, sensitivity, supported_settings)
 
 if TYPE_CHECKING:
+    from compressadvise.measure.device_profile import DeviceProfile, ProfileFit
     from compressadvise.measure.executors import Executor
 
 
@@ -105,6 +106,7 @@ def search(
     buckets: int = DEFAULT_BUCKETS,
     trust_pickle: bool = False,
     measure_all: bool = False,
+    device_profile: Any = None,
 ) -> SearchResult:
     """Choose a setting per layer that meets the budget with the least predicted damage,
     confirm the best few candidates by measurement, and return an explained plan.
@@ -112,7 +114,9 @@ def search(
     By default only what the budget can choose is measured (`search_adaptive`: predicted,
     dominated pairs skipped, the knapsack's picks measured on the first samples, close calls on
     all); `measure_all` measures every allowed (layer, setting) pair on all samples.
-    Budgets are the keywords `recommend` takes (plan.budgets): one size budget and/or a latency one."""
+    Budgets are the keywords `recommend` takes (plan.budgets): one size budget and/or a latency one.
+    device_profile (a path, dict or DeviceProfile for this target) calibrates the latency costs per
+    op type; the result and the plan record the latency basis."""
     given = search_request(budget, constraints, max_size_mb=max_size_mb, bits_per_weight=bits_per_weight,
                            size_fraction=size_fraction, max_latency_ms=max_latency_ms,
                            max_accuracy_drop=max_accuracy_drop, data=data)  # before any work
@@ -125,21 +129,25 @@ def search(
     dep = Deployment.resolve(k, target, os, check=False)
     tgt, os_major = dep.target, dep.os
     baseline = tgt.baseline_bytes_per_param
+    profile = _profile(device_profile, target)  # before the measuring: a bad file fails fast
     prep = prepared or prepare(model, samples, max_samples=max_samples, trust_pickle=trust_pickle)
     report = prep.report
+    fit, notes = _latency_fit(profile, report, tgt, os_major)
     budget = budget or Budget.of(**{n: given.get(n) for n in (*SIZE_KEYS, "max_latency_ms", "max_accuracy_drop")},
-                                 report=report, baseline=baseline)
+                                 report=report, baseline=baseline, latency_basis=fit.label if fit else ROOFLINE)
     limits = plan_constraints(given, (budget.max_bytes or 0.0) / MB, budget.max_latency_ms)
-    grid, notes = _target_grid(k, settings or default_grid(k=k), target, tgt.name, os_major)
+    grid, grid_notes = _target_grid(k, settings or default_grid(k=k), target, tgt.name, os_major)
+    notes += grid_notes
     layers = candidate_layers(report)
     allowed, lesson_notes = _allowed(k, report, target, os_major, limits, layers, grid, lessons, baseline)
     pruning, guesses = None, None
     if measure_all:
         sens = _sensitivities(prep, k, allowed, grid, cache, executor, progress)
     else:
-        scope = Scope(prep, k, layers, target, os_major, baseline, budget, buckets, grid, cache, executor, progress)
+        scope = Scope(prep, k, layers, target, os_major, baseline, budget, buckets, grid, cache, executor, progress,
+                      latency_fit=fit)
         sens, guesses, pruning = adaptive_sensitivities(scope, allowed)
-    space = _space(k, report, sens, layers, target, os_major, baseline, guesses)
+    space = _space(k, report, sens, layers, target, os_major, baseline, guesses, fit)
     notes += _latency_notes(space, layers, budget, tgt.name) + _accuracy_notes(prep, budget)
     plans = _plans(space, budget, prep.logits, buckets)
     candidates, ran_full, chosen, picks = _confirm_best(prep, space, plans, budget, cache, executor, confirm, progress)
@@ -155,7 +163,31 @@ def search(
         evaluations={"single_layer": sens.evaluations, "single_layer_cached": sens.cache_hits,
                      "full_model": len(candidates), "full_model_run_now": ran_full},
         forward_passes=round(sens.forward_passes + ran_full, 2), pruning=pruning,
-        sensitivity_wall_s=sens.wall_s, wall_s=time.perf_counter() - t0, lessons=lessons, notes=notes)
+        sensitivity_wall_s=sens.wall_s, wall_s=time.perf_counter() - t0, lessons=lessons,
+        latency_basis=space.latency_basis if space.lat_ok else None, notes=notes)
+
+
+def _profile(device_profile: Any, target: str) -> "DeviceProfile | None":
+    """The device profile, loaded and checked against the target (None without one)."""
+    if device_profile is None:
+        return None
+    from compressadvise.measure.device_profile import checked_profile
+
+    return checked_profile(device_profile, target)[0]
+
+
+def _latency_fit(profile: "DeviceProfile | None", report: ModelReport, tgt: Any, os: int
+                 ) -> tuple["ProfileFit | None", list[str]]:
+    """The profile's per-op-type factors on the original's roofline, and what the fit noted."""
+    if profile is None:
+        return None, []
+    from compressadvise.measure.device_profile import fit_for_planning
+
+    fit = fit_for_planning(report, tgt, os, profile)
+    if fit is None:
+        return None, [f"the {profile.device} profile is not applied: the model has no roofline estimate on {tgt.name}"]
+    return fit, [*fit.notes, f"latency costs {fit.label}: roofline scaled per op type, plus {fit.other_ms:.4g} ms "
+                 "in ops the roofline does not cover"]
 
 
 def _target_grid(k: Knowledge, grid: list[Setting], target: str, name: str, os: int) -> tuple[list[Setting], list[str]]:

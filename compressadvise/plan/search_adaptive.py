@@ -33,6 +33,7 @@ from compressadvise.plan.search_space import Estimates, Option, _candidate_plans
 
 if TYPE_CHECKING:
     from compressadvise.knowledge.base import Knowledge
+    from compressadvise.measure.device_profile import ProfileFit
     from compressadvise.measure.executors import Executor
     from compressadvise.measure.sensitivity import Cache
     from compressadvise.model.analysis import LayerInfo
@@ -63,6 +64,7 @@ class Scope:
     cache: "Cache | None"
     executor: "Executor | None"
     progress: Callable[[str, int, int], None] | None
+    latency_fit: "ProfileFit | None" = None  # a device profile's factors: calibrated latency costs
 
 
 @dataclass
@@ -176,7 +178,7 @@ def _rounds(scope: Scope, st: _State, first: int) -> tuple[_Space, list[tuple[st
 
 def _space_of(scope: Scope, st: _State) -> _Space:
     return _space(scope.k, scope.prep.report, _report(scope, st), scope.layers, scope.target, scope.os,
-                  scope.baseline, estimates(scope, st))
+                  scope.baseline, estimates(scope, st), scope.latency_fit)
 
 
 def _unmeasured_picks(space: _Space, plans: list[tuple[str, str, list[int]]], st: _State) -> set[tuple[str, str]]:

@@ -8,7 +8,7 @@ from compressadvise.knowledge.base import Knowledge
 from compressadvise.knowledge.schema import Advisory, Constraints, Plan, PlanModel, PlanTarget, Prediction, Skip, Step, TraceEntry
 from compressadvise.plan.search_knapsack import solve_mckp, solve_two_budgets
 from compressadvise.plan.search_results import MB, Budget, Candidate, LayerChoice
-from compressadvise.plan.search_space import _ms, _Space
+from compressadvise.plan.search_space import ROOFLINE, _ms, _Space
 from compressadvise.measure.sensitivity import Prepared, Setting
 
 SEARCH_CODE = "SEARCH"
@@ -121,13 +121,17 @@ def _build_plan(k: Knowledge, report: ModelReport, prep: Prepared, target: str, 
     except Exception:  # advice is a courtesy here: never let it block the searched plan
         advisories = []
     meets = None if budget.max_bytes is None else after <= budget.max_bytes + 1e-6
+    lat: dict = {}
+    if space.lat_ok and (budget.max_latency_ms or space.latency_basis != ROOFLINE):  # what the plan was chosen on
+        lat = {"latency_ms_before": space.latency([0] * len(space.groups)), "latency_ms_after": space.latency(picks),
+               "latency_basis": space.latency_basis}
     return Plan(
         model=PlanModel(source=report.source, sha256=report.sha256, format=report.format,
                         total_params=report.total_params),
         target=PlanTarget(name=target, os=os), constraints=constraints,
         playbooks={name: pb.version for name, pb in k.playbooks.items()}, steps=steps, advisories=advisories,
         prediction=Prediction(bytes_before=before, bytes_after=after, ratio=before / after if after else 0.0,
-                              meets_size_budget=meets),
+                              meets_size_budget=meets, **lat),
         layers=pred_layers, trace=trace)
 
 

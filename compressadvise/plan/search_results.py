@@ -16,16 +16,19 @@ _KEY_MEASURES = ("psnr_db", "top1_agreement", "accuracy")  # a candidate's figur
 
 class Budget(ResultModel):
     max_bytes: float | None = Field(None, description="whole-model size budget in bytes")
-    max_latency_ms: float | None = Field(None, description="estimate: roofline latency budget on the target")
+    max_latency_ms: float | None = Field(None, description="latency budget on the target, checked against latency_basis")
     max_accuracy_drop: float | None = Field(None, description=(
         "points of top-1 accuracy a confirmed candidate may lose, measured on labelled samples"))
     basis: str = ""
+    latency_basis: str = Field("estimate (roofline)", description=(
+        "what the latency budget is checked against: 'estimate (roofline)' or 'calibrated from DEVICE profile'"))
 
     @classmethod
     def of(cls, *, max_size_mb: float | None = None, bits_per_weight: float | None = None,
            max_latency_ms: float | None = None, size_fraction: float | None = None,
            max_accuracy_drop: float | None = None,
-           report: ModelReport | None = None, baseline: float = 2.0) -> "Budget":
+           report: ModelReport | None = None, baseline: float = 2.0,
+           latency_basis: str = "estimate (roofline)") -> "Budget":
         given = [x for x in (max_size_mb, bits_per_weight, size_fraction) if x]
         if len(given) > 1:
             raise InvalidKnowledge("give one size budget: --max-size-mb, --bits-per-weight or --size-fraction")
@@ -48,17 +51,17 @@ class Budget(ResultModel):
             # own uncompressed size: on an fp32 target that would be twice the bytes).
             max_bytes = size_fraction * report.total_bytes_fp16
             basis.append(f"{size_fraction:g} of the fp16 size")
-        if max_latency_ms:
-            basis.append(f"{max_latency_ms:g} ms (estimate)")
+        if max_latency_ms:  # "(estimate)" for the roofline, as budgets always read
+            basis.append(f"{max_latency_ms:g} ms ({'estimate' if latency_basis.startswith('estimate') else latency_basis})")
         if max_accuracy_drop is not None:
             basis.append(f"at most {max_accuracy_drop:g} points of accuracy (measured)")
         return cls(max_bytes=max_bytes, max_latency_ms=max_latency_ms or None, max_accuracy_drop=max_accuracy_drop,
-                   basis=" and ".join(basis))
+                   basis=" and ".join(basis), latency_basis=latency_basis)
 
 
 class FrontierPoint(ResultModel):
     bytes: int = Field(description="estimate (technique formulas)")
-    latency_ms: float | None = Field(None, description="estimate (roofline)")
+    latency_ms: float | None = Field(None, description="estimate (roofline, or calibrated: SearchResult.latency_basis)")
     predicted_psnr_db: float = Field(description="estimate: from the summed single-layer output MSEs")
     measured_psnr_db: float | None = Field(None, description="measured, when this plan was confirmed")
     compressed_layers: int
@@ -123,6 +126,8 @@ class SearchResult(ResultModel):
     sensitivity_wall_s: float
     wall_s: float
     lessons: Literal["apply", "advise"]
+    latency_basis: str | None = Field(None, description=(
+        "what the latencies are: 'estimate (roofline)' or 'calibrated from DEVICE profile'; None: not estimated"))
     notes: list[str] = []
 
     def _summary(self) -> tuple[str, list[tuple[str, str]]]:

@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from compressadvise.model.analysis import LayerInfo, ModelReport
 from compressadvise.knowledge.base import Knowledge
 from compressadvise.plan.search_knapsack import MultipleChoiceKnapsack, solve_mckp, solve_two_budgets
 from compressadvise.plan.search_results import Budget, FrontierPoint
 from compressadvise.measure.sensitivity import FP16, SensitivityReport, Setting, setting_bytes
+
+if TYPE_CHECKING:
+    from compressadvise.measure.device_profile import ProfileFit
+
+ROOFLINE = "estimate (roofline)"
 
 
 @dataclass
@@ -23,8 +29,10 @@ class Option:
 
 
 def _latency_table(report: ModelReport, k: Knowledge, target: str, os: int, layer: LayerInfo,
-                   settings: list[Setting], baseline: float) -> dict[Setting, float] | None:
-    """Roofline ms per setting for one layer (estimate); None when the layer has no MACs."""
+                   settings: list[Setting], baseline: float, fit: ProfileFit | None = None
+                   ) -> dict[Setting, float] | None:
+    """Roofline ms per setting for one layer (estimate), times its op type's factor when a device
+    profile calibrates it; None when the layer has no MACs."""
     from compressadvise.measure.estimate import LayerCompression, estimate_layer
 
     tgt = k.target(target)
@@ -40,19 +48,21 @@ def _latency_table(report: ModelReport, k: Knowledge, target: str, os: int, laye
         est = estimate_layer(layer, tgt, os, comp, baseline)
         if est is None:
             return None
-        out[s] = est.ms
+        out[s] = est.ms * (fit.factor(layer.type) if fit is not None else 1.0)
     return out
 
 
-def _fixed_latency(report: ModelReport, k: Knowledge, target: str, os: int, searched: set[str]) -> float:
-    """Roofline ms of the layers the search does not decide (estimate)."""
+def _fixed_latency(report: ModelReport, k: Knowledge, target: str, os: int, searched: set[str],
+                   fit: ProfileFit | None = None) -> float:
+    """Roofline ms of the layers the search does not decide (estimate); calibrated by a device
+    profile, plus the time it measured in ops the roofline does not cover."""
     from compressadvise.measure.estimate import estimate_layer
 
     tgt = k.target(target)
-    total = 0.0
+    total = fit.other_ms if fit is not None else 0.0
     for x in report.layers:
         if x.name not in searched and (e := estimate_layer(x, tgt, os, None, tgt.baseline_bytes_per_param)):
-            total += e.ms
+            total += e.ms * (fit.factor(x.type) if fit is not None else 1.0)
     return total
 
 
@@ -66,6 +76,7 @@ class _Space:
     fixed_ms: float  # roofline ms of layers the search does not decide
     lat_ok: bool
     peak: float
+    latency_basis: str = ROOFLINE  # or "calibrated from DEVICE profile"
 
     def size(self, picks: list[int]) -> int:
         return self.fixed + sum(self.groups[i][j].bytes for i, j in enumerate(picks))
@@ -86,16 +97,18 @@ Estimates = dict[str, dict[str, tuple[Setting, dict[str, float]]]]  # layer -> k
 
 
 def _space(k: Knowledge, report: ModelReport, sens: SensitivityReport, layers: list[LayerInfo], target: str,
-           os: int, baseline: float, estimates: Estimates | None = None) -> _Space:
-    options = _options(k, report, sens, layers, target, os, baseline, estimates or {})
+           os: int, baseline: float, estimates: Estimates | None = None, fit: ProfileFit | None = None) -> _Space:
+    options = _options(k, report, sens, layers, target, os, baseline, estimates or {}, fit)
     fixed = int(round(report.stored() * baseline)) - sum(setting_bytes(k, x, FP16, baseline) for x in layers)
     lat_ok = any(o.latency_ms == o.latency_ms for opts in options.values() for o in opts)
-    fixed_ms = _fixed_latency(report, k, target, os, {x.name for x in layers}) if lat_ok else 0.0
-    return _Space([x.name for x in layers], [options[x.name] for x in layers], fixed, fixed_ms, lat_ok, sens.peak)
+    fixed_ms = _fixed_latency(report, k, target, os, {x.name for x in layers}, fit) if lat_ok else 0.0
+    return _Space([x.name for x in layers], [options[x.name] for x in layers], fixed, fixed_ms, lat_ok, sens.peak,
+                  fit.label if fit is not None else ROOFLINE)
 
 
 def _options(k: Knowledge, report: ModelReport, sens: SensitivityReport, layers: list[LayerInfo],
-             target: str, os: int, baseline: float, estimates: Estimates) -> dict[str, list[Option]]:
+             target: str, os: int, baseline: float, estimates: Estimates,
+             fit: ProfileFit | None = None) -> dict[str, list[Option]]:
     """fp16 plus every measured setting (and every estimated one not measured), per layer, with cost and damage."""
     table = sens.table()
     out: dict[str, list[Option]] = {}
@@ -104,7 +117,7 @@ def _options(k: Knowledge, report: ModelReport, sens: SensitivityReport, layers:
         guessed = {key: (s, metrics, False) for key, (s, metrics) in estimates.get(x.name, {}).items()
                    if key not in measured}
         rows = [(FP16, {}, True)] + list(measured.values()) + list(guessed.values())
-        lat = _latency_table(report, k, target, os, x, [r[0] for r in rows], baseline) or {}
+        lat = _latency_table(report, k, target, os, x, [r[0] for r in rows], baseline, fit) or {}
         opts = []
         for s, metrics, was_measured in rows:
             mse = metrics.get("output_mse", 0.0)

@@ -69,14 +69,15 @@ def _reflow(text: str | None) -> str | None:
 # Shown at the end of each command's help (and its docs section); tests/test_cli_conventions.py
 # parses every line against the command, so an example cannot name an option that is gone.
 EXAMPLES: dict[str, list[str]] = {
-    "analyze": ["compressadvise analyze model.pt2 --top 0", "compressadvise analyze model.pt2 --json | jq '.layers[0]'"],
+    "analyze": ["compressadvise analyze model.pt2 --top 0", "compressadvise analyze model.pt2 --json | jq '.layers[0]'",
+                "compressadvise analyze model.pt2 --target ane-a17"],
     "recommend": ["compressadvise recommend model.pt2 --target ane-a17 --size-fraction 0.25 --out plan.yaml",
                   "compressadvise recommend --target mac-gpu --max-size-mb 2 --data calibration"],
     "rules": ["compressadvise rules --target ane-a17", "compressadvise rules --technique palettization --json"],
     "explain": ["compressadvise explain WGT001", "compressadvise explain palettization",
                 "compressadvise explain ane-a17"],
     "techniques": ["compressadvise techniques --json"],
-    "targets": ["compressadvise targets", "compressadvise targets --json"],
+    "targets": ["compressadvise targets ane-a17 --json", "compressadvise targets", "compressadvise targets --json"],
     "apply": ["compressadvise apply model.pt2 --plan plan.yaml --out compressed/",
               "compressadvise apply model.pt2 --plan plan.yaml --out compressed/ --samples calib.npz --force"],
     "export": ["compressadvise export plan.yaml --to coremltools --model model.pt2 -o config.yaml",

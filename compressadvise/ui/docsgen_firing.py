@@ -188,7 +188,8 @@ def firing_examples() -> dict[str, dict[str, Any]]:
     runs: they change neither steps nor layer decisions.
     """
     from compressadvise.model.analysis import analyze
-    from compressadvise.plan.engine import rule_rank, constraint_facts, model_facts, target_facts
+    from compressadvise.measure.placement import placement_facts
+    from compressadvise.plan.engine import constraint_facts, model_facts, rule_rank, target_facts
     from compressadvise.knowledge.base import load_knowledge
     from compressadvise.model.loading import load_model
     from compressadvise.knowledge.schema import Constraints
@@ -209,7 +210,8 @@ def firing_examples() -> dict[str, dict[str, Any]]:
         if not open_codes:
             break
         base = {"model": mfacts[model], "target": target_facts(target, os_major),
-                "constraints": constraint_facts(Constraints(**c), reports[model])}
+                "constraints": constraint_facts(Constraints(**c), reports[model]),
+                "placement": placement_facts(reports[model], target)}
         wanted = any(cr.code in open_codes and losses.get(cr.code, 0) < 2 and cr.condition(base)
                      for cr in model_rules)
         steps = _likely_steps(k, compress, base)

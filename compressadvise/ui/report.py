@@ -267,8 +267,32 @@ def build(inp: Inputs, *, docs_base: str = DOCS_BASE, knowledge: Any = None,
         data.notes += [f"verify: {w}" for w in ver.warnings]
     if est is not None:
         data.notes += [f"latency estimate: {n}" for n in est[1].notes]
+    placed = _placement(inp, k)
+    data.placement = placed.model_dump(mode="json") if placed is not None else None
+    data.placement_rule = _rule_ref(placed.rule, k, docs_base) if placed is not None and placed.fallback else None
     _add_charts(data, inp, est)
     return data
+
+
+def _placement(inp: Inputs, k: Any) -> Any:
+    """Placement on the plan's target: from the built .mlpackage (the ops Core ML is handed) when
+    the input is an apply folder with one, else from the model's op graph."""
+    from compressadvise.measure.placement import check, for_mlpackage
+
+    tgt = k.targets.get(inp.plan.target.name) if inp.plan is not None else None
+    if tgt is None or tgt.placement is None:
+        return None
+    name = (inp.manifest or {}).get("mlpackage")
+    plain = isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")  # never outside the folder
+    package = inp.run_dir / name if inp.run_dir is not None and plain else None
+    if package is not None and package.is_dir():
+        try:
+            return for_mlpackage(str(package), tgt)
+        except Exception as e:  # an unreadable package: say so, fall back to the graph
+            inp.notes.append(f"placement: {package.name} could not be read ({type(e).__name__}); from the graph instead")
+    if inp.report is not None and inp.report.ops is not None:
+        return check(inp.report.ops, tgt)
+    return inp.plan.placement
 
 
 def _model_name(inp: Inputs) -> str:

@@ -104,8 +104,9 @@ def _latency_chart(data: ReportData, est: tuple[Any, Any] | None) -> list[Chart]
         values += [{"layer": r.name, "state": states[0], "value": r.latency_ms_before * 1e3, "setting": r.setting},
                    {"layer": r.name, "state": states[1], "value": (r.latency_ms_after or 0) * 1e3, "setting": r.setting}]
     b, a = est
-    sub = [f"estimate (roofline) on {_target_label(b)}: {b.total_ms * 1e3:.4g} us -> {a.total_ms * 1e3:.4g} us"
-           + ("; calibrated" if a.calibrated else "")]
+    how = "estimate (roofline)" if getattr(a, "basis", "estimate") == "estimate" else a.basis_label()
+    sub = [f"{how} on {_target_label(b)}: {b.total_ms * 1e3:.4g} us -> {a.total_ms * 1e3:.4g} us"
+           + ("; calibrated" if a.calibrated and how.startswith("estimate") else "")]
     if len(rows) > len(shown):
         sub.append(f"the {len(shown)} slowest of {len(rows)} estimated layers (all in the table)")
     spec = _paired_bars(alt, values, [r.name for r in shown], "microseconds", "Latency by layer on the target",

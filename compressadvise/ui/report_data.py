@@ -90,6 +90,9 @@ class ReportData(BaseModel):
     omitted: list[Omitted] = []
     notes: list[str] = []
     sensitivity_metric: str = ""
+    placement: dict[str, Any] | None = Field(None, description=(
+        "estimate: ops the target's accelerator lacks and the unit switches (PlacementReport)"))
+    placement_rule: RuleRef | None = Field(None, description="the rule that explains the fallbacks")
 
     def chart(self, chart_id: str) -> Chart | None:
         return next((c for c in self.charts if c.id == chart_id), None)

@@ -91,6 +91,7 @@ def render_html(data: ReportData, *, runtime: str | None = None) -> str:
         _summary_html(data),
         _charts_html(data, specs),
         _plan_html(data),
+        _placement_html(data),
         _table_html(data),
         _notes_html(data),
     ]
@@ -214,6 +215,30 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("time", "time share (est.)", "num"), ("sens", "sensitivity", "num"), ("drift", "drift SNR dB", "num"),
     ("setting", "setting", "str"), ("applied", "applied", "str"),
 ]
+
+
+def _placement_html(d: ReportData) -> str:
+    """The ops that leave the accelerator and the unit switches (an estimate, with its rule)."""
+    p = d.placement
+    if not p:
+        return ""
+    head = (f'<section id="placement"><h2>Placement on {_e(p["target"])}</h2><p>{_badge("estimate")} '
+            f'from the {_e(p["basis"])}, {p["ops_total"]} ops. ')
+    if not p["fallback"]:
+        return head + f'No op of the target\'s fallback table: every op is expected on the {_e(p["accelerator"])}.</p></section>'
+    rows = "".join(f'<tr class="hot"><td><code>{_e(f["op"])}</code></td><td>{_e(f["layer"] or "-")}</td>'
+                   f'<td>{_e(f["runs_on"])}</td><td>{_e(f["reason"])}</td><td>{_e(f["confidence"])}</td>'
+                   f'<td>{_e(f["source"])}</td></tr>' for f in p["fallback"])
+    switches = "".join(f'<li>{_e(b["from_unit"])} &rarr; {_e(b["to_unit"])}: <code>{_e(b["producer"])}</code> '
+                       f'&rarr; <code>{_e(b["consumer"])}</code></li>' for b in p["boundaries"][:20])
+    notes = "".join(f"<li>{_e(n)}</li>" for n in p["notes"])
+    return (head + f'{len(p["fallback"])} op(s) the {_e(p["accelerator"])} lacks fall back, with '
+            f'{len(p["boundaries"])} switch(es) between units (rule <code>{_e(p["rule"])}</code>).</p>'
+            '<table class="placement"><thead><tr><th>op</th><th>layer</th><th>runs on</th><th>why</th>'
+            f'<th>confidence</th><th>source</th></tr></thead><tbody>{rows}</tbody></table>'
+            + (f'<h3>Switches</h3><ul>{switches}</ul>' if switches else "")
+            + (f'<ul class="notes">{notes}</ul>' if notes else "")
+            + (_rule_html(d.placement_rule) if d.placement_rule is not None else "") + "</section>")
 
 
 def _bar_cell(value: float, share: float, text: str, cls: str) -> str:

@@ -23,7 +23,8 @@ def _summary(inp: Inputs, est: tuple[Any, Any] | None) -> list[SummaryRow]:
         rows += _verify_rows(ver)
     if est is not None:
         b, a = est
-        basis = "estimate" + (" (calibrated with device figures)" if a.calibrated else "")
+        basis = ("estimate" + (" (calibrated with device figures)" if a.calibrated else "")
+                 if getattr(a, "basis", "estimate") == "estimate" else a.basis_label())
         rows.append(SummaryRow(metric=f"latency on {_target_label(b)}", before=b.total_ms, after=a.total_ms,
                                unit="ms", basis=basis, note="roofline over layers with known MACs"))
     if ver is None:

@@ -203,10 +203,12 @@ def _latency_rows(r: VerifyResult) -> list[list[str]]:
                 rows.append([f"median, {mode}", f"{_num(a.median_ms)} ms", f"{_num(b.median_ms)} ms",
                              _ratio(a.median_ms, b.median_ms, "faster", "slower"), md_escape(basis)])
     if r.estimate:
+        from compressadvise.measure.estimate import pair_basis
+
         o, c = r.estimate["original"], r.estimate["compressed"]
         rows.append([md_escape(f"on {o.target} (iOS {o.os})"), f"{_num(o.total_ms)} ms", f"{_num(c.total_ms)} ms",
                      _ratio(o.total_ms, c.total_ms, "faster", "slower"),
-                     "estimate (calibrated)" if o.calibrated else "estimate (roofline)"])
+                     md_escape(pair_basis(o, c))])
     if r.coreml is not None and r.coreml.timing is not None:
         rows.append([md_escape(f"Core ML, {r.coreml.compute_units}"), "", f"{_num(r.coreml.timing.median_ms)} ms",
                      "", "measured on a Mac"])
