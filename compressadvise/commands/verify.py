@@ -33,6 +33,13 @@ def verify_cmd(
     original: str = typer.Argument(..., help="Original model (file, module:function, or 'bundled')."),
     compressed: str = typer.Argument(..., help="Compressed model: a model file, module:function, or an `apply` output folder."),
     samples: Optional[str] = SAMPLES,
+    text: Optional[str] = typer.Option(
+        None, "--text", metavar="FILE",
+        help="A text file for a language model: tokenized by ORIGINAL's tokenizer.json (a Hugging Face folder) "
+        "into --seq-len sequences, then next-token agreement, KL and perplexity per position bucket. "
+        "Instead of --samples."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=2, help=(
+        "Tokens per sequence for --text (default 128, or the model's context when shorter).")),
     evaluator: Optional[str] = typer.Option(None, "--eval", help="Your evaluator module:function: receives the model, returns a dict of metrics ('accuracy' feeds the budget)."),
     metric: Optional[List[str]] = typer.Option(None, "--metric", help="OUTPUT=METRIC override (logits, dense, mask; or psnr, iou, kl...). Repeatable."),
     max_accuracy_drop: Optional[float] = MAX_ACCURACY_DROP,
@@ -88,6 +95,8 @@ def verify_cmd(
         from compressadvise.plan.planfile import load_plan
 
         plan_obj = load_plan(plan)
+    if text is not None:
+        samples = _text_samples(text, samples, original, seq_len)
     from compressadvise.ui.render import err
 
     with err.status("verifying") as status:
@@ -111,6 +120,20 @@ def verify_cmd(
         missed = "; ".join(f"{b.name} {_num(b.value)} {b.unit} > {_num(b.limit)}" if b.value is not None
                            else f"{b.name}: {b.basis}" for b in result.missed())
         raise BudgetMissed(f"budget missed: {missed}")
+
+
+def _text_samples(text: str, samples: Optional[str], original: str, seq_len: Optional[int]):
+    """--text: token sequences from ORIGINAL's tokenizer (a Hugging Face folder's tokenizer.json)."""
+    from pathlib import Path
+
+    from compressadvise.errors import BadArgument
+    from compressadvise.model.samples import text_samples
+
+    if samples is not None:
+        raise BadArgument("--text and --samples both give the samples: pass one")
+    if not Path(original).is_dir():
+        raise BadArgument(f"--text needs ORIGINAL to be a Hugging Face folder with its tokenizer.json, not {original!r}")
+    return text_samples(text, original, seq_len=seq_len)
 
 
 def _num(x: float | None, digits: int = 3) -> str:
@@ -143,6 +166,7 @@ def show_result(r) -> None:  # noqa: ANN001 - VerifyResult
     for w in r.warnings:
         out.print(f"[yellow]warning:[/] {w}")
     _before_after(r)
+    _language_model(r.language_model)
     _slices(r)
     _drift(r)
     _estimate(r)
@@ -224,6 +248,30 @@ def _latency_basis(o, c) -> str:  # noqa: ANN001 - two ModelEstimates
 
     text = pair_basis(o, c)
     return text if "measured" in text else f"[cyan]{text}[/]"
+
+
+def _language_model(lm) -> None:  # noqa: ANN001 - a LanguageModelReport or None
+    """Next-token agreement, KL and perplexity, overall and per bucket of positions."""
+    if lm is None:
+        return
+    from rich.table import Table
+
+    from compressadvise.ui.render import out
+
+    t = Table(title=f"Language model ({lm.sequences} sequences x {lm.length} tokens, output {lm.output}; measured)",
+              show_edge=False)
+    for col in ("positions", "tokens", "next-token agreement", "KL (nats)", "perplexity", "change"):
+        t.add_column(col, justify="left" if col == "positions" else "right")
+    rows = [("all", lm.sequences * lm.length, lm)] + [(f"{b.start}-{b.stop - 1}", b.tokens, b) for b in lm.buckets]
+    for label, tokens, x in rows:
+        ppl = (f"{x.perplexity_original:.4g} -> {x.perplexity_compressed:.4g}"
+               if x.perplexity_original is not None else "n/a")
+        change = (f"{x.perplexity_compressed / x.perplexity_original - 1:+.2%}"
+                  if x.perplexity_original else "")
+        t.add_row(label, str(tokens), _pct(x.next_token_agreement * 100), f"{x.kl_divergence:.4g}", ppl, change)
+    out.print(t)
+    for n in lm.notes:
+        out.print(f"[dim]note: {n}[/]")
 
 
 def _slices(r) -> None:  # noqa: ANN001

@@ -19,6 +19,7 @@ from compressadvise.model.samples import InvalidSamples, Samples, load_samples, 
 from compressadvise.measure.verify_budgets import BudgetVerdict, Budgets, _estimates, judge
 from compressadvise.measure.verify_budgets import ACCURACY_KEY  # re-exported
 from compressadvise.measure.verify_drift import DriftReport, drift_report
+from compressadvise.measure.verify_lm import LanguageModelReport, lm_report
 from compressadvise.measure.verify_drift import DRIFT_THRESHOLD_DB, LayerDrift, capture_layers  # re-exported
 from compressadvise.measure.verify_evaluator import evaluator_rows, load_evaluator, run_evaluator
 from compressadvise.measure.verify_evaluator import EvaluatorFailed  # re-exported
@@ -61,6 +62,8 @@ class VerifyResult(ResultModel):
     accuracy: list[MetricRow] = Field([], description="measured task metrics from the sample labels")
     evaluator: list[MetricRow] = Field([], description="measured metrics from the user's evaluator")
     slices: list[SliceReport] = []
+    language_model: LanguageModelReport | None = Field(None, description=(
+        "measured when the samples are token ids and an output is next-token logits"))
     drift: DriftReport | None = None
     latency: LatencyReport | None = None
     coreml: CoreMLInfo | None = None
@@ -276,7 +279,8 @@ def _compare(orig: _Side, comp: _Side, smp: Samples, lab: "torch.Tensor | None",
         original=orig.info(), compressed=comp.info(),
         samples=SamplesInfo(source=smp.source, kind=smp.kind, count=len(smp), input_shapes=smp.shapes(),
                             has_labels=lab is not None, has_slices=smp.slices is not None),
-        fidelity=fid, accuracy=acc, slices=_slices(smp, ref, test, lab), warnings=warnings)
+        fidelity=fid, accuracy=acc, slices=_slices(smp, ref, test, lab), warnings=warnings,
+        language_model=lm_report(smp.inputs, ref, test))
 
 
 def _diagnose(result: VerifyResult, orig: _Side, comp: _Side, smp: Samples, func: Callable | None, *,

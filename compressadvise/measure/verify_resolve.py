@@ -101,6 +101,13 @@ def _apply_dir(path: Path, named: str | None = None) -> tuple[LoadedModel, str |
     return loaded, mlpath, plan, file, manifest
 
 
+def _is_hf(path: Path) -> bool:
+    """A Hugging Face folder (config.json + weights, no apply manifest): a model, loaded as one."""
+    from compressadvise.model.hf import is_hf_folder
+
+    return is_hf_folder(path) and not (path / "manifest.json").exists()
+
+
 def _named_spec(model: Any) -> str | None:
     """The spec of a model the caller gave (a string, or a factory it loaded itself)."""
     if isinstance(model, LoadedModel):
@@ -118,7 +125,7 @@ def _resolve(model: Any, trust_pickle: bool, named: str | None = None) -> _Side:
         loaded = model
     elif isinstance(model, torch.nn.Module):
         loaded = _from_module(model)
-    elif model is not None and str(model) != "bundled" and Path(str(model)).is_dir():
+    elif model is not None and str(model) != "bundled" and Path(str(model)).is_dir() and not _is_hf(Path(str(model))):
         loaded, mlpackage, plan, file, manifest = _apply_dir(Path(str(model)), named)
         if file.is_file():
             size, basis = disk_size(file), "torch artifact on disk (measured)"

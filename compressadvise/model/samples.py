@@ -247,3 +247,51 @@ def _concat(built: list[Samples], where: str) -> Samples:
     labels = torch.cat([b.labels for b in built]) if first.labels is not None else None
     slices = [s for b in built for s in b.slices] if first.slices is not None else None
     return Samples(inputs, labels, slices, first.class_names, source=where, kind="file")
+
+
+# ------------------------------------------------------------------ text, for language models
+TEXT_LIMIT = 64 << 20  # bytes of text read for --text: far more than an evaluation needs
+DEFAULT_SEQ_LEN = 128
+
+
+def text_samples(text: str | Path, folder: str | Path, *, seq_len: int | None = None,
+                 max_sequences: int = 64) -> Samples:
+    """Token-id sequences from a text file, tokenized by a Hugging Face folder's tokenizer.json
+    (the `tokenizers` library reads it as data: no tokenizer code runs), cut into sequences of
+    `seq_len` tokens (default: 128, or the model's context when shorter)."""
+    import torch
+
+    path, folder = Path(text), Path(folder)
+    if not path.is_file():
+        raise InputNotFound(f"{path}: no such text file")
+    tok = folder / "tokenizer.json"
+    if not tok.is_file():
+        raise InvalidSamples(f"{folder}: no tokenizer.json: --text needs a Hugging Face folder with its tokenizer",
+                             hint="or tokenize yourself and pass --samples FILE with an int64 array (sequences x tokens)")
+    if path.stat().st_size > TEXT_LIMIT:
+        raise InvalidSamples(f"{path}: over {TEXT_LIMIT >> 20} MB of text; an evaluation needs far less")
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(tok)).encode(path.read_text(encoding="utf-8", errors="replace")).ids
+    length = min(seq_len or DEFAULT_SEQ_LEN, _context(folder) or DEFAULT_SEQ_LEN)
+    n = min(len(ids) // length, max_sequences)
+    if n < 1 or length < 2:
+        raise InvalidSamples(f"{path}: {len(ids)} tokens, fewer than one sequence of {length}",
+                             hint="give more text or a smaller --seq-len")
+    seqs = torch.tensor(ids[: n * length], dtype=torch.int64).reshape(n, length)
+    return Samples([seqs], source=f"{path} ({n} sequences x {length} tokens, {tok.name})", kind="file")
+
+
+def _context(folder: Path) -> int | None:
+    """The model's context length from config.json (GPT-2 names it n_positions)."""
+    import json
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = cfg.get(key) if isinstance(cfg, dict) else None
+        if type(v) is int and v > 1:
+            return v
+    return None
