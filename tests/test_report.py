@@ -10,9 +10,7 @@ import copy
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -22,14 +20,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from browser_helpers import CHROMIUM_ARGS, _browser_or_skip
 from compressadvise.ui import report as R
 from compressadvise.ui.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--host-resolver-rules=MAP * ~NOTFOUND"]
 
 
 # ------------------------------------------------------------------ fixtures
@@ -188,7 +184,7 @@ def test_bundled_report_shows_the_plan_and_says_what_is_not_measured(bundled, tm
         assert int(float(r[4][1])) == by_name[r[1][0]].bytes_before
         assert int(float(r[5][1])) == by_name[r[1][0]].bytes_after
     size = next(s for s in res.summary if s.metric.startswith("size: weights"))
-    assert size.basis == "estimate" and size.after == pytest.approx(plan.prediction.bytes_after / 1e6)
+    assert size.basis == "estimate" and size.unit == "B" and size.after == plan.prediction.bytes_after
     acc = next(s for s in res.summary if s.metric == "accuracy")
     assert acc.basis == "not measured yet" and acc.after is None
     assert 'data-omitted="pareto"' in page
@@ -230,8 +226,11 @@ def test_run_folder_report_shows_measured_results(run_report, run_dir):
 def test_apply_manifest_sizes_and_layer_status(run_report, run_dir):
     _, data, _, out = run_report
     manifest = json.loads((run_dir / "manifest.json").read_text())
+    # verify measured the files on disk (a main row): apply's own artefact size is folded away
     row = next(s for s in data.summary if s.metric == "size: torch artifact (apply)")
-    assert row.basis == "measured" and row.after == (run_dir / "model.pt").stat().st_size / 1e6
+    assert row.basis == "measured" and row.after == (run_dir / "model.pt").stat().st_size and row.group == "internal"
+    assert [s.metric for s in data.summary if s.metric.startswith("size") and s.group == "main"] == [
+        "size: weights on the target", "size: file on disk"]
     assert not any("error" in s.metric for s in data.summary)  # a ratio, not a size
     status = {x["name"]: x["status"] for x in manifest["layers"]}
     assert {r.name: r.applied for r in data.layers} == status
@@ -245,6 +244,9 @@ def test_pareto_marks_the_plan_the_original_and_the_uniform_baselines(run_report
     points = max(chart_values(data.chart("pareto").spec, every=True), key=len)
     kinds = {p["kind"] for p in points}
     assert kinds == {"uniform", "original", "chosen"}
+    axes = {(x["encoding"]["x"].get("title"), x["encoding"]["y"].get("title")) for x in data.chart("pareto").spec["layer"]
+            if "title" in x["encoding"]["y"]}
+    assert axes == {("model size (KB)", "top-1 accuracy (%)")}  # the size scales, the metric keeps its unit
     chosen = next(p for p in points if p["kind"] == "chosen")
     row = next(r for r in verify["accuracy"] if r["name"] == "top-1 accuracy")
     assert chosen["value"] == row["compressed"]
@@ -272,8 +274,8 @@ def test_plan_section_links_rules_and_inlines_explain(bundled, tmp_path):
         assert f'href="https://docs.example/rules/{code}.md"' in page
         assert f"<h1>{code}:" in page  # `explain CODE` text, rendered inside <details>
     page_default = (tmp_path / "d.html")
-    R.write_report(report, page_default, plan=plan)
-    assert f'href="docs/reference/rules/{plan.steps[0].rules[0]}.md"' in page_default.read_text()
+    R.write_report(report, page_default, plan=plan)  # no docs base: the text is embedded, nothing links off the page
+    assert ".md\"" not in page_default.read_text() and f'id="rule-{plan.steps[0].rules[0]}"' in page_default.read_text()
 
 
 def test_run_folder_without_results_degrades(tmp_path, bundled):
@@ -394,23 +396,6 @@ def test_cli_errors_are_one_line_with_documented_codes(tmp_path):
 
 
 # ------------------------------------------------------------------ in the browser
-def _browser_or_skip():
-    """Playwright driving the distribution's Chromium; skipped on a developer machine without
-    it, but CI must run this test (scripts/setup.sh installs chromium)."""
-    exe = os.environ.get("COMPRESSADVISE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    missing = "playwright is not installed" if sync_playwright is None else None
-    missing = missing or (None if exe else "no chromium on PATH (apt-get install chromium)")
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"the browser test must run in CI: {missing}")
-        pytest.skip(missing)
-    return sync_playwright, exe
-
-
 def test_report_in_headless_chromium(run_report):
     sync_playwright, exe = _browser_or_skip()
     _, data, _, out = run_report

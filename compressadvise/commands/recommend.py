@@ -137,6 +137,14 @@ def _generic_lesson(k, code: str) -> bool:
     return bool(cr and "workflow" in cr.rule.tags and not PLACEHOLDER.search(cr.rule.action.message or ""))
 
 
+def _bits(after: float, before: float, plan, k) -> float:
+    """Bits per weight as stored, scales, LUTs and masks included: the target's baseline bits
+    (16 for fp16) times the compressed share (`before` is the layer at the baseline)."""
+    tgt = k.targets.get(plan.target.name)
+    baseline = tgt.baseline_bytes_per_param if tgt is not None else 2.0
+    return 8 * baseline * after / before if before else 0.0
+
+
 def show_plan(plan, *, show_trace: bool = False) -> None:
     from rich.table import Table
 
@@ -164,8 +172,9 @@ def show_plan(plan, *, show_trace: bool = False) -> None:
         budget = ""
         if p.meets_size_budget is not None:
             budget = "  [green]meets the size budget[/]" if p.meets_size_budget else "  [red]misses the size budget[/]"
+        bits = _bits(p.bytes_after, p.bytes_before, plan, k)
         out.print(f"\nsize: {human_bytes(p.bytes_before)} -> {human_bytes(p.bytes_after)} "
-                  f"({p.ratio:.2f}x) [dim](estimate)[/]{budget}")
+                  f"({p.ratio:.2f}x, {bits:.2f} bits per weight with scales and LUTs) [dim](estimate)[/]{budget}")
     if plan.ways_forward:
         out.print("\n[bold]Ways forward[/] [dim](to the size budget; ranked: those that reach it first)[/]")
         for w in plan.ways_forward:
@@ -177,10 +186,11 @@ def show_plan(plan, *, show_trace: bool = False) -> None:
     if big:
         total = max(p.bytes_before if p else 1, 1)
         t = Table(title="Largest layers", show_edge=False)
-        for col in ("layer", "setting", "before", "after", "share of model"):
-            t.add_column(col, justify="right" if col in ("before", "after") else "left", overflow="fold")
+        for col in ("layer", "setting", "before", "after", "bits/w", "share of model"):
+            t.add_column(col, justify="right" if col in ("before", "after", "bits/w") else "left", overflow="fold")
         for x in big:
             t.add_row(x.name, x.setting, human_bytes(x.bytes_before), human_bytes(x.bytes_after),
+                      f"{_bits(x.bytes_after, x.bytes_before, plan, k):.2f}",
                       bar(x.bytes_before / total, 10) + f" {x.bytes_before / total:.0%}")
         out.print(t)
     show_advice(plan, k)

@@ -40,9 +40,10 @@ def report_cmd(
     max_accuracy_drop: Optional[float] = MAX_ACCURACY_DROP,
     data: Optional[Data] = DATA,
     input_shape: Optional[str] = INPUT_SHAPE,
-    docs_base: str = typer.Option("docs/reference/rules/", "--docs-base",
-                                  help="Where rule pages live (a URL or a path relative to the HTML file): "
-                                  "links go to <docs-base><CODE>.md."),
+    docs_base: str = typer.Option("", "--docs-base", metavar="URL",
+                                  help="Where rule pages live (e.g. a docs site or repository URL): rule "
+                                  "entries then link to <docs-base><CODE>.md. Without it the page links nowhere "
+                                  "outside itself: each rule's explanation is embedded."),
     title: Optional[str] = typer.Option(None, "--title", help="Page title."),
     force: bool = FORCE,
     playbooks: Optional[List[str]] = PLAYBOOKS_OPT,
@@ -85,16 +86,16 @@ def report_cmd(
 
 
 def show_result(result) -> None:
-    from compressadvise.ui.render import human_bytes, out
+    from compressadvise.ui.render import human_bytes, human_quantity, out
 
     out.print(f"report written to [bold]{result.html}[/] ({human_bytes(result.bytes)}, {result.layers} layers, "
               f"charts: {', '.join(result.charts) or 'none'})")
     for row in result.summary:
-        if row.before is None and row.after is None:
+        if (row.before is None and row.after is None) or row.group == "internal":  # internal: in --json
             continue
-        before = f"{row.before:.4g}" if row.before is not None else "-"
-        after = f"{row.after:.4g}" if row.after is not None else "-"
-        out.print(f"  {row.metric}: {before} -> {after} {row.unit} [dim]({row.basis})[/]")
+        before = human_quantity(row.before, row.unit) if row.before is not None else "-"
+        after = human_quantity(row.after, row.unit) if row.after is not None else "-"
+        out.print(f"  {row.metric}: {before} -> {after} [dim]({row.basis})[/]")
     from rich.markup import escape
 
     for note in result.notes:

@@ -140,31 +140,39 @@ def _plan_steps(k: Knowledge, space: _Space, picks: list[int], choices: list[Lay
     """One step per technique (its most common setting, the others as per-layer overrides); fp16 layers
     are recorded as skips of the first step."""
     names, groups = space.names, space.groups
-    by_tech: dict[str, list[tuple[str, Setting]]] = {}
-    for i, (name, j) in enumerate(zip(names, picks)):
-        s = groups[i][j].setting
-        if not s.is_fp16:
-            by_tech.setdefault(s.technique, []).append((name, s))
+    members = [(name, groups[i][j].setting) for i, (name, j) in enumerate(zip(names, picks))
+               if not groups[i][j].setting.is_fp16]
     why_of = {c.layer: c.why for c in choices}
-    steps: list[Step] = []
-    for tech, members in by_tech.items():
-        counts: dict[Setting, int] = {}
-        for _, s in members:
-            counts[s] = counts.get(s, 0) + 1
-        common = max(counts, key=lambda s: counts[s])
-        step = Step(technique=tech, slot=k.techniques[tech].slot, params={**common.p, "weight_threshold": 0},
-                    layers=[n for n, _ in members],
-                    op_name_params={n: s.p for n, s in members if s != common},
-                    rules=sorted({c for n, _ in members for c, _ in lesson_notes.get(n, [])
-                                  if lessons == "apply" and c in k.rules}),
-                    why=f"budget search ({budget.basis}): per-layer settings chosen on measured sensitivities")
-        steps.append(step)
+    steps = technique_steps(k, members, f"budget search ({budget.basis}): per-layer settings chosen on measured "
+                            "sensitivities")
+    for step in steps:
+        step.rules = sorted({c for n in step.layers for c, _ in lesson_notes.get(n, [])
+                             if lessons == "apply" and c in k.rules})
     kept = [(n, why_of[n]) for i, (n, j) in enumerate(zip(names, picks)) if groups[i][j].setting.is_fp16]
     if kept and steps:
         for n, why in kept:
             codes = [c for c, _ in lesson_notes.get(n, []) if lessons == "apply"]
             steps[0].skipped.append(Skip(layer=n, reason=why, code=codes[0] if codes and len(
                 groups[names.index(n)]) == 1 else SEARCH_CODE.lower()))
+    return steps
+
+
+def technique_steps(k: Knowledge, members: list[tuple[str, Setting]], why: str) -> list[Step]:
+    """One step per technique in order of first use: its most common setting (the first of equals)
+    as params, the others as per-layer overrides; weight_threshold 0, so every chosen layer is
+    compressed whatever its size. Search and the what-if (plan.whatif) build their plans here."""
+    by_tech: dict[str, list[tuple[str, Setting]]] = {}
+    for name, s in members:
+        by_tech.setdefault(s.technique, []).append((name, s))
+    steps: list[Step] = []
+    for tech, group in by_tech.items():
+        counts: dict[Setting, int] = {}
+        for _, s in group:
+            counts[s] = counts.get(s, 0) + 1
+        common = max(counts, key=lambda s: counts[s])
+        steps.append(Step(technique=tech, slot=k.techniques[tech].slot, params={**common.p, "weight_threshold": 0},
+                          layers=[n for n, _ in group], op_name_params={n: s.p for n, s in group if s != common},
+                          why=why))
     return steps
 
 

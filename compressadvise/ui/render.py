@@ -101,19 +101,41 @@ def ratio_text(before: float | None, after: float | None, better: str, worse: st
     return f"{before / after:.2f}x {better}" if after <= before else f"{after / before:.2f}x {worse}"
 
 
+def byte_unit(n: float) -> tuple[str, float]:
+    """(unit, bytes per unit) that shows `n` bytes with at most 3 digits before the point."""
+    for unit, size in (("B", 1.0), ("KB", 1e3), ("MB", 1e6)):
+        if abs(n) < size * 1000:
+            return unit, size
+    return "GB", 1e9
+
+
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} GB"
+    unit, size = byte_unit(n)
+    return f"{n:.0f} B" if unit == "B" else f"{n / size:.2f} {unit}"
+
+
+def time_unit(ms: float) -> tuple[str, float]:
+    """(unit, units per ms) that keeps 3 significant digits of a duration in ms readable."""
+    if abs(ms) < 0.9995:  # 0.9996 ms is "1 ms", not "1e+03 µs"
+        return "µs", 1000.0
+    return ("ms", 1.0) if abs(ms) < 999.5 else ("s", 0.001)
 
 
 def human_ms(ms: float) -> str:
     """A duration given in ms, in the unit that keeps 3 significant digits readable."""
-    if ms < 1:
-        return f"{ms * 1000:.3g} µs"
-    return f"{ms:.3g} ms" if ms < 1000 else f"{ms / 1000:.3g} s"
+    unit, per_ms = time_unit(ms)
+    return f"{ms * per_ms:.3g} {unit}"
+
+
+def human_quantity(value: float, unit: str) -> str:
+    """One formatter for a figure and its unit: sizes (B/KB/MB/GB) and durations (ms) scale to
+    the unit that reads best; the rest keep 4 significant digits ('99.17 %')."""
+    scale = {"B": 1.0, "KB": 1e3, "MB": 1e6, "GB": 1e9}.get(unit)
+    if scale is not None:
+        return human_bytes(value * scale)
+    if unit == "ms":
+        return human_ms(value)
+    return f"{value:,.4g} {unit}".rstrip() if abs(value) < 1e4 else f"{value:,.0f} {unit}".rstrip()
 
 
 def human_count(n: float) -> str:

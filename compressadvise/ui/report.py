@@ -17,7 +17,7 @@ labelled "estimate" (formulas, roofline) or "measured" (run on real samples or a
 
 Charts are Vega-Lite specs built with Altair and compiled to Vega in Python (vl-convert), so
 the page inlines the Vega runtime bundled offline by vl-convert (~0.9 MB; Plotly's runtime alone
-is ~4.5 MB, most of the 5 MB budget); vl-convert also renders the PNGs offline, without a browser.
+is ~4.5 MB, over the 3 MB budget); vl-convert also renders the PNGs offline, without a browser.
 """
 from __future__ import annotations
 
@@ -33,12 +33,15 @@ from pydantic import BaseModel
 
 from compressadvise.errors import BadModel, CompressAdviseError, InputNotFound, InvalidKnowledge, OutputExists
 from compressadvise.fsutil import write_text_atomic
+from compressadvise.ui.report_built import built_view
 from compressadvise.ui.report_charts import _add_charts, _vlc
 from compressadvise.ui.report_data import AdviceView, LayerRow, ReportData, SummaryRow, _finite
 from compressadvise.ui.report_html import render_html, vl_version
+from compressadvise.ui.report_rules import collect_rules
 from compressadvise.ui.report_sensitivity import (Sensitivity, _first_error, _read_json, _sens_label, keyed, load_sensitivity,
                                  row_key)
 from compressadvise.ui.report_summary import _rule_ref, _step_view, _summary
+from compressadvise.ui.report_whatif import whatif_data
 
 # The report's names as they were before the split into report_*.py:
 from compressadvise.ui.report_charts import TOP_BARS, _changed, _predicted_points, frontier  # re-exported
@@ -47,7 +50,7 @@ from compressadvise.ui.report_html import cache_dir, vega_runtime  # re-exported
 from compressadvise.ui.report_sensitivity import PSNR_METRIC, Basis, ParetoPoint, SensitivityLayer  # re-exported
 from compressadvise.ui.report_summary import FIDELITY_ROWS  # re-exported
 
-DOCS_BASE = "docs/reference/rules/"
+DOCS_BASE = ""  # no link off the page unless a docs site is named: each rule's text is embedded
 RUN_FILES = {"manifest": "manifest.json", "verify": "verify.json", "sensitivity": "sensitivity.json"}
 MISSING_WITHOUT_MODEL = "layer types and latency estimates are missing"
 FP16_BYTES = 2.0
@@ -252,7 +255,8 @@ def build(inp: Inputs, *, docs_base: str = DOCS_BASE, knowledge: Any = None,
     layers = _layer_rows(inp, est, k)
     data = ReportData(
         title=title or f"Compression report: {_model_name(inp)}",
-        source=inp.source, target=plan.target.name if plan else None, os=plan.target.os if plan else None,
+        source=inp.source, model=_model_name(inp),
+        target=plan.target.name if plan else None, os=plan.target.os if plan else None,
         generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), version=__version__,
         inputs=dict(inp.read), summary=_summary(inp, est), layers=layers, notes=list(inp.notes),
         sensitivity_metric=_sens_label(inp.sensitivity),
@@ -270,6 +274,9 @@ def build(inp: Inputs, *, docs_base: str = DOCS_BASE, knowledge: Any = None,
     placed = _placement(inp, k)
     data.placement = placed.model_dump(mode="json") if placed is not None else None
     data.placement_rule = _rule_ref(placed.rule, k, docs_base) if placed is not None and placed.fallback else None
+    data.built = built_view(inp, k)
+    data.rules = collect_rules(data, k, docs_base)
+    data.whatif = whatif_data(inp, k, est)
     _add_charts(data, inp, est)
     return data
 
@@ -296,9 +303,13 @@ def _placement(inp: Inputs, k: Any) -> Any:
 
 
 def _model_name(inp: Inputs) -> str:
+    """The model itself (an apply folder's original, or its plan's model), never the folder's name."""
     if inp.report is not None:
         return inp.report.source
-    return inp.plan.model.source if inp.plan is not None and inp.plan.model.source else inp.source
+    if inp.plan is not None and inp.plan.model.source:
+        return inp.plan.model.source
+    original = (inp.manifest or {}).get("input")
+    return str(original["source"]) if isinstance(original, dict) and original.get("source") else inp.source
 
 
 def _latency_estimates(inp: Inputs, k: Any) -> tuple[Any, Any] | None:

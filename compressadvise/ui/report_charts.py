@@ -5,6 +5,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from compressadvise.errors import Unavailable
+from compressadvise.ui.render import byte_unit, human_bytes, human_ms, time_unit
 from compressadvise.ui.report_data import Chart, LayerRow, Omitted, ReportData
 from compressadvise.ui.report_sensitivity import PSNR_METRIC, ParetoPoint, Sensitivity, _sens_label
 from compressadvise.ui.report_summary import _target_label, _verify_hint
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
     from compressadvise.ui.report import Inputs
 
 TOP_BARS = 25  # layers per bar chart; the table always lists every layer
+SELECTION = "sel"  # the Vega signal report.js sets to the selected layer's name ('' = none)
+IS_SELECTED = f"datum.layer === {SELECTION}"
 
 
 # ------------------------------------------------------------------ charts (Vega-Lite via Altair)
@@ -68,7 +71,22 @@ def _paired_bars(alt: Any, values: list[dict], order: list[str], x_title: str, t
         tooltip=[alt.Tooltip("layer:N"), alt.Tooltip("state:N"), alt.Tooltip("value:Q", format=",.4g", title=x_title),
                  alt.Tooltip("setting:N")],
     ).properties(width=440, height=alt.Step(9), title=alt.Title(title, subtitle=subtitle))
-    return chart.to_dict()
+    return _linked_bars(chart.to_dict())
+
+
+def _linked(spec: dict[str, Any]) -> dict[str, Any]:
+    """The page's selected layer as a Vega-Lite variable: report.js sets it, the marks react."""
+    spec.setdefault("params", []).append({"name": SELECTION, "value": ""})
+    return spec
+
+
+def _linked_bars(spec: dict[str, Any]) -> dict[str, Any]:
+    """Bars of the selected layer stay opaque and outlined; the others fade while one is selected."""
+    enc = spec["encoding"]
+    enc["opacity"] = {"condition": {"test": f"{SELECTION} === '' || {IS_SELECTED}", "value": 1}, "value": 0.3}
+    enc["stroke"] = {"condition": {"test": IS_SELECTED, "value": "#1f2933"}, "value": None}
+    enc["strokeWidth"] = {"condition": {"test": IS_SELECTED, "value": 1.5}, "value": 0}
+    return _linked(spec)
 
 
 def _size_chart(data: ReportData) -> list[Chart] | str:
@@ -77,17 +95,18 @@ def _size_chart(data: ReportData) -> list[Chart] | str:
     alt = _alt()
     shown, rest = _top(data.layers, lambda r: r.bytes_before)
     states = ("now (fp16)", "after the plan")
+    unit, size = byte_unit(max(r.bytes_before for r in shown))  # the axis in the unit its bars read best in
     values = []
     for r in shown:
-        values += [{"layer": r.name, "state": states[0], "value": r.bytes_before / 1e3, "setting": r.setting},
-                   {"layer": r.name, "state": states[1], "value": r.bytes_after / 1e3, "setting": r.setting}]
+        values += [{"layer": r.name, "state": states[0], "value": r.bytes_before / size, "setting": r.setting},
+                   {"layer": r.name, "state": states[1], "value": r.bytes_after / size, "setting": r.setting}]
     before = sum(r.bytes_before for r in data.layers)
     after = sum(r.bytes_after for r in data.layers)
-    sub = [f"estimate from the plan: {before / 1e6:.3g} MB -> {after / 1e6:.3g} MB; the largest {len(shown)} layers"]
+    sub = [f"estimate from the plan: {human_bytes(before)} -> {human_bytes(after)}; the largest {len(shown)} layers"]
     if rest:  # a summed bar would dwarf the rest: state it instead
-        sub.append(f"the other {len(rest)} layers: {sum(r.bytes_before for r in rest) / 1e6:.3g} MB -> "
-                   f"{sum(r.bytes_after for r in rest) / 1e6:.3g} MB (all in the table)")
-    spec = _paired_bars(alt, values, [r.name for r in shown], "KB", "Size by layer: now vs after the plan", sub, states)
+        sub.append(f"the other {len(rest)} layers: {human_bytes(sum(r.bytes_before for r in rest))} -> "
+                   f"{human_bytes(sum(r.bytes_after for r in rest))} (all in the table)")
+    spec = _paired_bars(alt, values, [r.name for r in shown], unit, "Size by layer: now vs after the plan", sub, states)
     return [Chart(id="size", title="Size by layer", basis="estimate", spec=spec)]
 
 
@@ -99,17 +118,19 @@ def _latency_chart(data: ReportData, est: tuple[Any, Any] | None) -> list[Chart]
     alt = _alt()
     shown, _ = _top(rows, lambda r: r.latency_ms_before or 0.0)
     states = ("before", "after the plan")
+    unit, per_ms = time_unit(max(r.latency_ms_before or 0.0 for r in shown))
     values = []
     for r in shown:
-        values += [{"layer": r.name, "state": states[0], "value": r.latency_ms_before * 1e3, "setting": r.setting},
-                   {"layer": r.name, "state": states[1], "value": (r.latency_ms_after or 0) * 1e3, "setting": r.setting}]
+        values += [{"layer": r.name, "state": states[0], "value": r.latency_ms_before * per_ms, "setting": r.setting},
+                   {"layer": r.name, "state": states[1], "value": (r.latency_ms_after or 0) * per_ms,
+                    "setting": r.setting}]
     b, a = est
     how = "estimate (roofline)" if getattr(a, "basis", "estimate") == "estimate" else a.basis_label()
-    sub = [f"{how} on {_target_label(b)}: {b.total_ms * 1e3:.4g} us -> {a.total_ms * 1e3:.4g} us"
+    sub = [f"{how} on {_target_label(b)}: {human_ms(b.total_ms)} -> {human_ms(a.total_ms)}"
            + ("; calibrated" if a.calibrated and how.startswith("estimate") else "")]
     if len(rows) > len(shown):
         sub.append(f"the {len(shown)} slowest of {len(rows)} estimated layers (all in the table)")
-    spec = _paired_bars(alt, values, [r.name for r in shown], "microseconds", "Latency by layer on the target",
+    spec = _paired_bars(alt, values, [r.name for r in shown], unit, "Latency by layer on the target",
                         sub, states)
     return [Chart(id="latency", title="Latency by layer on the target", basis="estimate", spec=spec)]
 
@@ -135,7 +156,7 @@ def _sensitivity_chart(data: ReportData, inp: Inputs) -> list[Chart] | str:
     ).properties(width=440, height=alt.Step(14), title=alt.Title(
         "Sensitivity by layer", subtitle=f"{s.label}: each layer compressed alone; higher = more sensitive"
         + (f" ({s.setting})" if s.setting else "")))
-    return [Chart(id="sensitivity", title="Sensitivity by layer", basis=s.label, spec=chart.to_dict())]
+    return [Chart(id="sensitivity", title="Sensitivity by layer", basis=s.label, spec=_linked_bars(chart.to_dict()))]
 
 
 def _changed(setting: str) -> bool:
@@ -162,8 +183,14 @@ def _drift_chart(data: ReportData, inp: Inputs) -> list[Chart] | str:
         y="t:Q")
     sub = [f"measured on {d.samples} samples; below the dashed {d.threshold_db:g} dB line = degraded",
            f"identical outputs drawn at {cap:g} dB" + (f"; first degraded: {d.first_degraded}" if d.first_degraded else "")]
-    chart = (line + rule).properties(width=440, height=220, title=alt.Title("Output drift by layer", subtitle=sub))
-    return [Chart(id="drift", title="Output drift by layer", basis="measured", spec=chart.to_dict())]
+    # The page's selected layer: every point drawn, only the selected one visible (a filtered, empty
+    # layer would make Vega warn about an infinite extent).
+    picked = base.mark_point(size=220, filled=True, color="#d9822b").encode(
+        x=alt.X("layer:N", sort=[v["layer"] for v in values]), y="snr:Q",
+        opacity={"condition": {"test": IS_SELECTED, "value": 1}, "value": 0})
+    chart = (line + rule + picked).properties(width=440, height=220, title=alt.Title("Output drift by layer",
+                                                                                      subtitle=sub))
+    return [Chart(id="drift", title="Output drift by layer", basis="measured", spec=_linked(chart.to_dict()))]
 
 
 def _primary_metric(ver: Any, wanted: str | None) -> tuple[str, str, float, float] | None:
@@ -281,39 +308,82 @@ def _pareto_chart(data: ReportData, inp: Inputs) -> list[Chart] | str:
                 "baselines (a verify result, and sensitivity or search results)")
     alt = _alt()
     front = {id(p) for p in frontier(points, hib)}
-    values = [{"name": p.name, "mb": p.bytes / 1e6, "value": p.value, "kind": p.kind, "frontier": id(p) in front,
-               "size": p.size_basis, "fidelity": p.value_basis} for p in points]
+    size_unit, scale = byte_unit(max(p.bytes for p in points))  # the x axis; `unit` is the metric's
+    values = [{"name": p.name, "mb": p.bytes / 1e6, "x": p.bytes / scale, "value": p.value, "kind": p.kind,
+               "frontier": id(p) in front, "size": p.size_basis, "fidelity": p.value_basis} for p in points]
+    _place_labels(values, PARETO_SIZE)
     kinds = ["original", "uniform", "candidate", "chosen"]
     base = alt.Chart(alt.Data(values=values))
     enc = dict(
-        x=alt.X("mb:Q", title="model size (MB)", scale=alt.Scale(zero=False)),
+        x=alt.X("x:Q", title=f"model size ({size_unit})", scale=alt.Scale(zero=False)),
         y=alt.Y("value:Q", title=f"{metric} ({unit})" if unit else metric, scale=alt.Scale(zero=False)),
         color=alt.Color("kind:N", scale=alt.Scale(domain=kinds, range=["#52606d", "#9aa5b1", "#7fb3e6", "#d9822b"]),
                         legend=alt.Legend(orient="bottom")),
         shape=alt.Shape("kind:N", scale=alt.Scale(domain=kinds, range=["square", "circle", "circle", "diamond"])),
-        tooltip=["name:N", "kind:N", alt.Tooltip("mb:Q", format=".4g"), alt.Tooltip("value:Q", format=".4g"),
+        tooltip=["name:N", "kind:N", alt.Tooltip("x:Q", format=".4g", title=size_unit), alt.Tooltip("value:Q", format=".4g"),
                  alt.Tooltip("fidelity:N", title="fidelity is"), alt.Tooltip("size:N", title="size is")])
     layers = []  # only layers with data: an empty layer makes Vega warn about infinite extents
     if len(front) > 1:
         layers.append(base.transform_filter("datum.frontier").mark_line(color="#2f6fdf", strokeDash=[5, 3]).encode(
-            x="mb:Q", y="value:Q", order="mb:Q"))
+            x="x:Q", y="value:Q", order="x:Q"))
     if any(p.value_basis == "measured" for p in points):
         layers.append(base.transform_filter("datum.fidelity == 'measured'").mark_point(filled=True, size=110)
                       .encode(**enc))
     if any(p.value_basis != "measured" for p in points):
         layers.append(base.transform_filter("datum.fidelity != 'measured'").mark_point(
             filled=False, size=110, strokeWidth=2).encode(**enc))
-    layers.append(base.transform_filter("datum.frontier || datum.kind == 'chosen' || datum.kind == 'original'")
-                  .mark_text(align="left", dx=8, dy=-6, fontSize=10).encode(x="mb:Q", y="value:Q", text="name:N"))
+    for side, dx in (("right", 8), ("left", -8)):  # labels placed in Python so that none overlap
+        if any(v["label"] == side for v in values):
+            layers.append(base.transform_filter(f"datum.label == '{side}'").mark_text(
+                align="left" if side == "right" else "right", dx=dx, dy=-6, fontSize=10).encode(
+                x="x:Q", y="value:Q", text="name:N"))
     sub = ["filled: fidelity measured; hollow: predicted (estimate); dashed: the Pareto frontier"]
     if not any(p.kind == "uniform" for p in points):
         sub.append("uniform baselines not measured yet (sensitivity results)")
     if metric == PSNR_METRIC:
         sub.append("the original is exact (infinite PSNR) and not drawn")
-    chart = alt.layer(*layers).properties(width=440, height=300, title=alt.Title(
+    if any(not v["label"] for v in values):
+        sub.append("unlabelled points: hover for their names")
+    chart = alt.layer(*layers).properties(width=PARETO_SIZE[0], height=PARETO_SIZE[1], title=alt.Title(
         "Size vs fidelity", subtitle=sub))
     basis = "measured" if all(p.value_basis == "measured" for p in points) else "measured and estimate"
     return [Chart(id="pareto", title="Size vs fidelity", basis=basis, spec=chart.to_dict())]
+
+
+PARETO_SIZE = (440, 300)  # plot width, height in px
+LABEL_PX = (5.6, 12.0)  # approximate px per character and line height of a 10 px label
+
+
+def _place_labels(values: list[dict[str, Any]], size: tuple[int, int]) -> None:
+    """Set each point's "label" to "right", "left" or "" (none): the plan and the original first,
+    then the frontier by size, each label beside its point where it overlaps no label or other
+    point. Positions are approximate (data range to plot pixels, before Vega's nice rounding),
+    so boxes keep a margin."""
+    xs, ys = [v["x"] for v in values], [v["value"] for v in values]
+    spans = ((max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0) if values else (1.0, 1.0)
+    at = [((v["x"] - min(xs)) / spans[0] * size[0], (1 - (v["value"] - min(ys)) / spans[1]) * size[1])
+          for v in values]
+    dots = [(x - 5, y - 5, x + 5, y + 5) for x, y in at]
+    labels: list[tuple[float, float, float, float]] = []
+    rank = {"chosen": 0, "original": 1}
+    order = sorted((i for i, v in enumerate(values) if v["kind"] in rank or v["frontier"]),
+                   key=lambda i: (rank.get(values[i]["kind"], 2), values[i]["x"]))
+    for v in values:
+        v["label"] = ""
+    for i in order:
+        (x, y), w = at[i], LABEL_PX[0] * len(values[i]["name"])
+        for side, x0 in (("right", x + 8), ("left", x - 8 - w)):
+            box = (x0, y - 6 - LABEL_PX[1], x0 + w, y - 6)
+            others = labels + dots[:i] + dots[i + 1:]
+            if box[0] >= 0 and box[2] <= size[0] + 60 and not any(_overlap(box, b) for b in others):
+                values[i]["label"] = side
+                labels.append(box)
+                break
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Boxes (x0, y0, x1, y1) overlap, with 2 px to spare."""
+    return a[0] < b[2] + 2 and b[0] < a[2] + 2 and a[1] < b[3] + 2 and b[1] < a[3] + 2
 
 
 def _accuracy_charts(data: ReportData, inp: Inputs) -> list[Chart] | str:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -28,16 +28,19 @@ class SummaryRow(BaseModel):
     metric: str
     before: float | None = None
     after: float | None = None
-    unit: str = ""
+    unit: str = Field("", description="sizes in B and durations in ms: the page scales them to read well")
     basis: str = Field(description="measured or estimate, and where")
+    before_basis: str = Field("", description="the basis of `before` when it differs from `after`'s")
     note: str = ""
+    group: Literal["main", "internal", "built"] = Field(
+        "main", description="internal: an intermediate estimate, folded away on the page; built: planned vs built")
 
 
 class RuleRef(BaseModel):
     code: str
     title: str = ""
     why: str = ""
-    url: str
+    url: str = Field("", description="the rule's page on a docs site; empty: no link (the text is embedded)")
     explain: str = Field("", description="`compressadvise explain CODE` text (Markdown)")
 
 
@@ -59,6 +62,37 @@ class AdviceView(BaseModel):
     layers: list[str]
 
 
+class BuiltLayer(BaseModel):
+    """One layer of the plan against what `apply` built (its manifest)."""
+    name: str
+    planned: str = Field(description="the plan's setting")
+    planned_bytes: int = Field(description="estimate: the plan's size for the layer")
+    built: str = Field(description="what apply did (manifest status, and why when not built)")
+    built_setting: str = ""
+    built_bytes: int = Field(description="estimate: the plan's size when built, else the uncompressed size")
+    differs: bool = False
+
+
+class BuiltTotal(BaseModel):
+    name: str
+    planned: float | None = None
+    built: float | None = None
+    planned_basis: str = "estimate"
+    built_basis: str = "measured"
+    note: str = ""
+    differs: bool = Field(False, description="outside apply's size tolerance")
+
+
+class BuiltView(BaseModel):
+    """The planned-vs-built gate of an `apply` folder, per layer and in total."""
+    ok: bool
+    verdict: str
+    side: str = ""
+    layers: list[BuiltLayer] = []
+    totals: list[BuiltTotal] = []
+    unchanged: int = Field(0, description="layers the plan leaves as they are and apply left as they are")
+
+
 class Chart(BaseModel):
     id: str
     title: str
@@ -75,6 +109,7 @@ class Omitted(BaseModel):
 class ReportData(BaseModel):
     title: str
     source: str
+    model: str = Field("", description="the model reported on (an apply folder's original), not the folder")
     target: str | None
     os: int | None
     generated: str
@@ -93,6 +128,9 @@ class ReportData(BaseModel):
     placement: dict[str, Any] | None = Field(None, description=(
         "estimate: ops the target's accelerator lacks and the unit switches (PlacementReport)"))
     placement_rule: RuleRef | None = Field(None, description="the rule that explains the fallbacks")
+    whatif: dict[str, Any] | None = Field(None, description="the What-if section's data (ui/report_whatif.py)")
+    built: BuiltView | None = Field(None, description="an apply folder's planned vs built, per layer")
+    rules: dict[str, RuleRef] = Field({}, description="every rule the page mentions, with its text")
 
     def chart(self, chart_id: str) -> Chart | None:
         return next((c for c in self.charts if c.id == chart_id), None)

@@ -1,7 +1,6 @@
 """The report's HTML page: the Vega runtime, inlined assets and the page's sections."""
 from __future__ import annotations
 
-import html
 import json
 import os
 import re
@@ -11,8 +10,12 @@ from typing import Any
 
 from compressadvise.fsutil import write_text_atomic
 from compressadvise.ui.render import human_bytes
+from compressadvise.ui.report_built import built_html
 from compressadvise.ui.report_charts import _alt, _changed, _vlc
-from compressadvise.ui.report_data import LayerRow, ReportData, RuleRef
+from compressadvise.ui.report_data import LayerRow, ReportData, SummaryRow
+from compressadvise.ui.report_whatif import whatif_html
+from compressadvise.ui.report_markup import _badge, _e, _qty
+from compressadvise.ui.report_rules import link_codes, rule_link, rules_html
 
 
 # ------------------------------------------------------------------ HTML
@@ -68,10 +71,6 @@ def _js_in_script(text: str) -> str:
     return text.replace("<!--", "<\\!--")
 
 
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
 def _num(v: float | None, digits: int = 4) -> str:
     if v is None:
         return "—"
@@ -88,12 +87,15 @@ def render_html(data: ReportData, *, runtime: str | None = None) -> str:
     runtime = vega_runtime() if runtime is None and specs else (runtime or "")
     body = [
         _header(data),
+        built_html(data.built),
         _summary_html(data),
         _charts_html(data, specs),
         _plan_html(data),
+        whatif_html(data),
         _placement_html(data),
         _table_html(data),
         _notes_html(data),
+        rules_html(data),
     ]
     spec_json = _json_in_script(json.dumps(specs, separators=(",", ":"), allow_nan=False))
     csp = ("default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; "
@@ -112,15 +114,12 @@ def render_html(data: ReportData, *, runtime: str | None = None) -> str:
         "</body>", "</html>", ""])
 
 
-def _badge(basis: str) -> str:
-    kind = "measured" if basis.startswith("measured") else "estimate" if basis.startswith("estimate") else "missing"
-    return f'<span class="badge {kind}">{_e(basis)}</span>'
-
-
 def _header(d: ReportData) -> str:
     target = f"{d.target} (OS {d.os})" if d.target else "no target"
     read = "".join(f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in d.inputs.items())
-    return (f'<header><h1>{_e(d.title)}</h1><p class="meta">model <code>{_e(d.source)}</code> · target '
+    model = d.model or d.source
+    run = f" · apply folder <code>{_e(d.source)}</code>" if "manifest" in d.inputs else ""
+    return (f'<header><h1>{_e(d.title)}</h1><p class="meta">model <code>{_e(model)}</code>{run} · target '
             f"<b>{_e(target)}</b> · {len(d.layers)} layers · generated {_e(d.generated)} by compressadvise "
             f"{_e(d.version)}</p>"
             '<p class="legend"><span class="badge measured">measured</span> run on real samples or a device · '
@@ -130,27 +129,40 @@ def _header(d: ReportData) -> str:
 
 
 def _summary_html(d: ReportData) -> str:
-    rows = []
-    for r in d.summary:
-        before = _num(r.before) if r.before is not None else "—"
-        after = _num(r.after) if r.after is not None else "—"
-        change = ""
-        if r.before not in (None, 0) and r.after is not None:
-            change = f"{(r.after - r.before) / abs(r.before):+.1%}"
-        rows.append(f"<tr><td>{_e(r.metric)}</td><td class=num>{before}</td><td class=num>{after}</td>"
-                    f"<td>{_e(r.unit)}</td><td class=num>{change}</td><td>{_badge(r.basis)}</td>"
-                    f"<td class=note>{_e(r.note)}</td></tr>")
-    budgets = ""
-    if d.budgets:
-        items = "".join(
-            f'<li class="{"pass" if b.get("passed") else "fail"}"><b>{_e(b.get("name"))}</b>: '
-            f'{"met" if b.get("passed") else "MISSED"} — {_e(_num(b.get("value")))} {_e(b.get("unit", ""))} '
-            f'vs limit {_e(_num(b.get("limit")))} ({_e(b.get("basis", ""))}) {_e(b.get("detail", ""))}</li>'
-            for b in d.budgets)
-        budgets = f'<h3>Budgets</h3><ul class="budgets">{items}</ul>'
-    return (f'<section id="summary"><h2>Before / after</h2><table class="summary"><thead><tr><th>what</th>'
-            f"<th>before</th><th>after</th><th>unit</th><th>change</th><th>basis</th><th>note</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>{budgets}</section>")
+    shown = [r for r in d.summary if r.group == "main" or (r.group == "built" and d.built is None)]
+    internal = [r for r in d.summary if r.group == "internal"]
+    head = ("<thead><tr><th>what</th><th class=num>before</th><th class=num>after</th><th class=num>change</th>"
+            "<th>basis</th><th>note</th></tr></thead>")
+    folded = ""
+    if internal:
+        folded = (f'<details class="internal"><summary>{len(internal)} intermediate size estimate(s) from apply'
+                  f'</summary><table class="summary">{head}<tbody>{"".join(map(_summary_row, internal))}'
+                  "</tbody></table></details>")
+    return (f'<section id="summary"><h2>Before / after</h2><table class="summary">{head}'
+            f"<tbody>{''.join(map(_summary_row, shown))}</tbody></table>{folded}{_budgets_html(d)}</section>")
+
+
+def _summary_row(r: SummaryRow) -> str:
+    change = ""
+    if r.before not in (None, 0) and r.after is not None:
+        change = f"{(r.after - r.before) / abs(r.before):+.1%}"
+    basis = _badge(r.basis)
+    if r.before_basis and r.before is not None:
+        basis = f"before {_badge(r.before_basis)} after {basis}"
+    return (f"<tr><td>{_e(r.metric)}</td><td class=num>{_qty(r.before, r.unit)}</td>"
+            f"<td class=num>{_qty(r.after, r.unit)}</td><td class=num>{change}</td><td>{basis}</td>"
+            f"<td class=note>{_e(r.note)}</td></tr>")
+
+
+def _budgets_html(d: ReportData) -> str:
+    if not d.budgets:
+        return ""
+    items = "".join(
+        f'<li class="{"pass" if b.get("passed") else "fail"}"><b>{_e(b.get("name"))}</b>: '
+        f'{"met" if b.get("passed") else "MISSED"} — {_qty(b.get("value"), b.get("unit", ""))} '
+        f'vs limit {_qty(b.get("limit"), b.get("unit", ""))} ({_e(b.get("basis", ""))}) {_e(b.get("detail", ""))}</li>'
+        for b in d.budgets)
+    return f'<h3>Budgets</h3><ul class="budgets">{items}</ul>'
 
 
 def _charts_html(d: ReportData, specs: dict[str, Any]) -> str:
@@ -159,20 +171,12 @@ def _charts_html(d: ReportData, specs: dict[str, Any]) -> str:
             "</figure>" for c in d.charts if c.id in specs]
     missing = "".join(f'<li data-omitted="{_e(o.id)}"><b>{_e(o.title)}</b>: {_e(o.reason)}</li>' for o in d.omitted)
     omitted = f'<div class="omitted"><h3>Not shown</h3><ul>{missing}</ul></div>' if missing else ""
-    return (f'<section id="charts"><h2>Hot spots and trade-offs</h2><p class="hint">Click a layer in a chart '
-            f"to find it in the table.</p><div class=grid>{''.join(figs)}</div>{omitted}</section>")
-
-
-def _rule_html(r: RuleRef) -> str:
-    body = _markdown(r.explain) if r.explain else "<p>(rule text not available in this knowledge base)</p>"
-    return (f'<details class="rule"><summary><a href="{_e(r.url)}"><code>{_e(r.code)}</code></a> '
-            f"{_e(r.title)}</summary><div class=explain>{body}</div></details>")
-
-
-def _markdown(text: str) -> str:
-    from markdown_it import MarkdownIt
-
-    return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+    return (f'<section id="charts"><h2>Hot spots and trade-offs</h2><p class="hint">Click a layer in a chart or '
+            'a row of the table: it is selected in both and highlighted in every layer chart.</p>'
+            '<p id="selection" class="selection" aria-live="polite" hidden>selected: <code id="selected-name"></code> '
+            '<button type="button" id="show-selected">show in the table</button> '
+            '<button type="button" id="clear-selection">clear</button></p>'
+            f"<div class=grid>{''.join(figs)}</div>{omitted}</section>")
 
 
 def _plan_html(d: ReportData) -> str:
@@ -183,7 +187,8 @@ def _plan_html(d: ReportData) -> str:
         params = ", ".join(f"{k}={v}" for k, v in s.params.items())
         size = f" · size after this step {human_bytes(s.predicted_bytes_after)} {_badge('estimate')}" \
             if s.predicted_bytes_after is not None else ""
-        skipped = "".join(f"<li><code>{_e(x['layer'])}</code>: {_e(x['reason'])} [{_e(x.get('code') or '')}]</li>"
+        skipped = "".join(f"<li><code>{_e(x['layer'])}</code>: {_e(x['reason'])}"
+                          + (f" [{rule_link(str(x['code']), d.rules)}]" if x.get("code") else "") + "</li>"
                           for x in s.skipped)
         overrides = "".join(f"<li><code>{_e(n)}</code>: {_e(', '.join(f'{k}={v}' for k, v in o.items()))}</li>"
                             for n, o in s.overrides.items())
@@ -193,19 +198,26 @@ def _plan_html(d: ReportData) -> str:
             + (f"<details><summary>{len(s.skipped)} layer(s) left out</summary><ul>{skipped}</ul></details>" if skipped else "")
             + (f"<details><summary>{len(s.overrides)} per-layer override(s)</summary><ul>{overrides}</ul></details>"
                if overrides else "")
-            + f"<div class=rules>rules: {''.join(_rule_html(r) for r in s.rules)}</div></li>")
+            + f"<ul class=rules>{''.join(_rule_item(r.code, r.title, d) for r in s.rules)}</ul></li>")
     parts.append("</ol>")
     if d.advice:
         parts.append('<h3>Advice</h3><ul class="advice">')
         for a in d.advice:
             where = f" <small>({_e(', '.join(a.layers[:6]))}{'…' if len(a.layers) > 6 else ''})</small>" if a.layers else ""
-            parts.append(f"<li>{_e(a.message)}{where}{_rule_html(a.rule)}</li>")
+            rule = _rule_item(a.rule.code, a.rule.title, d, "span")
+            parts.append(f"<li>{link_codes(a.message, d.rules)}{where}<br>{rule}</li>")
         parts.append("</ul>")
     if d.trace:
-        rows = "".join(f"<li><code>{_e(t['code'])}</code> {_e(t['status'])}: {_e(t['detail'])}</li>" for t in d.trace)
+        rows = "".join(f"<li>{rule_link(str(t['code']), d.rules)} {_e(t['status'])}: "
+                       f"{link_codes(str(t['detail']), d.rules)}</li>" for t in d.trace)
         parts.append(f"<details><summary>rule trace</summary><ul>{rows}</ul></details>")
     parts.append("</section>")
     return "".join(parts)
+
+
+def _rule_item(code: str, title: str, d: ReportData, tag: str = "li") -> str:
+    """A cited rule: its link to the embedded explanation, and its title."""
+    return f"<{tag} class=ruleitem>rule {rule_link(code, d.rules)} {_e(title)}</{tag}>"
 
 
 COLUMNS: list[tuple[str, str, str]] = [
@@ -233,12 +245,13 @@ def _placement_html(d: ReportData) -> str:
                        f'&rarr; <code>{_e(b["consumer"])}</code></li>' for b in p["boundaries"][:20])
     notes = "".join(f"<li>{_e(n)}</li>" for n in p["notes"])
     return (head + f'{len(p["fallback"])} op(s) the {_e(p["accelerator"])} lacks fall back, with '
-            f'{len(p["boundaries"])} switch(es) between units (rule <code>{_e(p["rule"])}</code>).</p>'
+            f'{len(p["boundaries"])} switch(es) between units (rule {rule_link(str(p["rule"]), d.rules)}).</p>'
             '<table class="placement"><thead><tr><th>op</th><th>layer</th><th>runs on</th><th>why</th>'
             f'<th>confidence</th><th>source</th></tr></thead><tbody>{rows}</tbody></table>'
             + (f'<h3>Switches</h3><ul>{switches}</ul>' if switches else "")
             + (f'<ul class="notes">{notes}</ul>' if notes else "")
-            + (_rule_html(d.placement_rule) if d.placement_rule is not None else "") + "</section>")
+            + (_rule_item(d.placement_rule.code, d.placement_rule.title, d, "p") if d.placement_rule else "")
+            + "</section>")
 
 
 def _bar_cell(value: float, share: float, text: str, cls: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shlex
 from typing import TYPE_CHECKING, Any
 
+from compressadvise.ui.render import human_bytes
 from compressadvise.ui.report_data import RuleRef, StepView, SummaryRow, _finite
 
 if TYPE_CHECKING:
@@ -12,13 +13,8 @@ if TYPE_CHECKING:
 
 def _summary(inp: Inputs, est: tuple[Any, Any] | None) -> list[SummaryRow]:
     rows: list[SummaryRow] = _built_rows(inp.manifest)  # an apply folder leads with planned vs built
-    plan, ver = inp.plan, inp.verify
-    if plan is not None and plan.prediction is not None:
-        p = plan.prediction
-        rows.append(SummaryRow(metric="size: weights on the target", before=p.bytes_before / 1e6,
-                               after=p.bytes_after / 1e6, unit="MB",
-                               basis="estimate", note=f"plan formulas, {p.ratio:.2f}x smaller"))
-    rows += _manifest_sizes(inp.manifest)
+    ver = inp.verify
+    rows += _size_rows(inp)
     if ver is not None:
         rows += _verify_rows(ver)
     if est is not None:
@@ -33,18 +29,29 @@ def _summary(inp: Inputs, est: tuple[Any, Any] | None) -> list[SummaryRow]:
 
 
 def _built_rows(manifest: dict[str, Any] | None) -> list[SummaryRow]:
-    """The planned-vs-built gate `apply` recorded: planned MB against built MB (measured)."""
+    """The planned-vs-built gate `apply` recorded: planned bytes against built bytes (measured)."""
     gate = (manifest or {}).get("planned_vs_built")
     if not isinstance(gate, dict) or "layers_planned" not in gate:
         return []
-    from compressadvise.backends.apply_gate import summarize
-
     planned, built = gate.get("planned_bytes"), gate.get("built_bytes")
     verdict = "built as planned" if gate.get("ok") else "DIFFERS from the plan"
     return [SummaryRow(metric=f"planned vs built: {verdict}",
-                       before=planned / 1e6 if isinstance(planned, (int, float)) else None,
-                       after=built / 1e6 if isinstance(built, (int, float)) else None, unit="MB",
-                       basis="measured (apply read-back) vs the plan's estimate", note=summarize(gate))]
+                       before=planned if isinstance(planned, (int, float)) else None,
+                       after=built if isinstance(built, (int, float)) else None, unit="B",
+                       basis="measured (apply read-back)", before_basis="estimate (the plan)",
+                       note=gate_text(gate), group="built")]
+
+
+def gate_text(gate: dict[str, Any]) -> str:
+    """apply's planned-vs-built summary in the page's units ('79.12 KB built vs 79.25 KB planned')."""
+    parts = [f"{gate.get('layers_built', '?')} of {gate.get('layers_planned', '?')} planned layer(s) built"]
+    built, planned, err = gate.get("built_bytes"), gate.get("planned_bytes"), gate.get("size_error")
+    if isinstance(built, (int, float)) and isinstance(planned, (int, float)) and err is not None:
+        parts.append(f"{human_bytes(built)} built vs {human_bytes(planned)} planned "
+                     f"({err:+.2%}, tolerance {gate.get('tolerance', 0):.0%})")
+    else:
+        parts.append(f"size {gate.get('size', 'not gated')}")
+    return "; ".join(parts)
 
 
 def _target_label(est: Any) -> str:
@@ -52,19 +59,64 @@ def _target_label(est: Any) -> str:
     return f"{est.target} (OS {est.os})" if est.os else est.target
 
 
-def _manifest_sizes(manifest: dict[str, Any] | None) -> list[SummaryRow]:
+SHIPPED_WEIGHTS = "weight_file_bytes"  # apply's measured Core ML weight file: the weights that ship
+
+
+def _size_rows(inp: Inputs) -> list[SummaryRow]:
+    """One row per meaningful size: the weights on the target (the measured weight file once
+    built, else the plan's estimate) and the file on disk; apply's other sizes are folded away."""
+    sizes = _sizes_of(inp.manifest)
+    p = inp.plan.prediction if inp.plan is not None else None
+    fp16 = float(p.bytes_before) if p is not None else None
+    rows: list[SummaryRow] = []
+    shipped = sizes.get(SHIPPED_WEIGHTS)
+    if shipped is not None:
+        planned = f"; the plan estimated {human_bytes(p.bytes_after)}" if p is not None else ""
+        rows.append(SummaryRow(metric="size: weights on the target", before=fp16, after=shipped["value"], unit="B",
+                               basis="measured", before_basis="estimate (fp16)" if fp16 is not None else "",
+                               note=f"{shipped['basis']}{planned}"))
+    elif p is not None:
+        rows.append(SummaryRow(metric="size: weights on the target", before=fp16, after=float(p.bytes_after), unit="B",
+                               basis="estimate", note=f"plan formulas, {p.ratio:.2f}x smaller"))
+    on_disk, used = _file_on_disk(inp.verify, inp.manifest, sizes)
+    rows += [on_disk] if on_disk is not None else []
+    error = ((inp.manifest or {}).get("sizes") or {}).get("weight_file_error") or {}
+    rows += [_internal_row(key, val, error.get("value")) for key, val in sizes.items()
+             if key not in (SHIPPED_WEIGHTS, used)]
+    return rows
+
+
+def _sizes_of(manifest: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """`apply`'s sizes: {"torch_artifact_bytes": {"value": ..., "label": "measured", "basis": ...}}."""
     sizes = (manifest or {}).get("sizes")
     if not isinstance(sizes, dict):
-        return []
-    out = []
-    for key, val in sizes.items():
-        if not key.endswith("_bytes") or not isinstance(val, dict) or not isinstance(val.get("value"), (int, float)):
-            continue
-        name = key[: -len("_bytes")].replace("_", " ")
-        out.append(SummaryRow(metric=f"size: {name} (apply)", after=val["value"] / 1e6, unit="MB",
-                              basis=str(val.get("label") or "measured"), note=str(val.get("basis") or "")))
-    return out
+        return {}
+    return {key: val for key, val in sizes.items() if key.endswith("_bytes") and isinstance(val, dict)
+            and isinstance(val.get("value"), (int, float))}
+
+
+def _file_on_disk(ver: Any, manifest: dict[str, Any] | None,
+                  sizes: dict[str, dict[str, Any]]) -> tuple[SummaryRow | None, str]:
+    """(verify's measured files, both sides, else the file apply wrote that ships; the manifest
+    size key that row stands for, so it is not repeated among the internal rows)."""
+    if ver is not None and ver.original.size_bytes is not None and ver.compressed.size_bytes is not None:
+        return SummaryRow(metric="size: file on disk", before=ver.original.size_bytes, after=ver.compressed.size_bytes,
+                          unit="B", basis="measured", note=ver.compressed.size_basis), ""
+    key = "mlpackage_bytes" if (manifest or {}).get("mlpackage") else "torch_artifact_bytes"
+    val = sizes.get(key)
+    if val is None:
+        return None, ""
+    return SummaryRow(metric="size: file on disk", after=val["value"], unit="B",
+                      basis=str(val.get("label") or "measured"), note=str(val.get("basis") or "")), key
+
+
+def _internal_row(key: str, val: dict[str, Any], weight_file_error: Any) -> SummaryRow:
+    name = key[: -len("_bytes")].replace("_", " ")
+    note = str(val.get("basis") or "")
+    if key == "weight_file_estimate_bytes" and isinstance(weight_file_error, (int, float)):
+        note += f"; the weight file measured {weight_file_error:+.2%} off it"
+    return SummaryRow(metric=f"size: {name} (apply)", after=val["value"], unit="B", group="internal",
+                      basis=str(val.get("label") or "measured"), note=note)
 
 
 FIDELITY_ROWS = {  # verify's fidelity metric -> (label, unit, scale)
@@ -77,10 +129,6 @@ FIDELITY_ROWS = {  # verify's fidelity metric -> (label, unit, scale)
 
 def _verify_rows(ver: Any) -> list[SummaryRow]:
     rows: list[SummaryRow] = []
-    o, c = ver.original, ver.compressed
-    if o.size_bytes is not None and c.size_bytes is not None:
-        rows.append(SummaryRow(metric="size: file on disk", before=o.size_bytes / 1e6, after=c.size_bytes / 1e6,
-                               unit="MB", basis="measured", note=c.size_basis))
     samples = f"{ver.samples.count} {ver.samples.kind} samples"
     for m in [*ver.accuracy, *ver.evaluator]:
         rows.append(SummaryRow(metric=m.name, before=m.original, after=m.compressed, unit=m.unit,
@@ -121,7 +169,7 @@ def _rule_ref(code: str, k: Any, docs_base: str, title: str = "", why: str = "")
     cr = k.rules.get(code)
     text = rule_markdown(k, cr) if cr is not None else ""
     return RuleRef(code=code, title=title or (cr.rule.title if cr else ""), why=why or (cr.rule.why if cr else ""),
-                   url=f"{docs_base}{code}.md", explain=text)
+                   url=f"{docs_base}{code}.md" if docs_base else "", explain=text)
 
 
 def _step_view(s: Any, k: Any, docs_base: str) -> StepView:

@@ -1,8 +1,12 @@
 /* compressadvise report: draws the charts (Vega, inlined) and makes the layer table sortable,
-   filterable and searchable. No network: every input is in this page. */
+   filterable and searchable; one selected layer is shared by the table and every layer chart.
+   No network: every input is in this page. */
 (function () {
   'use strict';
   var table, rows, count, query, typeSel, changedOnly;
+  var selected = null;  // the selected layer's name, shared by the table and the charts
+  var views = {};       // chart id -> its Vega view, once drawn
+  var SIGNAL = 'sel';   // the Vega signal each layer chart highlights (report_charts.py: SELECTION)
 
   function cellValue(row, index, numeric) {
     var cell = row.cells[index];
@@ -51,11 +55,57 @@
     count.textContent = shown + ' of ' + rows.length + ' layers';
   }
 
-  function selectLayer(name) {
-    query.value = name;
-    applyFilters();
-    rows.forEach(function (r) { r.classList.toggle('selected', layerName(r) === name); });
-    document.getElementById('layers-section').scrollIntoView({behavior: 'smooth'});
+  function highlight(view) {
+    try { view.signal(SIGNAL, selected || '').runAsync(); } catch (e) { /* a chart without layers */ }
+  }
+
+  function rowOf(name) {
+    for (var i = 0; i < rows.length; i++) if (layerName(rows[i]) === name) return rows[i];
+    return null;
+  }
+
+  function scrollToRow(row) {
+    // Inside the table's own scroll box only: the charts the user clicked stay in view.
+    var wrap = row.closest('.tablewrap');
+    if (!wrap) return;
+    var top = row.getBoundingClientRect().top - wrap.getBoundingClientRect().top + wrap.scrollTop;
+    wrap.scrollTop = Math.max(0, top - wrap.clientHeight / 3);
+  }
+
+  function selectLayer(name, opts) {
+    selected = name || null;
+    var row = null;
+    rows.forEach(function (r) {
+      var on = layerName(r) === selected;
+      r.classList.toggle('selected', on);
+      r.setAttribute('aria-selected', on ? 'true' : 'false');
+      if (on) row = r;
+    });
+    Object.keys(views).forEach(function (id) { highlight(views[id]); });
+    var bar = document.getElementById('selection');
+    if (bar) {
+      bar.hidden = !selected;
+      document.getElementById('selected-name').textContent = selected || '';
+    }
+    if (row && !(opts && opts.scroll === false)) scrollToRow(row);
+    return row !== null;
+  }
+
+  function showSelected() {
+    var row = selected && rowOf(selected);
+    if (!row) return;
+    if (row.classList.contains('hidden')) {  // filtered out: clear the filters so it shows
+      query.value = ''; typeSel.value = ''; changedOnly.checked = false; applyFilters();
+    }
+    document.getElementById('layers-section').scrollIntoView();
+    scrollToRow(row);
+  }
+
+  function onRowClick(e) {
+    var row = e.target.closest('tr');
+    if (!row || row.parentNode !== table.tBodies[0]) return;
+    var name = layerName(row);
+    selectLayer(name === selected ? null : name, {scroll: false});
   }
 
   function initTable() {
@@ -73,7 +123,32 @@
     query.addEventListener('input', applyFilters);
     typeSel.addEventListener('change', applyFilters);
     changedOnly.addEventListener('change', applyFilters);
-    window.compressadviseReport = {sortBy: sortBy, applyFilters: applyFilters, selectLayer: selectLayer};
+    table.tBodies[0].addEventListener('click', onRowClick);  // one listener, not one per row
+    var show = document.getElementById('show-selected');
+    if (show) show.addEventListener('click', showSelected);
+    var clear = document.getElementById('clear-selection');
+    if (clear) clear.addEventListener('click', function () { selectLayer(null); });
+    window.compressadviseReport = {
+      sortBy: sortBy, applyFilters: applyFilters, selectLayer: selectLayer, showSelected: showSelected,
+      selected: function () { return selected; },
+      view: function (id) { return views[id] || null; }
+    };
+  }
+
+  function openRule(e) {
+    // A rule link opens its explanation (a closed <details> would hide the text it points to).
+    var a = e.target.closest('a.ruleref');
+    if (!a) return;
+    var target = document.getElementById(a.getAttribute('href').slice(1));
+    if (target && target.tagName === 'DETAILS') target.open = true;
+  }
+
+  function printing(on) {
+    // Print every explanation and folded table; restore what the reader had open afterwards.
+    Array.prototype.forEach.call(document.querySelectorAll('details'), function (d) {
+      if (on && !d.open) { d.setAttribute('data-print-opened', ''); d.open = true; }
+      if (!on && d.hasAttribute('data-print-opened')) { d.removeAttribute('data-print-opened'); d.open = false; }
+    });
   }
 
   function loadRuntime() {
@@ -100,6 +175,8 @@
             var d = item && item.datum;
             if (d && typeof d.layer === 'string' && d.layer.charAt(0) !== '(') selectLayer(d.layer);
           });
+          views[el.getAttribute('data-chart')] = result.view;
+          if (selected) highlight(result.view);  // selected before this chart was drawn
           el.setAttribute('data-rendered', '1');
         }, fail);
     });
@@ -107,6 +184,15 @@
 
   document.addEventListener('DOMContentLoaded', function () {
     initTable();
+    document.addEventListener('click', openRule);
+    var linked = location.hash && document.getElementById(location.hash.slice(1));
+    if (linked && linked.tagName === 'DETAILS') linked.open = true;  // report.html#rule-WGT001
+    window.addEventListener('beforeprint', function () { printing(true); });
+    window.addEventListener('afterprint', function () { printing(false); });
+    if (window.matchMedia) {  // print preview and emulated print media
+      var mq = window.matchMedia('print');
+      if (mq.addEventListener) mq.addEventListener('change', function (e) { printing(e.matches); });
+    }
     // Charts after the first paint: the table is usable at once, even on a 1,000-layer model.
     setTimeout(function () {
       renderCharts();
