@@ -245,6 +245,14 @@ def test_pt2_torch_artefact_is_the_folded_program_with_the_shipped_weights(tmp_p
         ref, got = m(x), art.runnable()(x)
     assert float((ref - got).norm() / ref.norm()) < 0.05  # 6-bit LUTs of the folded weights, BN folded in
     assert not any("batch_norm" in str(n.target) for n in torch.export.load(tmp_path / "o" / "model.pt2").graph.nodes)
+    # the manifest names the folds, so verify's drift compares each folded conv with its BatchNorm's output
+    assert [(f["layer"], f["bn"]) for f in out["folded"]] == [("0", "1"), ("3", "4")]
+    from compressadvise.measure.verify import verify
+    from compressadvise.model.samples import Samples
+
+    v = verify(load_model(path), tmp_path / "o", samples=Samples([torch.randn(8, 16, 16, 16)]), latency=False)
+    snr = {r.name: r.snr_db for r in v.drift.layers}
+    assert snr["0"] > 20 and snr["3"] > 20, snr  # 6-bit LUT noise, not the BatchNorm's whole shift
 
 
 @pytest.mark.parametrize("os_major", [16, 17])

@@ -246,7 +246,7 @@ def _execute(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport,
 
     outcome: dict[tuple[int, str, str], dict[str, Any]] = {}  # (step, layer, side) -> record
     torch_info: dict[str, Any] = {"file": None, "format": None, "note": None}
-    compressed = None
+    compressed, snap_folds = None, ()
     n = len(jobs)
     stage = _Stages(ctx, (n + 2 if route.torch_side else 0) + ((n if route.coreml == "native" else 0) + 3
                                                             if route.coreml else 0) + 1)
@@ -256,7 +256,7 @@ def _execute(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport,
     if route.coreml:  # before the torch save: the native route snaps the torch weights to the .mlpackage's
         stage("Core ML: conversion")
         if compressed is None and route.coreml == "native" and loaded.exported is not None:
-            compressed = _program_to_snap(loaded)
+            compressed, snap_folds = _program_to_snap(loaded)
         mlinfo = _coreml_side(loaded, compressed, jobs, ctx, route, outcome, tmp, stage)
     if compressed is not None:
         stage("torch: save")
@@ -274,6 +274,9 @@ def _execute(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport,
     write_text_atomic(tmp / "plan.yaml", plan_to_yaml(plan))
     torch_bytes = (tmp / torch_info["file"]).stat().st_size if torch_info["file"] else None
     manifest = _manifest(plan, k, loaded, report, jobs, route, outcome, torch_info, torch_bytes, mlinfo)
+    if snap_folds and not manifest["folded"]:  # the .pt2's folds: verify's drift compares a folded conv with its BN
+        manifest["folded"] = [{"layer": f.layer, "bn": f.bn, "scale_min": f.scale_min, "scale_max": f.scale_max}
+                              for f in snap_folds]
     side, built, basis = (("coreml", mlinfo["payload_bytes"], "Core ML weight payload (weight.bin blobs, "
                            "without the container's headers)") if mlinfo else
                           ("torch", torch_info.get("stored_bytes"), "bytes the torch artefact's tensors store "
@@ -309,15 +312,16 @@ def _training(train: Any, resume: bool, jobs: list[B.StepJob], plan: Plan, loade
     return TrainingRun(spec=spec, checkpoints=Checkpoints(out, key, resume))
 
 
-def _program_to_snap(loaded: LoadedModel) -> Any:
+def _program_to_snap(loaded: LoadedModel) -> tuple[Any, tuple]:
     """A .pt2's runnable module, folded as the converter folds it and on private copies of every
-    tensor, to take the .mlpackage's weights: the torch artefact verify can run."""
+    tensor, to take the .mlpackage's weights: the torch artefact verify can run; and its folds."""
     import copy
 
     from compressadvise.model.deploy import folded_program_module
 
     with B.quiet():
-        return copy.deepcopy(folded_program_module(loaded.exported)[0])
+        gm, folds = folded_program_module(loaded.exported)
+        return copy.deepcopy(gm), folds
 
 
 def _require_work(jobs: list[B.StepJob], outcome: dict, route: Route) -> None:

@@ -245,12 +245,13 @@ def _fold_graph_pair(gm: Any, bn: Any) -> Fold | None:
         args = list(conv.args) + [None] * max(0, 3 - len(conv.args))
         args[2] = bias_node
         conv.args = tuple(args)
+    # named before the node goes: an erased node keeps no arguments to read the name from
+    bn_name = bn.args[3].target.rpartition(".")[0] if getattr(bn.args[3], "op", None) == "get_attr" else ""
     for user in list(bn.users) if native else [bn]:
         user.replace_all_uses_with(conv)
         if user is not bn:
             gm.graph.erase_node(user)
     gm.graph.erase_node(bn)
-    bn_name = bn.args[3].target.rpartition(".")[0] if getattr(bn.args[3], "op", None) == "get_attr" else ""
     return Fold(layer, bn_name, "conv", int(scale.numel()), float(scale.min()), float(scale.max()))
 
 
