@@ -242,7 +242,7 @@ def test_spearman():
     assert spearman([1, 1, 2, 3], [5, 5, 6, 7]) == pytest.approx(1.0)
 
 
-def test_cli_sensitivity_interrupt_and_resume(tmp_path):
+def test_cli_sensitivity_interrupt_and_resume(tmp_path, capsys):
     """Ctrl-C mid-run: exit 130, no traceback, finished evaluations kept; the rerun resumes."""
     import signal
 
@@ -271,10 +271,12 @@ def test_cli_sensitivity_interrupt_and_resume(tmp_path):
     assert data["cache_hits"] == done and data["evaluations"] == total - done
     assert data["ranking"][0]["layer"] == "fc2"
     assert all(math.isfinite(m["metrics"]["output_mse"]) for m in data["measurements"])
-    r = subprocess.run([*exe, *base], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "fc2" in r.stdout and "0 evaluation(s) run" in r.stdout and f"{total} from the cache" in r.stdout
-    assert "Cheap proxies" in r.stdout and "hessian_output" in r.stdout
-    assert "…" not in r.stdout
-    r = subprocess.run([*exe, *base[:4], "--techniques", "quantum"], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 6 and "unknown technique 'quantum'" in r.stderr and "Traceback" not in r.stderr
+    from cli_helpers import run_captured  # the last two in this process: a subprocess start-up each saved
+
+    code, out, err = run_captured(capsys, *base)
+    assert code == 0, err
+    assert "fc2" in out and "0 evaluation(s) run" in out and f"{total} from the cache" in out
+    assert "Cheap proxies" in out and "hessian_output" in out
+    assert "…" not in out
+    code, _, err = run_captured(capsys, *base[:4], "--techniques", "quantum")
+    assert code == 6 and "unknown technique 'quantum'" in err and "Traceback" not in err
