@@ -227,3 +227,40 @@ def test_vision_example_input(transformers, tmp_path):
     loaded = load_model(tmp_path)
     (x,) = loaded.example_inputs
     assert tuple(x.shape) == (1, 3, 16, 16) and x.is_floating_point()
+
+
+def test_a_decoders_kv_cache_joins_its_weights_in_the_runtime_memory(llama, bert, capsys):
+    """The cache shape comes from config.json (2 layers, 2 KV heads, head dim 32 / 2 = 16): at C
+    tokens it holds 2 x 2 x 2 x 16 x C fp16 values; an encoder has none; a context over the
+    position limit (8) is refused before any work."""
+    import json as _json
+
+    from cli_helpers import run_captured
+
+    folder, _ = llama
+    report = analyze(load_model(str(folder)), stats=False)
+    assert (report.kv.layers, report.kv.kv_heads, report.kv.head_dim, report.kv.max_context) == (2, 2, 16, 8)
+    code, out, err = run_captured(capsys, "recommend", folder, "--no-measure", "--context-length", "4", "--json")
+    assert code == 0, err
+    m = _json.loads(out)["memory"]
+    assert m["kv_cache_bytes"] == 2 * 2 * 2 * 16 * 4 * 2 and m["total_bytes"] == m["weights_bytes"] + m["kv_cache_bytes"]
+    assert m["weights_bytes"] == _json.loads(out)["prediction"]["bytes_after"] and m["label"] == "estimate"
+    code, out, _ = run_captured(capsys, "recommend", folder, "--no-measure")
+    assert code == 0 and "runtime memory at 8 tokens" in out  # the model's own limit by default
+    code, _, err = run_captured(capsys, "recommend", folder, "--no-measure", "--context-length", "9")
+    assert code == 2 and "position limit (8)" in err
+    assert analyze(load_model(str(bert[0])), stats=False).kv is None
+
+
+def test_kv_shape_from_config_keys_of_either_naming():
+    """GPT-2 names its sizes n_layer/n_head/n_embd/n_positions: 12 x 12 heads x 64 at 1,024 tokens is the
+    well-known 36 MiB fp16 cache; grouped-query attention (Llama 3 8B: 8 KV heads of 32) counts the KV heads."""
+    from compressadvise.model.decoder import from_config
+
+    gpt2 = from_config({"architectures": ["GPT2LMHeadModel"], "n_layer": 12, "n_head": 12, "n_embd": 768,
+                        "n_positions": 1024}, "config.json")
+    assert gpt2.bytes_at(1024) == 2 * 12 * 12 * 64 * 1024 * 2 == 36 * 2**20
+    llama3 = from_config({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 32, "num_attention_heads": 32,
+                          "num_key_value_heads": 8, "hidden_size": 4096}, "config.json")
+    assert (llama3.kv_heads, llama3.head_dim, llama3.max_context) == (8, 128, None)
+    assert from_config({"architectures": ["BertModel"], "num_hidden_layers": 2}, "x") is None

@@ -26,6 +26,10 @@ def recommend_cmd(
     max_accuracy_drop: Optional[float] = MAX_ACCURACY_DROP,
     data: Optional[Data] = DATA,
     device_profile: Optional[str] = DEVICE_PROFILE,
+    context_length: Optional[int] = typer.Option(
+        None, "--context-length", min=1, metavar="TOKENS",
+        help="For a causal language model: the context it runs at, for its KV cache in the runtime memory "
+        "(default: the model's position limit)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Write the plan file (YAML) here."),
     force: bool = FORCE,
     input_shape: Optional[str] = INPUT_SHAPE,
@@ -58,6 +62,9 @@ def recommend_cmd(
     k.target(target)  # fail fast on a bad name, before loading the model
     loaded = load_model(model, trust_pickle=trust_pickle)
     report = analyze(loaded, input_shape=parse_shape(input_shape))
+    from compressadvise.plan.memory import check_context, with_memory
+
+    check_context(report, context_length)  # before the plan is made and measured
     # A fraction or bits per weight becomes MB of this model; the plan records that MB budget.
     size_mb = size_budget_mb(report.total_bytes_fp16, report.total_params, max_size_mb=max_size_mb,
                              size_fraction=size_fraction, bits_per_weight=bits_per_weight)
@@ -70,6 +77,7 @@ def recommend_cmd(
         from compressadvise.measure.device_profile import plan_latency
 
         plan = plan_latency(plan, report, k, device_profile)
+    plan = with_memory(plan, report, context_length)  # after measuring: the weights it settled on
     if out:
         from compressadvise.plan.planfile import save_plan
 
@@ -145,6 +153,24 @@ def _bits(after: float, before: float, plan, k) -> float:
     return 8 * baseline * after / before if before else 0.0
 
 
+def _show_size(plan, k) -> None:
+    """The predicted size against the budget, and a decoder's runtime memory with its KV cache."""
+    from compressadvise.ui.render import human_bytes, out
+
+    p = plan.prediction
+    if p:
+        budget = ""
+        if p.meets_size_budget is not None:
+            budget = "  [green]meets the size budget[/]" if p.meets_size_budget else "  [red]misses the size budget[/]"
+        bits = _bits(p.bytes_after, p.bytes_before, plan, k)
+        out.print(f"\nsize: {human_bytes(p.bytes_before)} -> {human_bytes(p.bytes_after)} "
+                  f"({p.ratio:.2f}x, {bits:.2f} bits per weight with scales and LUTs) [dim](estimate)[/]{budget}")
+    if plan.memory is not None:
+        m = plan.memory
+        out.print(f"runtime memory at {m.context_length:,} tokens: weights {human_bytes(m.weights_bytes)} + KV cache "
+                  f"{human_bytes(m.kv_cache_bytes)} = {human_bytes(m.total_bytes)} [dim](estimate; {m.basis})[/]")
+
+
 def show_plan(plan, *, show_trace: bool = False) -> None:
     from rich.table import Table
 
@@ -168,13 +194,7 @@ def show_plan(plan, *, show_trace: bool = False) -> None:
             out.print(f"   override {name}: " + ", ".join(f"{k}={v}" for k, v in ov.items()))
         for sk in s.skipped:
             out.print(f"   [yellow]skip[/] {sk.layer}: {sk.reason} [dim][{sk.code}][/]")
-    if p:
-        budget = ""
-        if p.meets_size_budget is not None:
-            budget = "  [green]meets the size budget[/]" if p.meets_size_budget else "  [red]misses the size budget[/]"
-        bits = _bits(p.bytes_after, p.bytes_before, plan, k)
-        out.print(f"\nsize: {human_bytes(p.bytes_before)} -> {human_bytes(p.bytes_after)} "
-                  f"({p.ratio:.2f}x, {bits:.2f} bits per weight with scales and LUTs) [dim](estimate)[/]{budget}")
+    _show_size(plan, k)
     if plan.ways_forward:
         out.print("\n[bold]Ways forward[/] [dim](to the size budget; ranked: those that reach it first)[/]")
         for w in plan.ways_forward:

@@ -465,6 +465,16 @@ class PlacementReport(Strict):
 
 
 
+class RuntimeMemory(Strict):
+    """A decoder's memory when it runs: the compressed weights plus the KV cache at a context."""
+    label: Literal["estimate"] = "estimate"
+    context_length: int
+    weights_bytes: int = Field(description="the plan's predicted weights")
+    kv_cache_bytes: int = Field(description="2 x layers x KV heads x head dim x context x 2 bytes (fp16)")
+    total_bytes: int
+    basis: str
+
+
 class Plan(Summarized, Strict):
     plan_version: int = PLAN_VERSION
     generated_by: str = "compressadvise"
@@ -481,6 +491,7 @@ class Plan(Summarized, Strict):
     ways_forward: list[WayForward] = Field([], description="ranked ways to a size budget the plan misses")
     placement: PlacementReport | None = Field(None, description=(
         "estimate: ops the target's accelerator lacks and the unit switches, from the model's op graph"))
+    memory: RuntimeMemory | None = Field(None, description="a decoder's weights + KV cache at its context")
 
     @field_validator("plan_version")
     @classmethod

@@ -12,6 +12,7 @@ from compressadvise.errors import BadModel
 from compressadvise.measure.metrics import Summarized
 from compressadvise.model.findings import layer_findings
 from compressadvise.model.loading import LoadedModel, load_model
+from compressadvise.model.decoder import KVShape, kv_shape
 from compressadvise.model.ops import OpGraph
 
 SCHEMA_VERSION = "1"
@@ -122,6 +123,7 @@ class ModelReport(Summarized, BaseModel):
                                   "plus float buffers that are not folded away (the size prediction's basis)")
     roles_source: str = Field("", description="where first/last/classifier/dead came from: the graph, or a guess")
     ops: OpGraph | None = Field(None, description="the operations in graph order (what a placement check reads)")
+    kv: KVShape | None = Field(None, description="a causal LM's KV-cache shape, from its config (None otherwise)")
 
     def stored(self) -> int:
         return self.shipped_elements or self.total_params  # 0: a report made before the field existed
@@ -423,6 +425,7 @@ def analyze(
     from compressadvise.model.ops import from_layers, model_ops
 
     report.ops = model_ops(model, example_inputs_for(model, input_shape)) or from_layers(report)
+    report.kv = kv_shape(model)
     if folds:
         report.notes.append(f"{len(folds)} BatchNorm(s) fold into the layer before them when converted (as Core ML's "
                             "converter does): their statistics are those of the folded weights that ship")

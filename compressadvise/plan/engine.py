@@ -31,6 +31,7 @@ from compressadvise.knowledge.schema import (COMPRESSIBLE, SLOTS, UNSUPPORTED_KI
                      PlanTarget, Skip, Step, Target, TraceEntry)
 from compressadvise.measure.placement import for_report, placement_facts, placement_namespace
 from compressadvise.measure.device_profile import checked_profile, plan_latency
+from compressadvise.plan.memory import with_memory
 from compressadvise.plan.budgets import budget_request, plan_constraints, size_mb
 from compressadvise.plan.setting import Setting, stacked_label, unchanged_label
 from compressadvise.plan.sizing import NotApplicable, layer_bytes, prediction, pruned_fraction
@@ -123,7 +124,7 @@ def recommend(
     measure: bool = False,
     samples: Any = None,
     min_psnr: float | None = None,
-    device_profile: Any = None,
+    device_profile: Any = None, context_length: int | None = None,
 ) -> Plan:
     """Evaluate the playbooks against a model's facts and return an explained plan.
 
@@ -132,7 +133,8 @@ def recommend(
     weights and measures it on `samples` (random inputs when None: weak evidence), choosing a
     gentler setting when it misses the fidelity floor (`plan.fidelity` says what was measured);
     it needs the model, not a report. device_profile (a path, dict or DeviceProfile) adds the plan's
-    latency before/after on the target, calibrated per op type (`prediction.latency_basis`)."""
+    latency before/after on the target, calibrated per op type (`prediction.latency_basis`); a causal LM's
+    KV cache at `context_length` tokens (default: its position limit) joins the weights in `plan.memory`."""
     given = budget_request(constraints, max_size_mb=max_size_mb, size_fraction=size_fraction,  # before any work
                            bits_per_weight=bits_per_weight, max_latency_ms=max_latency_ms,
                            max_accuracy_drop=max_accuracy_drop, data=data)
@@ -154,6 +156,7 @@ def recommend(
         plan = measure_plan(plan, loaded, report, k, samples=samples, min_psnr=min_psnr)
     if device_profile is not None:  # last: measuring may change the settings the latency depends on
         plan = plan_latency(plan, report, k, device_profile)
+    plan = with_memory(plan, report, context_length)  # a decoder's KV cache beside its weights
     return plan.model_copy(update={"ways_forward": ways_forward(plan, report, k)})
 
 
