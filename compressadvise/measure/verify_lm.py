@@ -80,18 +80,22 @@ def lm_report(inputs: list["torch.Tensor"], ref: dict[str, "torch.Tensor"],
 
 def _per_position(ids: "torch.Tensor", p: "torch.Tensor", q: "torch.Tensor") -> dict[str, Any]:
     """Per (sequence, position) agreement, KL and, where the ids fit the vocabulary, the negative
-    log-likelihood of the next token under each model (the last position has no next token)."""
+    log-likelihood of the next token under each model (the last position has no next token).
+    One sequence at a time: log-probabilities in float64 of a (N, T, vocabulary) batch at once
+    would take gigabytes for a real vocabulary."""
     import torch
 
-    lp = torch.log_softmax(p.double(), -1)
-    lq = torch.log_softmax(q.double(), -1)
-    out: dict[str, Any] = {"agree": (p.argmax(-1) == q.argmax(-1)).double(), "kl": (lp.exp() * (lp - lq)).sum(-1),
-                           "nll_p": None, "nll_q": None}
-    if int(ids.min()) >= 0 and int(ids.max()) < p.shape[-1]:
-        nxt = ids[:, 1:].long().unsqueeze(-1)
-        out["nll_p"] = -lp[:, :-1].gather(-1, nxt).squeeze(-1)
-        out["nll_q"] = -lq[:, :-1].gather(-1, nxt).squeeze(-1)
-    return out
+    fits = int(ids.min()) >= 0 and int(ids.max()) < p.shape[-1]
+    rows: dict[str, list] = {"agree": [], "kl": [], "nll_p": [], "nll_q": []}
+    for i in range(ids.shape[0]):
+        lp, lq = torch.log_softmax(p[i].double(), -1), torch.log_softmax(q[i].double(), -1)
+        rows["agree"].append((p[i].argmax(-1) == q[i].argmax(-1)).double())
+        rows["kl"].append((lp.exp() * (lp - lq)).sum(-1))
+        if fits:
+            nxt = ids[i, 1:].long().unsqueeze(-1)
+            rows["nll_p"].append(-lp[:-1].gather(-1, nxt).squeeze(-1))
+            rows["nll_q"].append(-lq[:-1].gather(-1, nxt).squeeze(-1))
+    return {k: torch.stack(v) if v else None for k, v in rows.items()}
 
 
 def _summary(per: dict[str, Any], span: slice) -> dict[str, Any]:
