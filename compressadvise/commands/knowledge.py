@@ -211,9 +211,7 @@ def _show_target(tgt, json_out: bool) -> None:
     for col in ("entry", "Core ML ops", "torch ops", "only when", "runs on", "confidence", "source"):
         ops.add_column(col)
     for f in p.fallback_ops:
-        when = ", ".join(w for w in (f"dilation >= {f.min_dilation}" if f.min_dilation else "",
-                                     f"dtype {f.dtype}" if f.dtype else "") if w)
-        ops.add_row(f.name, ", ".join(f.mil), ", ".join(f.torch) or "-", when or "-", f.runs_on, f.confidence,
+        ops.add_row(f.name, ", ".join(f.mil), ", ".join(f.torch) or "-", f.condition() or "-", f.runs_on, f.confidence,
                     f.source)
     out.print(ops)
     out.print(f"switching units: {p.switch} ({p.switch_source})")

@@ -197,6 +197,11 @@ class FallbackOp(Strict):
     source: str
     url: str | None = None
 
+    def condition(self) -> str:
+        """When the entry applies, in words ('' when always): the docs page and `targets NAME` print it."""
+        return ", ".join(w for w in (f"dilation >= {self.min_dilation}" if self.min_dilation else "",
+                                     f"computes in {self.dtype}" if self.dtype else "") if w)
+
 
 class Placement(Strict):
     """Which ops leave the accelerator, and what a switch between compute units costs."""

@@ -219,8 +219,7 @@ def _placement_table(t: Target) -> list[str]:
              "| entry | Core ML ops | torch ops | only when | runs on | confidence | source |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for f in p.fallback_ops:
-        when = ", ".join(w for w in (f"dilation >= {f.min_dilation}" if f.min_dilation else "",
-                                     f"computes in {f.dtype}" if f.dtype else "") if w) or "always"
+        when = f.condition() or "always"
         src = f"[{cell(f.source)}]({f.url})" if f.url else cell(f.source)
         lines.append(f"| {f.name} | {', '.join(f'`{m}`' for m in f.mil)} | {', '.join(f'`{x}`' for x in f.torch) or '-'} "
                      f"| {when} | {f.runs_on} | {f.confidence} | {src} |")

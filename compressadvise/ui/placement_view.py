@@ -6,18 +6,11 @@ from typing import Any
 MAX_ROWS = 12
 
 
-def unit_text(ms: float | None) -> str:
-    """A small duration in the unit that reads best (us under a millisecond)."""
-    if ms is None:
-        return "n/a"
-    return f"{ms * 1e3:.3g} us" if ms < 1 else f"{ms:.3g} ms"
-
-
 def show_placement(rep: Any) -> None:
     """One section: the fallback ops (each with its reason and source) and the switches."""
     from rich.table import Table
 
-    from compressadvise.ui.render import human_bytes, out
+    from compressadvise.ui.render import human_bytes, human_ms, out
 
     if rep is None:
         return
@@ -40,7 +33,7 @@ def show_placement(rep: Any) -> None:
         known = [b.bytes for b in rep.boundaries if b.bytes is not None]
         crossing = human_bytes(sum(known)) if len(known) == len(rep.boundaries) else "of unknown size"
         out.print(f"   {len(rep.boundaries)} switch(es) between units; crossing tensors {crossing}, "
-                  f"copy cost {unit_text(rep.switch_ms)} [dim](estimate, a lower bound)[/]")
+                  f"copy cost {human_ms(rep.switch_ms) if rep.switch_ms is not None else 'n/a'} [dim](estimate, a lower bound)[/]")
         for b in rep.boundaries[:6]:
             out.print(f"   [dim]{b.from_unit} -> {b.to_unit}: {b.producer} -> {b.consumer}[/]")
     for n in rep.notes:
