@@ -47,7 +47,8 @@ def _load_cel() -> Any:
 
 cel = _load_cel()
 
-_REF = re.compile(r"\b(model|layer|target|constraints|step)\.([A-Za-z_][A-Za-z0-9_]*)")
+_CHECKED = ("model", "layer", "target", "constraints", "step")  # namespaces whose every reference is listed
+_REF = re.compile(r"\b(" + "|".join(_CHECKED) + r")\.([A-Za-z_][A-Za-z0-9_]*)")
 MAX_CONDITION_CHARS = 2000
 MAX_COMPREHENSION_DEPTH = 2
 _MACROS = ("all", "exists", "exists_one", "filter", "map")
@@ -271,3 +272,10 @@ def compile_value(text: str, variables: dict[str, Any]) -> Any:
     if not isinstance(result, (int, float)) or isinstance(result, bool):
         raise ExpressionError(f"formula must give a number, got {type(result).__name__}")
     return program
+
+
+def only_used(facts: dict[str, Any], used: frozenset[str]) -> dict[str, Any]:
+    """The facts some condition reads (`ns.name`, as Condition.facts_used lists them): turning every
+    fact into a CEL value for each evaluation was most of the cost of per-layer decisions."""
+    return {ns: ({n: v for n, v in value.items() if f"{ns}.{n}" in used}
+                 if ns in _CHECKED and isinstance(value, dict) else value) for ns, value in facts.items()}

@@ -10,9 +10,8 @@ Semantics (documented in docs/guides/writing-playbooks.md):
   On one layer the highest priority wins, with the same tie-breaks.
 - the backend's own behaviour (weight_threshold, indivisible group/block sizes) is applied
   last and every such skip is listed, so nothing is skipped silently.
-- `outcome` rules are not part of a plan: `next_moves` evaluates them after a verify run
-  missed a budget (the walkthrough's next moves); `LayerRules` answers the layer-rule decision
-  for one layer and candidate setting, so search restricts candidates as `recommend` decides.
+- `outcome` rules are not part of a plan: `next_moves` evaluates them after a verify run missed a
+  budget; `LayerRules` decides one layer and candidate setting for search, as `recommend` does.
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from typing import Any, Iterable
 
 from compressadvise.model.analysis import LayerInfo, ModelReport, analyze
 from compressadvise.errors import BadModel
-from compressadvise.knowledge.expressions import cel
+from compressadvise.knowledge.expressions import cel, only_used
 from compressadvise.knowledge.deployment import Deployment
 from compressadvise.knowledge.facts import extract, step_facts
 from compressadvise.knowledge.base import PLACEHOLDER, CompiledRule, Knowledge, builtin, load_knowledge
@@ -551,9 +550,7 @@ def _outcome_facts(plan: Plan, report: ModelReport, missed: list[str], data: str
         "weight_steps": sum(1 for s in plan.steps if s.slot == "weights"),
         "activation_steps": sum(1 for s in plan.steps if s.slot == "activations"),
         "sensitive_layer": worst_layer or _most_kurtotic(plan, report) or "",
-        "kept_layers": len(kept), "kept_preview": ", ".join(kept[:4]),
-        "nbits_lower": 0, "nbits_higher": 0,
-    }
+        "kept_layers": len(kept), "kept_preview": ", ".join(kept[:4]), "nbits_lower": 0, "nbits_higher": 0}
 
 
 def _most_kurtotic(plan: Plan, report: ModelReport) -> str | None:
@@ -574,6 +571,8 @@ class LayerRules:
     rules: tuple[CompiledRule, ...]
     slots: dict[str, str]  # technique -> slot
     n_layers: int
+    used: frozenset[str]  # the facts the deciding rules read: only those are converted per decision
+    _layers: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)  # each layer's facts, once
 
     @classmethod
     def of(cls, k: Knowledge, report: ModelReport, target: str, os: int, constraints: Constraints) -> "LayerRules":
@@ -582,13 +581,13 @@ class LayerRules:
                 "placement": placement_facts(report, k.target(target))}
         ranked = sorted((r for r in k.rules.values() if r.rule.scope == "layer"), key=rule_rank)
         deciding = tuple(r for r in ranked if r.rule.action.kind != "advise")
-        return cls(base, deciding, {n: t.slot for n, t in k.techniques.items()}, len(report.layers))
+        return cls(base, deciding, {n: t.slot for n, t in k.techniques.items()}, len(report.layers),
+                   frozenset(f for r in deciding for f in r.condition.facts_used))
 
     def decide(self, layer: LayerInfo, technique: str, params: dict[str, Any]) -> CompiledRule | None:
-        """The rule that keeps this layer out of (or overrides) a step with these parameters;
-        None when no rule decides and the setting stands."""
+        """The rule that keeps this layer out of (or overrides) this step; None: the setting stands."""
         step = Step(technique=technique, slot=self.slots[technique], params=params)
-        ctx = _context(self._facts(layer, technique, params))
+        ctx = _context(only_used(self._facts(layer, technique, params), self.used))
         return _match([r for r in self.rules if _applies(r, step)], ctx)[0]
 
     def params(self, decided: CompiledRule, layer: LayerInfo, technique: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -597,4 +596,5 @@ class LayerRules:
 
     def _facts(self, layer: LayerInfo, technique: str, params: dict[str, Any]) -> dict[str, Any]:
         sf = step_facts(params, technique, self.slots[technique])
-        return {**self.base, "layer": for_step(layer_facts(layer, self.n_layers), sf), "step": sf}
+        lf = self._layers.get(layer.name) or self._layers.setdefault(layer.name, layer_facts(layer, self.n_layers))
+        return {**self.base, "layer": for_step(lf, sf), "step": sf}
