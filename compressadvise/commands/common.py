@@ -83,12 +83,11 @@ def check_budget(option: str, value: Optional[float], most: Optional[float] = No
                  zero_ok: bool = False) -> Optional[float]:
     """A budget is a finite number > 0 (>= 0 with `zero_ok`), at most `most`: 7 as a size
     fraction, -1 or nan would otherwise run minutes of work towards a budget that means nothing."""
+    from compressadvise.plan.budgets import out_of_range
+
     if value is None:
         return None
-    low_ok = value >= 0 if zero_ok else value > 0
-    if not math.isfinite(value) or not low_ok or (most is not None and value > most):
-        span = (f"in (0, {most:g}]" if most is not None else
-                "a finite number >= 0" if zero_ok else "a finite number > 0")
+    if span := out_of_range(value, most, zero_ok):
         raise typer.BadParameter(f"{option} must be {span} (got {value:g})")
     return value
 
@@ -139,11 +138,10 @@ def size_budget_mb(total_bytes_fp16: int, total_params: int, *, max_size_mb: Opt
                             ("--bits-per-weight", bits_per_weight)) if v is not None]
     if len(given) > 1:
         raise typer.BadParameter(f"give one size budget, not {' and '.join(given)}")
-    if size_fraction is not None:
-        return size_fraction * total_bytes_fp16 / MB
-    if bits_per_weight is not None:
-        return bits_per_weight * total_params / 8 / MB
-    return max_size_mb
+    from compressadvise.plan.budgets import budget_bytes
+
+    rel = budget_bytes(total_bytes_fp16, total_params, size_fraction=size_fraction, bits_per_weight=bits_per_weight)
+    return max_size_mb if rel is None else rel / MB
 
 
 # ------------------------------------------------------------------ data and samples

@@ -37,13 +37,14 @@ class Budgets(ResultModel):
             from compressadvise.errors import BadArgument
 
             raise BadArgument(f"give one size budget, not {' and '.join(given)}")
-        if self.size_fraction is not None:
-            mb, how = self.size_fraction * fp16_bytes / 1e6, f"{self.size_fraction:g} of the original's fp16 size"
-        elif self.bits_per_weight is not None:
-            mb, how = self.bits_per_weight * params / 8 / 1e6, f"{self.bits_per_weight:g} bits x {params:,} parameters"
-        else:
+        from compressadvise.plan.budgets import MB, budget_bytes
+
+        rel = budget_bytes(fp16_bytes, params, size_fraction=self.size_fraction, bits_per_weight=self.bits_per_weight)
+        if rel is None:
             return self
-        return self.model_copy(update={"max_size_mb": mb, "size_fraction": None, "bits_per_weight": None,
+        how = (f"{self.size_fraction:g} of the original's fp16 size" if self.size_fraction is not None
+               else f"{self.bits_per_weight:g} bits x {params:,} parameters")
+        return self.model_copy(update={"max_size_mb": rel / MB, "size_fraction": None, "bits_per_weight": None,
                                        "size_from": how})
 
 

@@ -49,15 +49,21 @@ def as_constraints(value: Any) -> Constraints:
         raise bad_argument("constraints", e, Constraints.model_fields) from None
 
 
+def out_of_range(value: float, most: float | None, zero_ok: bool) -> str | None:
+    """What a budget must be when `value` is not it (None: it is): the one range check of the API
+    and the CLI options."""
+    low_ok = value >= 0 if zero_ok else value > 0
+    if math.isfinite(value) and low_ok and (most is None or value <= most):
+        return None
+    return f"in (0, {most:g}]" if most is not None else "a finite number >= 0" if zero_ok else "a finite number > 0"
+
+
 def check_budget(name: str, value: Any) -> float:
     """A keyword budget: a finite number in its range (bool is not a number here)."""
     zero_ok, most = RANGES[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadArgument(f"{name} must be a number, not {value!r}")
-    low_ok = value >= 0 if zero_ok else value > 0
-    if not math.isfinite(value) or not low_ok or (most is not None and value > most):
-        span = (f"in (0, {most:g}]" if most is not None else
-                "a finite number >= 0" if zero_ok else "a finite number > 0")
+    if span := out_of_range(value, most, zero_ok):
         raise BadArgument(f"{name} must be {span} (got {value!r})")
     return float(value)
 
@@ -85,14 +91,22 @@ def budget_request(constraints: Any = None, **keywords: Any) -> dict[str, Any]:
     return given
 
 
+def budget_bytes(fp16_bytes: float, params: int, *, size_fraction: float | None = None,
+                 bits_per_weight: float | None = None) -> float | None:
+    """A relative size budget in bytes: a fraction is of the fp16 size (not of an fp32 target's own
+    size), bits are per parameter. recommend, search, verify and the CLI all read it here."""
+    if size_fraction is not None:
+        return size_fraction * fp16_bytes
+    if bits_per_weight is not None:
+        return bits_per_weight * params / 8
+    return None
+
+
 def size_mb(given: dict[str, Any], report: ModelReport) -> float | None:
-    """`recommend`'s size budget in MB: a fraction of the fp16 size, bits per parameter, as the
-    CLI computes them (commands.common.size_budget_mb), so the CLI and the API plan alike."""
-    if "size_fraction" in given:
-        return given["size_fraction"] * report.total_bytes_fp16 / MB
-    if "bits_per_weight" in given:
-        return given["bits_per_weight"] * report.total_params / 8 / MB
-    return given.get("max_size_mb")  # as given: no round trip through bytes
+    """`recommend`'s size budget in MB, as the CLI computes it (commands.common.size_budget_mb)."""
+    rel = budget_bytes(report.total_bytes_fp16, report.total_params, size_fraction=given.get("size_fraction"),
+                       bits_per_weight=given.get("bits_per_weight"))
+    return given.get("max_size_mb") if rel is None else rel / MB  # an MB budget as given: no round trip
 
 
 def plan_constraints(given: dict[str, Any], max_size_mb: float | None,

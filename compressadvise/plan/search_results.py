@@ -9,6 +9,7 @@ from compressadvise.model.analysis import ModelReport
 from compressadvise.errors import InvalidKnowledge
 from compressadvise.measure.metrics import ResultModel, size_text
 from compressadvise.knowledge.schema import Plan
+from compressadvise.plan.budgets import budget_bytes
 
 MB = 1e6
 _KEY_MEASURES = ("psnr_db", "top1_agreement", "accuracy")  # a candidate's figures worth a summary line
@@ -42,14 +43,12 @@ class Budget(ResultModel):
         elif bits_per_weight:
             if report is None:
                 raise ValueError("bits_per_weight needs the model report")
-            max_bytes = bits_per_weight * report.total_params / 8.0
+            max_bytes = budget_bytes(report.total_bytes_fp16, report.total_params, bits_per_weight=bits_per_weight)
             basis.append(f"{bits_per_weight:g} bits per weight ({report.total_params} parameters)")
         elif size_fraction:
             if report is None:
                 raise ValueError("size_fraction needs the model report")
-            # Of the fp16 size, as recommend, verify and the CLI's help read it (not of the target's
-            # own uncompressed size: on an fp32 target that would be twice the bytes).
-            max_bytes = size_fraction * report.total_bytes_fp16
+            max_bytes = budget_bytes(report.total_bytes_fp16, report.total_params, size_fraction=size_fraction)
             basis.append(f"{size_fraction:g} of the fp16 size")
         if max_latency_ms:  # "(estimate)" for the roofline, as budgets always read
             basis.append(f"{max_latency_ms:g} ms ({'estimate' if latency_basis.startswith('estimate') else latency_basis})")
