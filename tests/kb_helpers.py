@@ -137,7 +137,20 @@ class WideMLP(nn.Module):
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
+def _llama(positions: int) -> nn.Module:
+    """A transformers decoder with a config (so a KV-cache shape): 2 layers, 4 query heads sharing 2 KV
+    heads of 16 values, an LM head tied to its 512 x 64 embedding; `positions` is its position limit."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
+                                   tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg)
+
+
 BUILDERS: dict[str, tuple[Any, tuple]] = {
+    "llama": (lambda: _llama(4096), None),  # 1.05 MB of fp16 KV cache at its limit, ~10x its 4-bit weights
+    "llama_short": (lambda: _llama(16), None),  # 4 KB of cache at 16 tokens
     "wide_mlp": (WideMLP, (1, 512)),
     "prime_mlp": (lambda: MLP(211), (1, 256)),  # fc2 has 211 outputs, a prime: no group size above 1 divides it
     "dwcnn": (DepthwiseCNN, (1, 3, 32, 32)),
@@ -160,7 +173,7 @@ def report(name: str) -> ModelReport:
     """Analysis of one of the named models (cached: reports are read-only in the tests)."""
     module = build(name)
     shape = BUILDERS[name][1]
-    if name == "decoder_lm":
+    if name in ("decoder_lm", "llama", "llama_short"):
         example: tuple | None = (torch.randint(0, 512, (1, 16)),)
     else:
         example = (torch.randn(*shape),) if shape else None

@@ -91,13 +91,15 @@ def test_os_by_technique(fmt, form, os_major, mlp_pt2, tmp_path):
 
 def test_parity_mismatch_fails_apply(monkeypatch, tmp_path):
     # Feed the parity check torch weights that are not the ones converted: apply must refuse.
-    real = apply_coreml._torch_weights
+    real = apply_coreml._decompress_one
 
     def shifted(*a, **k):
-        return {n: w + 0.05 for n, w in real(*a, **k).items()}
+        v = real(*a, **k)
+        return None if v is None else v + 0.05
 
-    monkeypatch.setattr(apply_coreml, "_torch_weights", shifted)
-    with pytest.raises(CompressionFailed, match=r"not the torch side's for fc1: max \|Core ML - torch\| = 0.05"):
+    monkeypatch.setattr(apply_coreml, "_decompress_one", shifted)
+    monkeypatch.setattr(apply_coreml, "_snap", lambda *a, **k: False)  # nothing closes the gap
+    with pytest.raises(CompressionFailed, match=r"not the torch side's for fc1: max \|Core ML - torch\| = 0\.0[5-9]"):
         ca.apply(small_mlp(), _plan("palettization", "weights", {"nbits": 4}, 18), tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
@@ -285,12 +287,12 @@ def test_drift_compares_a_folded_layer_with_the_original_batchnorm(tmp_path):
 def test_a_core_ml_weight_in_another_layout_is_never_snapped(monkeypatch, tmp_path):
     # Snapping copies the .mlpackage's weight into the torch artefact: a weight that is not a compressed
     # form of the torch one (here: rows reversed, as a gate reorder would be) must fail, not be copied.
-    real = apply_coreml._dense
+    real = apply_coreml._decompress_one
 
     def reversed_rows(*a, **k):
-        dense, evidence = real(*a, **k)
-        return {h: v[::-1].copy() for h, v in dense.items()}, evidence
+        v = real(*a, **k)
+        return None if v is None else v[::-1].copy()
 
-    monkeypatch.setattr(apply_coreml, "_dense", reversed_rows)
+    monkeypatch.setattr(apply_coreml, "_decompress_one", reversed_rows)
     with pytest.raises(CompressionFailed, match="is not a compressed form of the torch weight"):
         ca.apply(small_mlp(), _plan("palettization", "weights", {"nbits": 4}, 18), tmp_path / "o")

@@ -72,8 +72,10 @@ def coreml_weights(path: Path, consts: list[str]) -> dict[str, tuple[list[str], 
 
     prog = C.load_program(path)
     evidence = C.inspect_program(prog, consts)
-    dense = C.decompressed(prog, [evidence[c].head for c in consts])
-    return {c: (sorted(evidence[c].ops), dense[evidence[c].head]) for c in consts}
+    from compressadvise.backends.apply_coreml import _decompress_one, _ops_by_name
+
+    ops = _ops_by_name(prog)
+    return {c: (sorted(evidence[c].ops), _decompress_one(prog, ops, evidence[c].head)) for c in consts}
 
 
 def assert_same_coreml(ours: Path, applied: Path, consts: list[str]) -> float:

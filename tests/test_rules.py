@@ -133,6 +133,8 @@ TABLE: dict[str, tuple[Case, Case]] = {
     "LLM005": (C("heavy_tailed", "mac-gpu", ratio=3.5), C("mlp", "mac-gpu", ratio=3.5)),
     "LLM006": (C("encoder", "ane-a17", **LAT, **CAL), C("dwcnn", "ane-a17", **LAT, **CAL)),
     "LLM007": (C("encoder", "ane-a17", probe="pal4_tensor"), C("encoder", "ane-a17", 17, probe="pal4_tensor")),
+    "LLM008": (C("llama", "ane-a17"), C("llama_short", "ane-a17")),  # 1.05 MB of KV cache vs 4 KB
+    "LLM009": (C("decoder_lm", "mac-gpu", **LAT), C("decoder_lm", "mac-gpu", 17, **LAT)),
     # host CPU (measured)
     "CPU001": (C("mlp", "x86-cpu", ratio=1.5), C("mlp", "x86-cpu")),
     "CPU002": (C("mlp", "x86-cpu", ratio=1.5, **LAT), C("mlp", "x86-cpu", **LAT)),

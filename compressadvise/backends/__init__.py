@@ -272,6 +272,7 @@ class Context:
     prior_sparsity: dict[str, float] = field(default_factory=dict)  # layer -> sparsity from earlier steps
     masks: dict[str, Any] = field(default_factory=dict)  # tensor -> zero mask left by a pruning step
     training: Any = None  # training.TrainingRun for training-aware steps (--train), else None
+    decoder: Any = None  # schema.DecoderDeployment (plan.decoder): a causal LM's KV-cache conversion
 
     def tick(self, label: str, done: int, total: int) -> None:
         if self.progress is not None:

@@ -29,10 +29,10 @@ from compressadvise.backends.apply_coreml import _coreml_side
 from compressadvise.backends.apply_coreml import MLPACKAGE, _check_coreml  # re-exported
 from compressadvise.backends.apply_gate import enforce, planned_vs_built
 from compressadvise.backends.apply_manifest import _manifest
-from compressadvise.backends.apply_manifest import MANIFEST_VERSION, SIZE_TOLERANCE  # re-exported
+from compressadvise.backends.apply_manifest import MANIFEST_VERSION, SIZE_TOLERANCE, Resources  # re-exported
 from compressadvise.backends.apply_resolve import Route, _check_model, _example_inputs, _preflight, _samples, resolve
 from compressadvise.backends.apply_resolve import effective, weight_tensor  # re-exported
-from compressadvise.backends.apply_torch import _check_torch, _save_torch, _torch_side
+from compressadvise.backends.apply_torch import _check_torch, _save_torch, _torch_side, layerwise
 from compressadvise.backends.apply_torch import SPARSE_KINDS, SPARSITY_TOLERANCE, TORCH_FILE, check_tensor  # re-exported
 from compressadvise.errors import BadModel, CompressionFailed, InputNotFound, InvalidKnowledge, OutputExists
 from compressadvise.fsutil import atomic_dir, check_output, temp_files_in, write_text_atomic
@@ -96,6 +96,7 @@ def apply(
     Raises PlanNotBuilt (exit 8) when the artefact is not what the plan promised (a planned layer
     left uncompressed, or the weights over 2% off the predicted size), unless `allow_partial`."""
     started = time.perf_counter()
+    resources = Resources("load, analyze, validate")
     if plan is None or out is None:
         raise InvalidKnowledge("apply needs a plan and an output folder")
     if not isinstance(plan, Plan):
@@ -110,13 +111,16 @@ def apply(
     # Compress the form that ships (BatchNorm folded, as the converter would): the converter then
     # has nothing left to fold, so the compressed weights reach Core ML unchanged. A .pt2 has no
     # torch side here: the converter folds it, and its layers are found by their folded values.
+    given = loaded.module
     if loaded.module is not None:
         from compressadvise.model.deploy import deployable
 
         loaded = deployable(loaded, example_inputs_for(loaded, input_shape))
+    # A model apply loaded itself (or folded into a copy) is its own to compress in place; a caller's never.
+    owned = not isinstance(model, LoadedModel) or loaded.module is not given
     report = analyze(loaded, stats=False)
     jobs = resolve(plan, k, report, target)
-    ctx = B.Context(target=target, os=plan.target.os or target.default_os, progress=progress)
+    ctx = B.Context(target=target, os=plan.target.os or target.default_os, progress=progress, decoder=plan.decoder)
     route = _preflight(jobs, ctx, loaded, target)  # libraries, GPU, model code: before anything else
     for job in jobs:
         if job.blocked:  # the divisibility pitfall: refuse rather than let the backend skip silently
@@ -129,10 +133,12 @@ def apply(
                        hint="pass --input-shape 1,3,224,224 or --samples FILE")
     with atomic_dir(out, force=force) as tmp:
         with temp_files_in(tmp / ".scratch"):  # coremltools' temp .mlpackages: swept if we are killed
-            manifest = _execute(plan, k, loaded, report, jobs, ctx, route, tmp)
+            manifest = _execute(plan, k, loaded, report, jobs, ctx, route, tmp, resources, owned)
         enforce(manifest["planned_vs_built"], allow_partial, manifest["notes"])
+        resources.stage("placement")
         manifest["placement"] = _built_placement(plan, target, tmp / manifest["mlpackage"] if manifest["mlpackage"] else None)
         manifest["seconds"] = round(time.perf_counter() - started, 2)
+        manifest["resources"] = resources.record()
         write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
     if ctx.training is not None and ctx.training.checkpoints is not None:
         ctx.training.checkpoints.clear()  # the output is whole: nothing left to resume
@@ -241,7 +247,8 @@ def _load_state_dict_artifact(out_dir: Path, manifest: dict[str, Any], factory: 
 
 # ====================================================================== the work
 def _execute(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport, jobs: list[B.StepJob],
-             ctx: B.Context, route: Route, tmp: Path) -> dict[str, Any]:
+             ctx: B.Context, route: Route, tmp: Path, resources: Resources, owned: bool = False) -> dict[str, Any]:
+    from compressadvise.backends.apply_coreml import Deferred
     from compressadvise.plan.planfile import plan_to_yaml
 
     outcome: dict[tuple[int, str, str], dict[str, Any]] = {}  # (step, layer, side) -> record
@@ -249,15 +256,25 @@ def _execute(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport,
     compressed, snap_folds = None, ()
     n = len(jobs)
     stage = _Stages(ctx, (n + 2 if route.torch_side else 0) + ((n if route.coreml == "native" else 0) + 3
-                                                            if route.coreml else 0) + 1)
+                                                            if route.coreml else 0) + 1, resources)
+    bounded = _bounded(route, jobs)
+    resources.path = MEMORY_PATHS[bounded]
     if route.torch_side:
-        compressed = _torch_side(loaded, jobs, ctx, outcome, stage)
+        def torch_side() -> Any:
+            return _torch_side(loaded, jobs, ctx, outcome, stage, bounded=bounded, own=bounded and owned)
+
+        # Bounded native route: Core ML converts the float weights first, the torch side then
+        # compresses them in place (one copy of the weights, not two).
+        later = bounded and route.coreml == "native"
+        compressed = Deferred(torch_side) if later else torch_side()
     mlinfo: dict[str, Any] = {}
     if route.coreml:  # before the torch save: the native route snaps the torch weights to the .mlpackage's
         stage("Core ML: conversion")
         if compressed is None and route.coreml == "native" and loaded.exported is not None:
             compressed, snap_folds = _program_to_snap(loaded)
         mlinfo = _coreml_side(loaded, compressed, jobs, ctx, route, outcome, tmp, stage)
+    if isinstance(compressed, Deferred):
+        compressed = compressed()
     if compressed is not None:
         stage("torch: save")
         torch_info = _save_torch(compressed, ctx.example_inputs, tmp)
@@ -286,6 +303,19 @@ def _execute(plan: Plan, k: Knowledge, loaded: LoadedModel, report: ModelReport,
         if ctx.training is not None and record["step"] - 1 in ctx.training.results:
             record["training"] = ctx.training.results[record["step"] - 1]
     return {"manifest_version": manifest.pop("manifest_version"), "planned_vs_built": gate, **manifest}
+
+
+BOUNDED = True  # False: every plan takes the all-in-memory path (the tests compare the two)
+MEMORY_PATHS = {True: "memory-bounded: layer by layer, in the input's float dtype, Core ML converted before "
+                      "the torch side compresses the same weights", False: "all in memory: a deep copy of the model"}
+
+
+def _bounded(route: Route, jobs: list[B.StepJob]) -> bool:
+    """The memory-bounded path where it builds the same artefact: every torch-side step compresses
+    layer by layer (post-training palettization, quantization, pruning) and Core ML compresses the
+    float weights itself (native) or is not a target; else (calibration through the model, training,
+    a converted torch result) all in memory."""
+    return BOUNDED and route.coreml in (None, "native") and layerwise(jobs)
 
 
 def _training(train: Any, resume: bool, jobs: list[B.StepJob], plan: Plan, loaded: LoadedModel,
@@ -340,13 +370,15 @@ def _require_work(jobs: list[B.StepJob], outcome: dict, route: Route) -> None:
 
 
 class _Stages:
-    """Progress by stage: each call announces the stage that starts now."""
+    """Progress by stage: each call announces the stage that starts now, and closes the one before
+    in `resources` (its seconds, and this process's memory when it ended)."""
 
-    def __init__(self, ctx: B.Context, total: int) -> None:
-        self.ctx, self.total, self.done = ctx, total, -1
+    def __init__(self, ctx: B.Context, total: int, resources: Resources) -> None:
+        self.ctx, self.total, self.done, self.resources = ctx, total, -1, resources
 
     def __call__(self, label: str) -> None:
         self.done += 1
+        self.resources.stage(label)
         self.ctx.tick(label, min(self.done, self.total), self.total)
 
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from compressadvise import backends as B
 from compressadvise.backends.apply_resolve import Route
@@ -19,13 +20,14 @@ MLPACKAGE = "model.mlpackage"
 
 def _coreml_side(loaded: LoadedModel, compressed: Any, jobs: list[B.StepJob], ctx: B.Context, route: Route,
                  outcome: dict, tmp: Path, stage: Callable[[str], None]) -> dict[str, Any]:
-    from compressadvise.backends import coremltools_coreml as C
+    from compressadvise.backends import coremltools_coreml as C, export_decoder as D
 
     if route.coreml == "convert":
         source = compressed
     else:
         source = loaded.module if loaded.module is not None else (loaded.exported or loaded.scripted)
-    mlmodel, how = C.convert(source, ctx.example_inputs, ctx.os)
+    mlmodel, how = (D.convert(source, ctx.decoder, ctx.os) if ctx.decoder is not None  # a causal LM's KV cache:
+                    else C.convert(source, ctx.example_inputs, ctx.os))  # state or a fixed window (plan.decoder)
     weights = _float_weights(loaded)
     all_layers = [lj for job in jobs for lj in job.layers]
     missing = C.map_layers(mlmodel, all_layers, weights)
@@ -67,27 +69,62 @@ def _coreml_side(loaded: LoadedModel, compressed: Any, jobs: list[B.StepJob], ct
     stage("Core ML: save")
     with writing(path):  # a full disk shows here: one line with the path, not coremltools' error list
         C.save(mlmodel, path)
+    del mlmodel  # saved: the program in memory is not needed again (the read-back opens the file)
+    if isinstance(compressed, Deferred):  # the memory-bounded native route: the torch side runs now
+        compressed = compressed()
     stage("Core ML: read back")
     info, prog, evidence = _read_back(path, jobs, outcome, how)
     if compressed is not None:
         _prove_parity(compressed, prog, evidence, jobs, outcome, route)
+    if ctx.decoder is not None:  # the states the saved package holds; a promised state missing fails here
+        info["decoder"] = D.read_back(path, ctx.decoder, source, compressed, how)
     return info
 
 
-def _float_weights(loaded: LoadedModel) -> dict[str, Any]:
-    """Weights in fp16 numpy form, to find them by value in the converted program."""
-    import torch
+class Deferred:
+    """The torch side, run once `_coreml_side` has saved the .mlpackage (the memory-bounded native
+    route): Core ML converts the float weights first, then the torch side compresses them in place."""
 
-    folded: dict[str, Any] = {}
-    if loaded.module is None and loaded.exported is not None:  # the converter folds its BatchNorms
-        from compressadvise.model.deploy import program_folds
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make, self.done, self.value = make, False, None
 
-        folded = program_folds(loaded.exported)[0]
-    out = {}
-    for name, t in loaded.tensors():
-        if t.is_floating_point() and t.dim() >= 2:
-            out[name] = folded.get(name, t).detach().to(dtype=torch.float16).cpu().numpy()
-    return out
+    def __call__(self) -> Any:
+        if not self.done:
+            self.value, self.done = self.make(), True
+        return self.value
+
+
+def _float_weights(loaded: LoadedModel) -> "FloatWeights":
+    """Weights in fp16 numpy form, to find them by value in the converted program: made one by one
+    when asked (map_layers asks only for the layers its names did not find), not a copy of them all."""
+    return FloatWeights(loaded)
+
+
+class FloatWeights(Mapping):
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.folded: dict[str, Any] = {}
+        if loaded.module is None and loaded.exported is not None:  # the converter folds its BatchNorms
+            from compressadvise.model.deploy import program_folds
+
+            self.folded = program_folds(loaded.exported)[0]
+        self.loaded = loaded
+        self.names = {n for n, t in loaded.tensors() if t.is_floating_point() and t.dim() >= 2}
+
+    def __getitem__(self, name: str) -> Any:
+        import torch
+
+        if name not in self.names:
+            raise KeyError(name)
+        t = self.folded.get(name)
+        if t is None:
+            t = next(t for n, t in self.loaded.tensors() if n == name)
+        return t.detach().to(dtype=torch.float16).cpu().numpy()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.names))
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _prove_parity(model: Any, prog: Any, evidence: dict, jobs: list[B.StepJob], outcome: dict,
@@ -99,18 +136,33 @@ def _prove_parity(model: Any, prog: Any, evidence: dict, jobs: list[B.StepJob], 
     level apart, e.g. SparseGPT's int8), the torch weights are snapped to Core ML's and the gap noted.
     "native": Core ML compressed the layers itself (an independent k-means picks other LUTs: the gap
     is kept as parity_before_snap), so the torch weights are snapped to them. Then every compared
-    layer must agree to float tolerance."""
-    dense, evidence = _dense(prog, evidence, jobs, outcome)
-    off = _parity(dense, evidence, jobs, outcome, _torch_weights(model, jobs, outcome))  # the gap, recorded
-    if route.coreml == "native":
-        _snap(model, dense, evidence, jobs, outcome, None, "Core ML compressed it itself")
-    elif off:
-        worst = max(off.values())
-        _snap(model, dense, evidence, jobs, outcome, set(off), "the converter re-encoded it")
-        route.notes.append(f"the converter re-encoded {len(off)} layer(s) instead of keeping the torch side's values "
-                           f"(max |diff| {worst:.3g}): the torch artefact now holds the .mlpackage's weights, so verify "
-                           "measures what ships")
-    off = _parity(dense, evidence, jobs, outcome, _torch_weights(model, jobs, outcome))
+    layer must agree to float tolerance. One weight at a time: each is decompressed, compared and
+    snapped, then dropped, so memory stays at about the largest weight in float32."""
+    by_head: dict[str, list[tuple[B.StepJob, B.LayerJob, dict]]] = {}
+    for job, lj, rec in applied_layers(jobs, outcome, "coreml"):
+        by_head.setdefault(evidence[rec["const"]].head or "", []).append((job, lj, rec))
+    torch_done = {lj.tensor for _, lj, _ in applied_layers(jobs, outcome, "torch")}
+    gaps: dict[str, float] = {}
+    off: dict[str, float] = {}
+    ops = _ops_by_name(prog)
+    for head, entries in by_head.items():
+        dense = _decompress_one(prog, ops, head) if head else None
+        for job, lj, rec in entries:
+            diff = _compare(rec, lj, dense, model, torch_done)
+            if diff is not None and diff[1]:
+                gaps[lj.name] = diff[0]
+            if dense is not None and (route.coreml == "native" or lj.name in gaps):
+                why = "Core ML compressed it itself" if route.coreml == "native" else "the converter re-encoded it"
+                if _snap(model, dense, job, lj, rec, outcome, why):
+                    torch_done.add(lj.tensor)
+            after = _compare(rec, lj, dense, model, torch_done)
+            if after is not None and after[1]:
+                off[lj.name] = after[0]
+        del dense
+    if gaps and route.coreml != "native":
+        route.notes.append(f"the converter re-encoded {len(gaps)} layer(s) instead of keeping the torch side's values "
+                           f"(max |diff| {max(gaps.values()):.3g}): the torch artefact now holds the .mlpackage's "
+                           "weights, so verify measures what ships")
     if off:
         raise CompressionFailed("Core ML read-back: the .mlpackage's weights are not the torch side's for "
                                 + "; ".join(f"{n}: max |Core ML - torch| = {d:.3g}" for n, d in list(off.items())[:6]),
@@ -118,77 +170,84 @@ def _prove_parity(model: Any, prog: Any, evidence: dict, jobs: list[B.StepJob], 
                                 "rerun with --debug and report it")
 
 
-def _dense(prog: Any, evidence: dict, jobs: list[B.StepJob], outcome: dict) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(decompressed weight by head op, evidence by original const) for the Core ML-applied layers;
-    decompressing rewrites `prog`, the read-back's private copy, once its sizes are taken."""
-    from compressadvise.backends import coremltools_coreml as C
+def _ops_by_name(prog: Any) -> dict[str, Any]:
+    from compressadvise.backends.coremltools_coreml import _ops
 
-    heads = {evidence[rec["const"]].head for _, _, rec in applied_layers(jobs, outcome, "coreml")}
-    return C.decompressed(prog, sorted(h for h in heads if h)), evidence
+    return {op.name: op for op in _ops(prog)}
 
 
-def _snap(model: Any, dense: dict, evidence: dict, jobs: list[B.StepJob], outcome: dict,
-          names: set[str] | None, why: str) -> None:
-    """Copy each Core ML-applied layer's decompressed weight (all, or `names`) into the torch model."""
+def _decompress_one(prog: Any, ops: dict[str, Any], head: str) -> Any:
+    """One weight as Core ML materialises it at load time, in float32, without materialising the
+    others : a head whose inputs are stored constants by its own
+    value inference; a longer chain (an int8 LUT, a sparse mask over a LUT) by coremltools'
+    decompression pass restricted to that chain, which rewrites `prog` (a private copy)."""
+    import numpy as np
+    from coremltools.optimize.coreml._quantization_passes import WeightDecompressor
+
+    from compressadvise.backends.coreml_convert_gaps import lut_decompression
+    from compressadvise.backends.coremltools_coreml import _chain, _ops
+
+    op = ops.get(head)
+    if op is None:
+        return None
+    if op.op_type == "const":
+        return np.asarray(op.outputs[0].val, dtype=np.float32)
+    chain = _chain(op)
+    with B.quiet(), lut_decompression():
+        if len(chain) == 1:
+            val = op.materialized_val_inference()
+            return np.asarray(val[0] if isinstance(val, (list, tuple)) else val, dtype=np.float32)
+        ids = {id(o) for o in chain}
+        WeightDecompressor(op_selector=lambda o: id(o) in ids).apply(prog)
+    const = next((o for o in _ops(prog) if o.op_type == "const" and o.name == head), None)
+    return None if const is None else np.asarray(const.outputs[0].val, dtype=np.float32)
+
+
+def _snap(model: Any, value: Any, job: B.StepJob, lj: B.LayerJob, rec: dict, outcome: dict, why: str) -> bool:
+    """Copy a Core ML-applied layer's decompressed weight into the torch model (in its dtype)."""
     import torch
 
-    for job, lj, rec in applied_layers(jobs, outcome, "coreml"):
-        value = dense.get(evidence[rec["const"]].head or "")
-        w = getattr(_submodule(model, lj.module), lj.param, None)
-        if (names is not None and lj.name not in names) or value is None \
-                or type(w) not in (torch.Tensor, torch.nn.Parameter) or value.size != w.numel():
-            continue
-        new = torch.from_numpy(value.reshape(tuple(w.shape))).to(w.dtype)
-        rel = float((new - w.detach()).norm() / w.detach().norm().clamp_min(1e-30))
-        if rel > SNAP_LIMIT:  # not this weight compressed, but another layout (e.g. gates reordered)
-            raise CompressionFailed(f"Core ML read-back: the .mlpackage's weight for {lj.name} is not a compressed "
-                                    f"form of the torch weight (relative difference {rel:.2f})",
-                                    hint="a layer matched to the wrong Core ML weight; rerun with --debug and report it")
-        with torch.no_grad():
-            w.copy_(new)
-        outcome[(job.index, lj.name, "torch")] = {"status": "applied",
-                                                  "backend": f"the .mlpackage's weight, decompressed ({why})"}
-        rec["parity"] = f"snapped: the torch artefact holds this weight as the .mlpackage decompresses it ({why})"
-        if "parity_max_abs_diff" in rec:  # the gap the snap closed, kept as evidence
-            rec["parity_before_snap"] = rec.pop("parity_max_abs_diff")
-
-
-def _torch_weights(model: Any, jobs: list[B.StepJob], outcome: dict) -> dict[str, Any]:
-    """The torch side's compressed weights (float values snapped to the LUT / grid), for parity."""
-    import torch
-
-    weights = {}
-    for _, lj, _ in applied_layers(jobs, outcome, "torch"):
-        w = getattr(_submodule(model, lj.module), lj.param, None)
-        if type(w) in (torch.Tensor, torch.nn.Parameter):  # plain floats, not a tensor subclass
-            weights[lj.tensor] = w.detach().float().cpu().numpy()
-    return weights
+    w = getattr(_submodule(model, lj.module), lj.param, None)
+    if type(w) not in (torch.Tensor, torch.nn.Parameter) or value.size != w.numel():
+        return False
+    new = torch.from_numpy(value.reshape(tuple(w.shape))).to(w.dtype)
+    ref = w.detach().float()
+    rel = float((new.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+    if rel > SNAP_LIMIT:  # not this weight compressed, but another layout (e.g. gates reordered)
+        raise CompressionFailed(f"Core ML read-back: the .mlpackage's weight for {lj.name} is not a compressed "
+                                f"form of the torch weight (relative difference {rel:.2f})",
+                                hint="a layer matched to the wrong Core ML weight; rerun with --debug and report it")
+    with torch.no_grad():
+        w.copy_(new)
+    outcome[(job.index, lj.name, "torch")] = {"status": "applied",
+                                              "backend": f"the .mlpackage's weight, decompressed ({why})"}
+    rec["parity"] = f"snapped: the torch artefact holds this weight as the .mlpackage decompresses it ({why})"
+    if "parity_max_abs_diff" in rec:  # the gap the snap closed, kept as evidence
+        rec["parity_before_snap"] = rec.pop("parity_max_abs_diff")
+    return True
 
 
 SNAP_LIMIT = 1.0  # relative error of another tensor of the same spread: ~1.41; 1-bit LUTs ~0.6, 90% pruning ~0.8
 PARITY_TOLERANCE = 2e-3  # of the weight's largest |value|: fp16 storage of values, LUTs and scales
 
 
-def _parity(dense: dict, evidence: dict, jobs: list[B.StepJob], outcome: dict,
-            torch_weights: dict[str, Any]) -> dict[str, float]:
-    """Record per Core ML-applied layer max |decompressed Core ML weight - torch weight|; return the
-    layers beyond float tolerance with their difference."""
+def _compare(rec: dict, lj: B.LayerJob, theirs: Any, model: Any, torch_done: set[str]) -> tuple[float, bool] | None:
+    """Record max |decompressed Core ML weight - torch weight| for one layer; (difference, beyond
+    float tolerance), or None where there is nothing to compare."""
     import numpy as np
+    import torch
 
-    off: dict[str, float] = {}
-    for _, lj, rec in applied_layers(jobs, outcome, "coreml"):
-        mine, theirs = torch_weights.get(lj.tensor), dense.get(evidence[rec["const"]].head or "")
-        if mine is None:
-            rec["parity"] = "not compared: the torch side did not compress this layer"
-            continue
-        if theirs is None or theirs.size != mine.size:
-            rec["parity"] = "not compared: the Core ML weight could not be decompressed to the torch shape"
-            continue
-        diff = float(np.abs(theirs.reshape(mine.shape) - mine).max())
-        rec["parity_max_abs_diff"] = diff
-        if diff > PARITY_TOLERANCE * (float(np.abs(mine).max()) or 1.0):
-            off[lj.name] = diff
-    return off
+    w = getattr(_submodule(model, lj.module), lj.param, None) if lj.tensor in torch_done else None
+    if type(w) not in (torch.Tensor, torch.nn.Parameter):  # plain floats, not a tensor subclass
+        rec["parity"] = "not compared: the torch side did not compress this layer"
+        return None
+    mine = w.detach().float().cpu().numpy()
+    if theirs is None or theirs.size != mine.size:
+        rec["parity"] = "not compared: the Core ML weight could not be decompressed to the torch shape"
+        return None
+    diff = float(np.abs(theirs.reshape(mine.shape) - mine).max())
+    rec["parity_max_abs_diff"] = diff
+    return diff, diff > PARITY_TOLERANCE * (float(np.abs(mine).max()) or 1.0)
 
 
 def _check_coreml(path: Path, jobs: list[B.StepJob], outcome: dict, how: str) -> dict[str, Any]:

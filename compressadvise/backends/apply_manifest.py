@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import time
 from typing import Any
 
 from compressadvise import backends as B
@@ -175,3 +176,60 @@ def _layer_status(entries: list[dict[str, Any]]) -> str:
     if "applied" in states:
         return "applied" if states == {"applied"} else "partly applied"
     return "skipped"
+
+
+class Resources:
+    """This process's memory and time by apply stage, measured: the peak RSS is the kernel's
+    high-water mark (resource.getrusage ru_maxrss), which counts everything the process held since
+    it started (loading the model included); `rss_mb` is what it still held when the stage ended."""
+
+    def __init__(self, first: str) -> None:
+        self.label, self.started, self.cpu = first, time.perf_counter(), cpu_seconds()
+        self.by_stage: dict[str, dict[str, float]] = {}
+        self.path = ""  # which of apply's memory paths ran
+
+    def stage(self, label: str) -> None:
+        """Close the running stage (a label seen again adds up) and start `label`."""
+        now = time.perf_counter()
+        rec = self.by_stage.setdefault(self.label, {"seconds": 0.0})
+        cpu = cpu_seconds()
+        rec["seconds"] = round(rec["seconds"] + now - self.started, 2)
+        rec["cpu_seconds"] = round(rec.get("cpu_seconds", 0.0) + cpu - self.cpu, 2)
+        rec.update(peak_rss_mb=peak_rss_mb(), rss_mb=current_rss_mb())
+        self.label, self.started, self.cpu = label, now, cpu
+
+    def record(self) -> dict[str, Any]:
+        self.stage("")
+        self.by_stage.pop("", None)
+        return {"peak_rss_mb": peak_rss_mb(), "label": "measured", "path": self.path,
+                "basis": "MiB; resource.getrusage(RUSAGE_SELF).ru_maxrss of the apply process: its high-water mark "
+                "since it started, loading included; by stage: the high-water mark and the resident set "
+                "when the stage ended, wall and CPU seconds (user + system, all threads)",
+                "by_stage": self.by_stage}
+
+
+def cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, 1)  # bytes on macOS, KiB on Linux
+
+
+def current_rss_mb() -> float | None:
+    """Resident set now (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    import os
+
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20), 1)

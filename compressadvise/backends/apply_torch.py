@@ -15,11 +15,30 @@ SPARSE_KINDS = ("prune", "sparse_palettize", "sparse_quantize")
 SPARSITY_TOLERANCE = 0.01  # achieved sparsity may fall this far short of the target (ties, rounding)
 
 
+# Steps whose backend compresses each layer from its own weight alone (no calibration through the
+# model, no training): run one layer at a time, they touch nothing else, so apply can work on its
+# own copy of the model in place, or share every weight it does not compress with the caller's.
+LAYERWISE = {"coremltools.torch": ("palettization", "linear_quantization", "pruning", "joint_compression",
+                                   "joint_sparse_quantization")}
+
+
+def layerwise(jobs: list[B.StepJob]) -> bool:
+    """Every torch-side step compresses layer by layer (the memory-bounded path can run it)."""
+    return all(not j.torch_backend or j.technique in LAYERWISE.get(j.torch_backend, ()) for j in jobs)
+
+
 def _torch_side(loaded: LoadedModel, jobs: list[B.StepJob], ctx: B.Context,
-                outcome: dict, tick: Callable[[str], None]) -> Any:
+                outcome: dict, tick: Callable[[str], None], *, bounded: bool = False, own: bool = False) -> Any:
+    """The torch side's compressed model. All in memory: a deep copy, each step over all its layers.
+    Bounded (`layerwise` steps): one layer at a time, in place on a model apply loaded itself (`own`),
+    else on a copy that shares every tensor until its layer is compressed: no second copy of the
+    weights left alone, no float32 upcast of the model (coremltools clusters fp16 as it is)."""
     with B.quiet():
-        model = copy.deepcopy(loaded.module).eval()  # the input model is never modified
+        model = (loaded.module if own else _sharing_copy(loaded.module)) if bounded \
+            else copy.deepcopy(loaded.module)  # the input model is never modified
+    model.eval()
     ctx.float_module = loaded.module
+    owners = None if own or not bounded else _owners(model)
     for job in jobs:
         tick(f"torch: step {job.index + 1} {job.technique}")
         if not job.torch_backend:
@@ -27,21 +46,14 @@ def _torch_side(loaded: LoadedModel, jobs: list[B.StepJob], ctx: B.Context,
                 outcome[(job.index, lj.name, "torch")] = {"status": "not run", "reason": "no torch-side implementation; "
                                                           "the torch artefact keeps these weights in float"}
             continue
-        backend = B.get(job.torch_backend)
-        run_job = copy.copy(job)
-        run_job.layers = []
-        for lj in job.layers:
-            module = _submodule(model, lj.module)
-            reason = backend.layer_support(job, lj, module)
-            if reason:
-                outcome[(job.index, lj.name, "torch")] = {"status": "skipped", "reason": reason,
-                                                          "backend": job.torch_backend}
-            else:
-                run_job.layers.append(lj)
+        run_job = _supported(model, job, outcome)
         if not run_job.layers:
             continue
         try:
-            model = backend.run(model, run_job, ctx) or model
+            for part in (_one_by_one(run_job) if bounded else [run_job]):
+                if owners is not None:
+                    _privatize(model, part.layers, owners)
+                model = B.get(job.torch_backend).run(model, part, ctx) or model
         except (CompressionFailed, Unavailable, InvalidKnowledge):
             raise
         except Exception as e:
@@ -51,8 +63,63 @@ def _torch_side(loaded: LoadedModel, jobs: list[B.StepJob], ctx: B.Context,
             _remember_masks(ctx, run_job, model)
         for lj in run_job.layers:
             outcome[(job.index, lj.name, "torch")] = {"status": "applied", "backend": job.torch_backend}
+    if owners is not None:  # the layers no torch backend took: the Core ML read-back may snap them
+        _privatize(model, [lj for job in jobs for lj in job.layers], owners)
     _restore_sparsity(ctx, model)
     return model.eval()
+
+
+def _supported(model: Any, job: B.StepJob, outcome: dict) -> B.StepJob:
+    """The step restricted to the layers its backend handles; the others recorded as skipped."""
+    backend = B.get(job.torch_backend)
+    run_job = copy.copy(job)
+    run_job.layers = []
+    for lj in job.layers:
+        reason = backend.layer_support(job, lj, _submodule(model, lj.module))
+        if reason:
+            outcome[(job.index, lj.name, "torch")] = {"status": "skipped", "reason": reason, "backend": job.torch_backend}
+        else:
+            run_job.layers.append(lj)
+    return run_job
+
+
+def _one_by_one(job: B.StepJob) -> Iterator[B.StepJob]:
+    for lj in job.layers:
+        part = copy.copy(job)
+        part.layers = [lj]
+        yield part
+
+
+def _sharing_copy(module: Any) -> Any:
+    """New module objects over the same tensors: what the backends rebind or register lands on
+    the copy; a weight is made private (`_privatize`) just before it is compressed."""
+    memo: dict[int, Any] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        memo[id(t)] = t
+    return copy.deepcopy(module, memo)
+
+
+def _owners(model: Any) -> dict[int, list[tuple[Any, str]]]:
+    """Every (module, name) holding each parameter object: a tied weight is replaced everywhere."""
+    out: dict[int, list[tuple[Any, str]]] = {}
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append((m, name))
+    return out
+
+
+def _privatize(model: Any, layers: list[B.LayerJob], owners: dict[int, list[tuple[Any, str]]]) -> None:
+    """Give these layers' weights their own storage (shared with the caller's model until now)."""
+    import torch
+
+    for lj in layers:
+        old = _param(model, lj)
+        if not isinstance(old, torch.nn.Parameter) or id(old) not in owners:
+            continue
+        new = torch.nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad)
+        for m, name in owners.pop(id(old)):
+            m._parameters[name] = new
 
 
 def _submodule(model: Any, path: str) -> Any:

@@ -9,6 +9,9 @@
   converter into a [T, d] constant, so the planned table never ships and the .mlpackage accepts
   only T tokens. `dynamic_sequence` finds such lookups in the graph and gives the integer
   inputs' sequence dimension a range bounded by the table's length.
+- `diff` and `new_ones`: transformers 5 builds a decoder's causal mask with `torch.diff` on the
+  position ids (its packed-sequence check) and `new_ones((), dtype=bool)`; coremltools 9 has
+  neither, so no transformers decoder (a tiny Llama, measured) converted.
 - LUT decompression: coremltools' `lut_to_dense` repeats the LUT to the weight's full shape
   before indexing it, O(elements x palette): 6 GB for an 8-bit palettized 30522 x 384 embedding.
   `lut_decompression` swaps in an indexing of the same result in O(elements) while it runs.
@@ -20,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 EMBEDDING_OPS = ("embedding", "index_select")
 
@@ -47,6 +52,50 @@ def register_missing_ops() -> None:
     for name in ("unsafe_chunk", "chunk"):
         if registry.get_func(name) is None:
             registry.set_func_by_name(unsafe_chunk, name)
+    if registry.get_func("diff") is None:
+        registry.set_func_by_name(_diff, "diff")
+    if registry.get_func("new_ones") is None:
+        registry.set_func_by_name(_new_ones, "new_ones")
+
+
+def _new_ones(context: Any, node: Any) -> None:
+    """`x.new_ones(size, dtype=...)` (transformers' and_mask starts from `new_ones((), dtype=bool)`):
+    a fill of ones, cast as coremltools' own `ones` does."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch import ops
+
+    inputs = ops._get_inputs(context, node, min_expected=2)
+    size = mb.concat(values=inputs[1], axis=0) if isinstance(inputs[1], list) else inputs[1]
+    if size.val is not None:  # a constant size (`()` for a scalar) as the int32 shape fill expects
+        size = mb.const(val=np.asarray(size.val, dtype=np.int32).reshape(-1))
+    dtype = ops._get_kwinputs(context, node, "dtype", default=[inputs[2] if len(inputs) > 2 else None])[0]
+    res = mb.fill(shape=size, value=1.0)
+    if dtype is not None and dtype.val is not None:
+        res = ops._cast_to(res, ops.NUM_TO_DTYPE_STRING[dtype.val], node.name)
+    context.add(res, node.name)
+
+
+def _diff(context: Any, node: Any) -> None:
+    """`torch.diff(x, n, dim, prepend, append)`: transformers 5 decoders call it on their position
+    ids (masking_utils' packed-sequence check), which coremltools 9 cannot translate."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch import ops
+
+    inputs = list(ops._get_inputs(context, node, min_expected=1)) + [None] * 4
+    x, n, dim, prepend, append = inputs[:5]
+    axis = int(dim.val) if dim is not None and dim.val is not None else -1
+    parts = [v for v in (prepend, x, append) if v is not None]
+    if len(parts) > 1:
+        x = mb.concat(values=parts, axis=axis)
+    rank = x.rank
+    axis %= rank
+    for _ in range(int(n.val) if n is not None and n.val is not None else 1):
+        hi = mb.slice_by_index(x=x, begin=[int(i == axis) for i in range(rank)], end=[0] * rank,
+                               end_mask=[True] * rank)
+        lo = mb.slice_by_index(x=x, begin=[0] * rank, end=[-1 if i == axis else 0 for i in range(rank)],
+                               end_mask=[i != axis for i in range(rank)])
+        x = mb.sub(x=hi, y=lo)
+    context.add(x, torch_name=node.name)
 
 
 @dataclass(frozen=True)

@@ -475,19 +475,6 @@ def inspect_program(prog: Any, originals: list[str]) -> dict[str, WeightEvidence
     return out
 
 
-def decompressed(prog: Any, heads: list[str]) -> dict[str, Any]:
-    """Each weight as Core ML materialises it at load time (LUT[indices], scale x (q - zero point),
-    sparse masks), by coremltools' own decompression pass: run on `prog`, which it rewrites, so pass
-    a private copy (load_program reads one from disk)."""
-    import numpy as np
-    from coremltools.optimize.coreml._quantization_passes import WeightDecompressor
-
-    with quiet(), lut_decompression():
-        WeightDecompressor(op_selector=lambda op: True).apply(prog)
-    consts = {op.name: op for op in _ops(prog) if op.op_type == "const"}
-    return {h: np.asarray(consts[h].outputs[0].val, dtype=np.float32) for h in heads if h in consts}
-
-
 def _sparsity(op: Any, mask: Any) -> float:
     """Zero fraction of a sparse weight. iOS 16/17 constexpr_sparse_to_dense packs its mask as
     uint8 bits with the dense `shape` as an input; iOS 18 stores one uint1 per element."""

@@ -62,7 +62,8 @@ def recommend_cmd(
     k.target(target)  # fail fast on a bad name, before loading the model
     loaded = load_model(model, trust_pickle=trust_pickle)
     report = analyze(loaded, input_shape=parse_shape(input_shape))
-    from compressadvise.plan.memory import check_context, with_memory
+    from compressadvise.plan.decoder_facts import with_memory_rules
+    from compressadvise.plan.memory import check_context
 
     check_context(report, context_length)  # before the plan is made and measured
     # A fraction or bits per weight becomes MB of this model; the plan records that MB budget.
@@ -77,7 +78,7 @@ def recommend_cmd(
         from compressadvise.measure.device_profile import plan_latency
 
         plan = plan_latency(plan, report, k, device_profile)
-    plan = with_memory(plan, report, context_length)  # after measuring: the weights it settled on
+    plan = with_memory_rules(plan, report, context_length, k)  # after measuring: the weights it settled on
     if out:
         from compressadvise.plan.planfile import save_plan
 

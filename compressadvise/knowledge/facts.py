@@ -69,6 +69,21 @@ def _stat(name: str, default: Any = 0.0, finite: bool = False) -> Callable[[Laye
     return get
 
 
+def _context(r: ModelReport) -> int:
+    """Outside a plan, a decoder's KV cache is counted at its own position limit (0: no cache known)."""
+    kv = getattr(r, "kv", None)
+    return int(kv.max_context or 0) if kv is not None else 0
+
+
+def _kv_mb(r: ModelReport) -> float:
+    ctx = _context(r)
+    return r.kv.bytes_at(ctx) / MB if ctx else 0.0
+
+
+def _kv_dim(name: str) -> Callable[[ModelReport], int]:
+    return lambda r: int(getattr(r.kv, name)) if getattr(r, "kv", None) is not None else 0
+
+
 MODEL = {
     "params": Fact("int", "unique parameters (tied weights counted once)", lambda r: r.total_params),
     "size_mb": Fact("double", "size at fp16 in MB (10^6 bytes)", lambda r: r.total_bytes_fp16 / MB),
@@ -96,7 +111,25 @@ MODEL = {
     "nonfinite_layers": Fact("int", "layers holding NaN or inf weights",
                              lambda r: sum(1 for x in r.layers if x.stats and x.stats.nonfinite)),
     "macs": Fact("int", "multiply-accumulates per inference (0 when unknown)", lambda r: r.macs_total or 0),
+    # A causal LM's KV cache (shape from its config; 0 for other models). The last four depend on the
+    # plan: a model-scope advise rule that reads them is decided once the plan's weights and context
+    # are known (plan/decoder_facts.py); anywhere else they are counted at the position limit
+    # against the fp16 weights.
+    "kv_layers": Fact("int", "layers that keep a KV cache (0: no cache known)", _kv_dim("layers")),
+    "kv_heads": Fact("int", "key/value heads per layer (fewer than query heads with grouped-query attention)",
+                     _kv_dim("kv_heads")),
+    "kv_head_dim": Fact("int", "values per key (or value) vector of one head", _kv_dim("head_dim")),
+    "context_length": Fact("int", "tokens the KV cache is counted at: recommend --context-length, else the "
+                           "model's position limit (0: no cache known)", _context),
+    "kv_cache_mb": Fact("double", "fp16 KV cache in MB (10^6 bytes) at context_length: 2 x kv_layers x kv_heads "
+                        "x kv_head_dim x context_length x 2 bytes (0: no cache known)", _kv_mb),
+    "planned_weights_mb": Fact("double", "the plan's predicted weights in MB (the fp16 size outside a plan)",
+                               lambda r: r.total_bytes_fp16 / MB),
+    "kv_over_weights": Fact("double", "kv_cache_mb / planned_weights_mb (0: no cache known)",
+                            lambda r: _kv_mb(r) / (r.total_bytes_fp16 / MB) if r.total_bytes_fp16 else 0.0),
 }
+# Model facts a plan changes (its context and predicted weights), for plan/decoder_facts.py.
+PLAN_DEPENDENT = ("context_length", "kv_cache_mb", "planned_weights_mb", "kv_over_weights")
 
 LAYER = {
     "name": Fact("string", "qualified module name, e.g. encoder.layers.0.fc1", lambda x, n: x.name),

@@ -151,6 +151,8 @@ class ModeSupport(Strict):
     streams: Literal["compressed", "full"] | None = Field(None, description=(
         "what each inference reads from memory once the weights are not expanded at load: the "
         "compressed bytes or full-size ones; default: full when behaviour is decompressed"))
+    runtime: bool = Field(False, description=(
+        "a runtime feature (e.g. Core ML states for a KV cache), not a compression mode: no technique requires it"))
     note: str | None = None
 
 
@@ -480,6 +482,27 @@ class RuntimeMemory(Strict):
     basis: str
 
 
+class DecoderState(Strict):
+    """One Core ML state (a registered fp16 torch buffer updated in place each call)."""
+    name: str
+    shape: list[int]
+    dtype: Literal["fp16"] = "fp16"
+
+
+class DecoderDeployment(Strict):
+    """How a causal LM's KV cache ships to Core ML, chosen from the target's runtime modes at its OS."""
+    kind: Literal["stateful_kv", "fixed_context"] = Field(description=(
+        "stateful_kv: keys and values kept as Core ML states (iOS 18 / macOS 15), one token per call; "
+        "fixed_context: no cache, every call runs the whole window"))
+    context_length: int
+    states: list[DecoderState] = []
+    inputs: list[str] = Field([], description="the converted model's inputs, in words")
+    basis: str = Field(description="the target mode entry the choice was read from")
+    note: str = Field(description="what this form costs or loses")
+    macs_per_token_cached: int | None = Field(None, description="estimate: MACs for the last token of the window with a cache")
+    macs_per_token_fixed: int | None = Field(None, description="estimate: MACs per generated token without one (whole window)")
+
+
 class Plan(Summarized, Strict):
     plan_version: int = PLAN_VERSION
     generated_by: str = "compressadvise"
@@ -497,6 +520,7 @@ class Plan(Summarized, Strict):
     placement: PlacementReport | None = Field(None, description=(
         "estimate: ops the target's accelerator lacks and the unit switches, from the model's op graph"))
     memory: RuntimeMemory | None = Field(None, description="a decoder's weights + KV cache at its context")
+    decoder: DecoderDeployment | None = Field(None, description="a causal LM's KV-cache conversion for Core ML")
 
     @field_validator("plan_version")
     @classmethod

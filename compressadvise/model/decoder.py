@@ -22,6 +22,7 @@ class KVShape(BaseModel):
     kv_heads: int = Field(description="key/value heads (grouped-query attention shares them across query heads)")
     head_dim: int
     max_context: int | None = Field(None, description="the model's position limit, when its config says")
+    heads: int | None = Field(None, description="query heads (the attention's width is heads x head dim)")
     source: str = Field(description="where the shape came from")
 
     def bytes_at(self, context: int, bytes_per_value: int = KV_BYTES) -> int:
@@ -49,7 +50,7 @@ def from_config(cfg: dict[str, Any], source: str) -> KVShape | None:
     head_dim = _first_int(cfg, "head_dim") or (hidden // heads if hidden and heads else None)
     if not (layers and kv_heads and head_dim):
         return None
-    return KVShape(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
+    return KVShape(layers=layers, kv_heads=kv_heads, head_dim=head_dim, heads=heads,
                    max_context=_first_int(cfg, "max_position_embeddings", "n_positions", "max_sequence_length"),
                    source=source)
 

@@ -174,7 +174,10 @@ def roles_for(model: Any, groups: dict, types: dict) -> tuple[Any, str]:
     from compressadvise.model.analysis import _classify, recurrent_module, split_tensor_name
 
     def layer_of(tname: str) -> str:
-        return split_tensor_name(tname)[0]
+        # A tied weight counts as its owner's: torch.export reads one shared table under one name
+        # (a Llama's embedding look-up reads `lm_head.weight`), which left the owner looking dead.
+        name, kind = split_tensor_name(tname)
+        return (groups.get(name) or {}).get("tied_to") or name if kind == "weight" else name
 
     def type_of(name: str) -> str:
         g = groups.get(name)

@@ -57,15 +57,19 @@ def load_hf_folder(path: Path, *, trust_pickle: bool) -> LoadedModel:
     if weights[0].suffix == ".safetensors":
         _safetensors_shards(weights, digest)  # every header checked before transformers reads the file
     try:
-        model, cls_name = _from_pretrained(transformers, path, config)
+        model, cls_name = _from_pretrained(transformers, path, config, _load_dtype(config, weights))
     except Exception as e:  # an unknown model type, a mismatched checkpoint...: the weights still count
         return _weight_only(path, weights, digest, trust_pickle, [
             f"Hugging Face folder: {model_type}: transformers could not build it "
             f"({type(e).__name__}: {first_line(e)[:200]}); weight inventory only"])
     notes = [f"Hugging Face folder: {model_type} via transformers {cls_name}"]
     saved = config.get("dtype", config.get("torch_dtype"))
-    if isinstance(saved, str) and saved != "float32":  # CPU analysis, tracing and conversion want fp32
-        notes.append(f"weights saved as {saved[:20]} are loaded as float32 (memory grows to 4 bytes a weight)")
+    first = next(model.parameters(), None)
+    loaded_as = str(first.dtype).removeprefix("torch.") if first is not None else ""
+    if isinstance(saved, str) and saved != loaded_as:
+        notes.append(f"weights saved as {saved[:20]} are loaded as {loaded_as}" + (
+            " (memory grows to 4 bytes a weight)" if loaded_as == "float32" else
+            " (Core ML stores fp16; bfloat16 values beyond +-65,504 would not fit)"))
     example = _example_inputs(model, notes)
     return LoadedModel(source=str(path), format="hf_folder", sha256=digest, has_graph=True, module=model,
                        example_inputs=example, notes=notes)
@@ -196,7 +200,19 @@ def _model_class(transformers: Any, config: dict[str, Any]) -> tuple[Any, str]:
     return transformers.AutoModel, "AutoModel"
 
 
-def _from_pretrained(transformers: Any, path: Path, config: dict[str, Any]) -> tuple[Any, str]:
+HALF_ABOVE = 2 << 30  # bytes of fp16/bf16 weights (~1B parameters) above which they stay 2 bytes a weight
+
+
+def _load_dtype(config: dict[str, Any], weights: list[Path]) -> str:
+    """float32 for CPU analysis, tracing and conversion, as before; but a large half-precision
+    checkpoint stays half (fp16; bf16 becomes fp16, what Core ML stores): doubling a 3B model to
+    12 GB of float32 is what makes apply run out of memory."""
+    saved = config.get("dtype", config.get("torch_dtype"))
+    size = sum(w.stat().st_size for w in weights if w.is_file())
+    return "float16" if saved in ("float16", "bfloat16") and size > HALF_ABOVE else "float32"
+
+
+def _from_pretrained(transformers: Any, path: Path, config: dict[str, Any], dtype: str = "float32") -> tuple[Any, str]:
     import copy
 
     import torch
@@ -205,7 +221,7 @@ def _from_pretrained(transformers: Any, path: Path, config: dict[str, Any]) -> t
     with _hushed():  # the class lookup imports the modeling code (and torchao, chattily)
         cls, name = _model_class(transformers, config)
         model = cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False,
-                                    dtype=torch.float32, weights_only=True, **extra)
+                                    dtype=getattr(torch, dtype), weights_only=True, **extra)
     # Tuples of tensors out, as tracing, export and conversion want them. Only the top module's
     # config says so: submodules share the loaded config, and an inner model returning a tuple
     # breaks its wrapper (LlamaForCausalLM reads `outputs.last_hidden_state`).

@@ -161,11 +161,15 @@ def _import_torch():
 
 
 def tensor_hash(items: Iterator[tuple[str, Any]]) -> str:
+    torch = _import_torch()
     h = hashlib.sha256()
     for name, t in items:
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+        t = t.detach().contiguous().cpu()
+        # numpy has no bfloat16: hash its bytes through a same-sized integer view
+        # (the array's own buffer, not a bytes copy: a large tensor is not held twice)
+        h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().reshape(-1))
     return h.hexdigest()
 
 
@@ -280,6 +284,35 @@ def _load_safetensors(path: Path, digest: str) -> LoadedModel:
              "(first/last/boundary) follow the file's storage order"]
     return LoadedModel(str(path), "safetensors", digest, has_graph=False, notes=notes,
                        _tensors=iterate, tensor_count=len(names), streamed=True)
+
+
+def mmap_safetensors(path: str | os.PathLike) -> dict[str, "torch.Tensor"]:
+    """Every tensor of a .safetensors file as a view of one copy-on-write memory map, for a factory
+    to assign into a model built on the meta device (`load_state_dict(..., assign=True)`): nothing is
+    copied or upcast, pages are read when touched, and writes (apply compressing in place) stay
+    private to the process: the file is never modified. The header is checked as the loader does."""
+    import mmap
+
+    torch = _import_torch()
+    path = Path(path)
+    if _sniff(path) != "safetensors":
+        raise BadModel(f"{path} is not a safetensors file")
+    header, data_start, data_len = _read_safetensors_header(path)
+    names = _check_safetensors_header(path, header, data_len)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if data_len else None
+    out = {}
+    for name in names:
+        meta = header[name]
+        start, end = meta["data_offsets"]
+        dtype = getattr(torch, _ST_DTYPES[meta["dtype"]])
+        if end == start:
+            out[name] = torch.empty(meta["shape"], dtype=dtype)
+            continue
+        flat = torch.frombuffer(mm, dtype=dtype, count=(end - start) // _ST_SIZES[meta["dtype"]],
+                                offset=data_start + start)
+        out[name] = flat.reshape(meta["shape"])
+    return out
 
 
 def _load_torch_pickle(path: Path, digest: str, trust_pickle: bool) -> LoadedModel:

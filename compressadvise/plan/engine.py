@@ -30,7 +30,7 @@ from compressadvise.knowledge.schema import (COMPRESSIBLE, SLOTS, UNSUPPORTED_KI
                      PlanTarget, Skip, Step, Target, TraceEntry)
 from compressadvise.measure.placement import for_report, placement_facts, placement_namespace
 from compressadvise.measure.device_profile import checked_profile, plan_latency
-from compressadvise.plan.memory import with_memory
+from compressadvise.plan.decoder_facts import reads_plan_memory, with_memory_rules
 from compressadvise.plan.budgets import budget_request, plan_constraints, size_mb
 from compressadvise.plan.setting import Setting, stacked_label, unchanged_label
 from compressadvise.plan.sizing import NotApplicable, layer_bytes, prediction, pruned_fraction
@@ -155,7 +155,7 @@ def recommend(
         plan = measure_plan(plan, loaded, report, k, samples=samples, min_psnr=min_psnr)
     if device_profile is not None:  # last: measuring may change the settings the latency depends on
         plan = plan_latency(plan, report, k, device_profile)
-    plan = with_memory(plan, report, context_length)  # a decoder's KV cache beside its weights
+    plan = with_memory_rules(plan, report, context_length, k)  # a decoder's KV cache, and the rules on it
     return plan.model_copy(update={"ways_forward": ways_forward(plan, report, k)})
 
 
@@ -188,7 +188,7 @@ def _model_rules(k: Knowledge, base: dict[str, Any], trace: list[TraceEntry],
     """Model-scope rules: advice is added at once; compress rules become candidates per slot."""
     candidates: dict[str, list[_Candidate]] = defaultdict(list)
     base_ctx = _context(base)
-    for cr in sorted((r for r in k.rules.values() if r.rule.scope == "model"), key=rule_rank):
+    for cr in sorted((r for r in k.rules.values() if r.rule.scope == "model" and not reads_plan_memory(r)), key=rule_rank):
         if not cr.condition(base_ctx):
             trace.append(TraceEntry(code=cr.code, status="not_matched",
                                     detail="false: " + " && ".join(cr.condition.failing(base))))

@@ -14,15 +14,19 @@ def check_context(report: Any, context_length: int | None) -> None:
         raise BadArgument(f"context length {context_length} is over the model's position limit ({kv.max_context})")
 
 
-def with_memory(plan: Plan, report: Any, context_length: int | None = None) -> Plan:
+def with_memory(plan: Plan, report: Any, context_length: int | None = None, knowledge: Any = None) -> Plan:
     """`plan` with its runtime memory when the model is a causal LM (its config gives the cache
-    shape): at `context_length` tokens, else at the model's own position limit."""
+    shape): at `context_length` tokens, else at the model's own position limit; on a Core ML target
+    also how its cache ships (plan.decoder: state, or a fixed window on older OS versions)."""
+    from compressadvise.plan.decoder_deploy import with_decoder
+
     kv = getattr(report, "kv", None)
-    if kv is None or plan.prediction is None:  # not a causal LM (or no prediction): no cache to count
+    if kv is None:  # not a causal LM: no cache to count
         return plan
     check_context(report, context_length)
     context = context_length or kv.max_context
-    if not context:
+    plan = with_decoder(plan, report, context, knowledge)
+    if plan.prediction is None or not context:
         return plan
     cache = kv.bytes_at(context)
     weights = plan.prediction.bytes_after
