@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import compressadvise as ca
-from compressadvise.backends import apply_coreml
+from compressadvise.backends import apply_coreml, kmeans
 from compressadvise.backends.apply_gate import PlanNotBuilt
 from compressadvise.errors import CompressionFailed, InvalidKnowledge
 from compressadvise.model.loading import LoadedModel, load_model
@@ -99,7 +99,17 @@ def test_parity_mismatch_fails_apply(monkeypatch, tmp_path):
 
     monkeypatch.setattr(apply_coreml, "_decompress_one", shifted)
     monkeypatch.setattr(apply_coreml, "_snap", lambda *a, **k: False)  # nothing closes the gap
+    monkeypatch.setattr(kmeans, "shared", lambda p, joint: False)  # both sides cluster: the torch side's values compared
     with pytest.raises(CompressionFailed, match=r"not the torch side's for fc1: max \|Core ML - torch\| = 0\.0[5-9]"):
+        ca.apply(small_mlp(), _plan("palettization", "weights", {"nbits": 4}, 18), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_luts_left_to_the_mlpackage_must_reach_the_torch_artefact(monkeypatch, tmp_path):
+    # The bounded native route clusters once, on the Core ML side; the torch side takes those LUTs
+    # by the snap. A snap that fails would leave float weights in what verify measures: refused.
+    monkeypatch.setattr(apply_coreml, "_snap", lambda *a, **k: False)
+    with pytest.raises(CompressionFailed, match=r"LUTs for fc1, fc2 could not be copied into the torch artefact"):
         ca.apply(small_mlp(), _plan("palettization", "weights", {"nbits": 4}, 18), tmp_path / "o")
     assert not (tmp_path / "o").exists()
 

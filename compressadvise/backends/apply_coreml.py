@@ -55,7 +55,8 @@ def _coreml_side(loaded: LoadedModel, compressed: Any, jobs: list[B.StepJob], ct
                                         f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from e
             for lj in todo:
                 outcome[(job.index, lj.name, "coreml")] = {"status": "applied", "backend": "coremltools.coreml",
-                                                           "const": lj.const, "matched_by": lj.match}
+                                                           "const": lj.const, "matched_by": lj.match,
+                                                           **_lut_kmeans(job, lj, lj in again)}
     else:
         for job in jobs:
             for lj in job.layers:
@@ -79,6 +80,15 @@ def _coreml_side(loaded: LoadedModel, compressed: Any, jobs: list[B.StepJob], ct
     if ctx.decoder is not None:  # the states the saved package holds; a promised state missing fails here
         info["decoder"] = D.read_back(path, ctx.decoder, source, compressed, how)
     return info
+
+
+def _lut_kmeans(job: B.StepJob, lj: B.LayerJob, joint: bool) -> dict[str, str]:
+    """The record of a layer Core ML palettized with optimize.torch's k-means (backends/kmeans.py)."""
+    from compressadvise.backends import kmeans
+
+    if job.kind != "palettize" or not kmeans.shared(lj.params, joint):
+        return {}
+    return {"lut_kmeans": "optimize.torch's exact k-means, through palettize_weights' custom mode"}
 
 
 class Deferred:
@@ -134,8 +144,10 @@ def _prove_parity(model: Any, prog: Any, evidence: dict, jobs: list[B.StepJob], 
     Core ML cannot run here, so verify runs the torch artefact: its weights must be the ones shipped.
     "convert": the converter encodes the torch side's values; where it re-quantized them instead (a
     level apart, e.g. SparseGPT's int8), the torch weights are snapped to Core ML's and the gap noted.
-    "native": Core ML compressed the layers itself (an independent k-means picks other LUTs: the gap
-    is kept as parity_before_snap), so the torch weights are snapped to them. Then every compared
+    "native": Core ML compressed the layers itself, so the torch weights are snapped to them (the gap
+    is kept as parity_before_snap: fp16 storage of the LUTs where both sides ran the same k-means;
+    where the torch side ran after the .mlpackage was saved, that k-means ran once, on the Core ML
+    side, and the torch side takes its LUTs here). Then every compared
     layer must agree to float tolerance. One weight at a time: each is decompressed, compared and
     snapped, then dropped, so memory stays at about the largest weight in float32."""
     by_head: dict[str, list[tuple[B.StepJob, B.LayerJob, dict]]] = {}
@@ -144,6 +156,7 @@ def _prove_parity(model: Any, prog: Any, evidence: dict, jobs: list[B.StepJob], 
     torch_done = {lj.tensor for _, lj, _ in applied_layers(jobs, outcome, "torch")}
     gaps: dict[str, float] = {}
     off: dict[str, float] = {}
+    lost: list[str] = []
     ops = _ops_by_name(prog)
     for head, entries in by_head.items():
         dense = _decompress_one(prog, ops, head) if head else None
@@ -152,17 +165,26 @@ def _prove_parity(model: Any, prog: Any, evidence: dict, jobs: list[B.StepJob], 
             if diff is not None and diff[1]:
                 gaps[lj.name] = diff[0]
             if dense is not None and (route.coreml == "native" or lj.name in gaps):
-                why = "Core ML compressed it itself" if route.coreml == "native" else "the converter re-encoded it"
+                why = ("the converter re-encoded it" if route.coreml != "native" else
+                       "clustered once, by the Core ML side's k-means" if rec.get("lut_kmeans") else
+                       "Core ML compressed it itself")
                 if _snap(model, dense, job, lj, rec, outcome, why):
                     torch_done.add(lj.tensor)
             after = _compare(rec, lj, dense, model, torch_done)
             if after is not None and after[1]:
                 off[lj.name] = after[0]
+            elif rec.get("lut_kmeans") and lj.tensor not in torch_done:  # left to the snap, which failed
+                lost.append(lj.name)
         del dense
     if gaps and route.coreml != "native":
         route.notes.append(f"the converter re-encoded {len(gaps)} layer(s) instead of keeping the torch side's values "
                            f"(max |diff| {max(gaps.values()):.3g}): the torch artefact now holds the .mlpackage's "
                            "weights, so verify measures what ships")
+    if lost:
+        raise CompressionFailed(f"Core ML read-back: the .mlpackage's LUTs for {', '.join(lost[:6])} could not be "
+                                "copied into the torch artefact (the torch side left them to it)",
+                                hint="the fidelity measured on the torch artefact would not be the artefact's; "
+                                "rerun with --debug and report it")
     if off:
         raise CompressionFailed("Core ML read-back: the .mlpackage's weights are not the torch side's for "
                                 + "; ".join(f"{n}: max |Core ML - torch| = {d:.3g}" for n, d in list(off.items())[:6]),

@@ -47,6 +47,7 @@ def _torch_side(loaded: LoadedModel, jobs: list[B.StepJob], ctx: B.Context,
                                                           "the torch artefact keeps these weights in float"}
             continue
         run_job = _supported(model, job, outcome)
+        run_job.layers = [lj for lj in run_job.layers if not _clustered_in_coreml(job, lj, outcome)]
         if not run_job.layers:
             continue
         try:
@@ -67,6 +68,18 @@ def _torch_side(loaded: LoadedModel, jobs: list[B.StepJob], ctx: B.Context,
         _privatize(model, [lj for job in jobs for lj in job.layers], owners)
     _restore_sparsity(ctx, model)
     return model.eval()
+
+
+def _clustered_in_coreml(job: B.StepJob, lj: B.LayerJob, outcome: dict) -> bool:
+    """A layer the saved .mlpackage already palettized with the torch side's own k-means (the
+    memory-bounded native route runs the torch side after it): the same LUTs, so the k-means is not
+    run twice; the Core ML read-back decompresses them into the torch artefact (parity's snap)."""
+    if not outcome.get((job.index, lj.name, "coreml"), {}).get("lut_kmeans"):
+        return False
+    outcome[(job.index, lj.name, "torch")] = {
+        "status": "skipped", "backend": job.torch_backend,
+        "reason": "clustered by the Core ML side with the same k-means; its LUTs are decompressed into the torch artefact"}
+    return True
 
 
 def _supported(model: Any, job: B.StepJob, outcome: dict) -> B.StepJob:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from compressadvise.errors import BadModel, CompressionFailed, Unavailable
+from compressadvise.backends import kmeans
 from compressadvise.backends.coreml_convert_gaps import (Flexible, dynamic_shapes, fixed_position_lookup,
                                                           lut_decompression, register_missing_ops)
 from compressadvise.backends import (Context, HandlerTable, LayerJob, StepJob, handles, import_quietly, need, quiet,
@@ -69,7 +70,7 @@ class CoremltoolsCoreML(HandlerTable):
         for lj in job.layers:
             if lj.const is None:
                 continue
-            configs[head_for(heads, lj.const) or lj.const] = CoremltoolsCoreML._op_config(job, lj, mlmodel)
+            configs[head_for(heads, lj.const) or lj.const] = CoremltoolsCoreML._op_config(job, lj, mlmodel, joint)
         if not configs:
             return mlmodel
         opt = cto.OptimizationConfig(op_name_configs=configs)
@@ -90,7 +91,9 @@ class CoremltoolsCoreML(HandlerTable):
             return out
 
     @staticmethod
-    def _op_config(job: StepJob, lj: LayerJob, mlmodel: Any) -> Any:
+    def _op_config(job: StepJob, lj: LayerJob, mlmodel: Any, joint: bool, custom: bool = True) -> Any:
+        """The layer's Op*Config; `custom=False` where it must be written down (a YAML file holds no
+        function): palettization then names coremltools' own k-means."""
         import coremltools.optimize.coreml as cto
 
         p = lj.params
@@ -104,8 +107,12 @@ class CoremltoolsCoreML(HandlerTable):
             return cto.OpLinearQuantizerConfig(**kw)
         if job.kind == "prune":
             return _pruner_config(lj, p, threshold, mlmodel)
-        kw = {"mode": "kmeans", "nbits": int(need(p, "nbits")), "weight_threshold": threshold,
-              "granularity": p.get("granularity", "per_tensor"),
+        nbits = int(need(p, "nbits"))
+        # The torch side's k-means through the custom mode (backends/kmeans.py): the LUTs the
+        # search measured and the torch side holds, not a second, different k-means.
+        how = ({"mode": "custom", "lut_function": kmeans.lut_function(nbits)} if custom and kmeans.shared(p, joint)
+               else {"mode": "kmeans", "nbits": nbits})
+        kw = {**how, "weight_threshold": threshold, "granularity": p.get("granularity", "per_tensor"),
               "enable_per_channel_scale": bool(p.get("enable_per_channel_scale", False))}
         if kw["granularity"] == "per_grouped_channel":
             kw["group_size"] = int(need(p, "group_size"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compressadvise import backends as B
+from compressadvise.backends import kmeans
 from compressadvise.backends.export import (ExportResult, Prepared, check_nonempty, comment, example_source,
                                             fold_lines, header_title, plan_notes, step_note, torch_side_api)
 from compressadvise.errors import BadModel, CompressionFailed
@@ -88,6 +89,11 @@ def export_coreml(prep: Prepared, filename: str) -> ExportResult:
         p.yaml = _document(p)
         _read_back(p)
     notes += _name_notes(prep, usable, missing, how)
+    if any(custom_ops(p) for p in passes):
+        notes.append("palettization: apply clusters the LUTs with optimize.torch's exact k-means through "
+                     "palettize_weights' custom mode (a function, which a YAML file cannot hold): the recipe "
+                     "above switches those ops to it (torch_kmeans); the file alone, in kmeans mode, runs "
+                     "optimize.coreml's own k-means: LUTs of the same size, other values")
     text = _render(prep, passes, names, usable, notes, filename, example, os_major)
     return ExportResult(to="coremltools", text=text, filename=filename, notes=notes, names=names, passes=passes)
 
@@ -158,7 +164,7 @@ def _job_passes(prog: _Program, job: B.StepJob, joint: bool, out: list[CoremlPas
     configs, layers = {}, {}
     for lj in job.layers:
         key = C.head_for(heads, lj.const) or lj.const
-        configs[key], layers[key] = CoremltoolsCoreML._op_config(job, lj, mlmodel), lj.name
+        configs[key], layers[key] = CoremltoolsCoreML._op_config(job, lj, mlmodel, joint, custom=False), lj.name
     _add(prog, out, CoremlPass(job.index + 1, job.technique, FUNCTIONS.get(job.kind, "palettize_weights"), joint,
                                configs, layers))
     lut8 = [lj for lj in job.layers if lj.params.get("lut_dtype") == "int8"]
@@ -282,16 +288,34 @@ def _render(prep: Prepared, passes: list[CoremlPass], names: dict[str, str], usa
 def _recipe(prep: Prepared, passes: list[CoremlPass], filename: str, example: tuple | None, os_major: int) -> list[str]:
     code = ["import coremltools as ct", "import coremltools.optimize.coreml as cto", "import torch",
             *_conversion_lines(prep, example, os_major)]
+    custom = [custom_ops(p) for p in passes]
+    if any(custom):
+        code += kmeans.recipe_lines()
     if len(passes) == 1:
-        code += [f"config = cto.OptimizationConfig.from_yaml({filename!r})", f"mlmodel = {passes[0].call()}"]
+        code += [f"config = cto.OptimizationConfig.from_yaml({filename!r})"]
+        code += [f"config = torch_kmeans(config, {custom[0]!r})"] if custom[0] else []
+        code += [f"mlmodel = {passes[0].call()}"]
     else:
-        calls = ", ".join(f"({p.function!r}, {p.joint})" for p in passes)
+        calls = ", ".join(f"({p.function!r}, {p.joint}" + (f", {c!r})" if any(custom) else ")")
+                          for p, c in zip(passes, custom))
         code += ["import yaml", f"calls = [{calls}]", f"with open({filename!r}) as f:",
-                 "    for (function, joint), doc in zip(calls, yaml.safe_load_all(f)):",
+                 f"    for ({'function, joint, ops' if any(custom) else 'function, joint'}), doc in "
+                 "zip(calls, yaml.safe_load_all(f)):",
                  "        config = cto.OptimizationConfig.from_dict(doc)",
+                 *(["        config = torch_kmeans(config, ops)"] if any(custom) else []),
                  "        mlmodel = getattr(cto, function)(mlmodel, config, joint_compression=joint)"]
     code.append('mlmodel.save("model.mlpackage")')
     return [f"#   {line}" for line in code]
+
+
+def custom_ops(p: CoremlPass) -> dict[str, int]:
+    """Op -> nbits for the ops of a palettize call that apply clusters with optimize.torch's k-means
+    (backends/kmeans.py): a YAML config names coremltools' own kmeans mode; the recipe switches them."""
+    if p.function != "palettize_weights":
+        return {}
+    return {name: int(cfg.nbits) for name, cfg in p.configs.items()
+            if kmeans.shared({"enable_per_channel_scale": cfg.enable_per_channel_scale,
+                              "cluster_dim": cfg.cluster_dim}, p.joint)}
 
 
 def _conversion_lines(prep: Prepared, example: tuple | None, os_major: int) -> list[str]:

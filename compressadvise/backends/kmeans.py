@@ -1,0 +1,87 @@
+"""One k-means for every palettized weight: what the search measures, the torch side and the .mlpackage.
+
+coremltools ships two. optimize.torch's PostTrainingPalettizer clusters each LUT group exactly
+(1-D dynamic programming, its vendored kmeans1d) over the group's distinct values after a cast to
+fp16 and rounding to 1e-4 ("fast mode", its default), weighted by their counts. optimize.coreml's
+palettize_weights in "kmeans" mode runs scikit-learn's k-means++ (one start, tolerance 1e-2) on
+groups under 10,000 values and kmeans1d on the raw values above. So a layer's LUTs in the .mlpackage
+were not the ones the search measured, and on 4-bit groups of 16 rows of a 270M decoder the second
+k-means was 638 s of an 822 s apply (docs/benchmarks.md). The Core ML side now runs the first
+algorithm through optimize.coreml's documented custom mode (`OpPalettizerConfig(mode="custom",
+lut_function=...)`, called once per LUT group): one algorithm, the same LUTs on both sides.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+ROUNDING = 4  # decimals: optimize.torch's KMeansConfig.rounding_precision default
+FP16_MAX = 65504.0
+
+
+def cluster(values: Any, nbits: int) -> tuple[Any, Any]:
+    """(lut of 2**nbits float32 centroids ascending, one int index per value in C order) for one
+    LUT group, exactly as optimize.torch's PostTrainingPalettizer clusters it (fast mode). A group
+    with fewer distinct values than centroids pads its LUT with zeros (never indexed)."""
+    import numpy as np
+    from coremltools._deps import kmeans1d
+
+    flat = np.asarray(values).reshape(-1)
+    k = 1 << nbits
+    lut = np.zeros(k, dtype=np.float32)
+    if flat.size and float(np.max(flat)) <= FP16_MAX and float(np.min(flat)) >= -FP16_MAX:
+        scale = 10 ** ROUNDING
+        rounded = np.round(flat.astype(np.float16).astype(np.float32) * scale) / scale
+        distinct, inverse, counts = np.unique(rounded, return_inverse=True, return_counts=True)
+        n = min(len(distinct), k)
+        result = kmeans1d.cluster(distinct, n, weights=counts)
+        lut[:n] = result.centroids
+        return lut, np.asarray(result.clusters)[inverse.reshape(-1)]
+    n = min(flat.size, k)  # outside fp16's range: the raw values, as optimize.torch does
+    result = kmeans1d.cluster(flat, n)
+    lut[:n] = result.centroids
+    return lut, np.asarray(result.clusters)
+
+
+def dequantized(values: Any, nbits: int) -> Any:
+    """The group's values replaced by their centroids (float32, the input's shape)."""
+    import numpy as np
+
+    lut, idx = cluster(values, nbits)
+    return lut[idx].reshape(np.shape(values))
+
+
+def lut_function(nbits: int) -> Callable[[Any], tuple[Any, Any]]:
+    """optimize.coreml's custom-mode callback: a group's values -> (LUT in their dtype, uint8 indices)."""
+    import numpy as np
+
+    def palettize(val: Any) -> tuple[Any, Any]:
+        lut, idx = cluster(val, nbits)
+        return lut.astype(val.dtype), idx.astype(np.uint8)
+
+    return palettize
+
+
+def shared(p: dict[str, Any], joint: bool) -> bool:
+    """Whether a palettization setting runs this k-means on the Core ML side: scalar centroids with
+    no per-channel scale and no sparse mask under the LUT (those keep coremltools' own modes: the
+    torch side clusters them differently: vectors, scaled rows, only the kept weights)."""
+    return not joint and not p.get("enable_per_channel_scale") and int(p.get("cluster_dim") or 1) == 1
+
+
+def recipe_lines() -> list[str]:
+    """This k-means as code for `export --to coremltools`'s recipe (coremltools alone): `cluster`
+    from its own source, and `torch_kmeans(config, {op: nbits})` to switch those ops to it."""
+    import inspect
+
+    source = [line for line in inspect.getsource(cluster).splitlines() if line.strip()]
+    return ["from typing import Any", "import attrs", "import numpy as np",
+            f"ROUNDING = {ROUNDING}", f"FP16_MAX = {FP16_MAX}", *source,
+            "def torch_kmeans(config, ops):",
+            "    # apply's LUTs: the k-means above, through palettize_weights' custom mode",
+            "    for name, nbits in ops.items():",
+            "        def lut(val, nbits=nbits):",
+            "            centroids, idx = cluster(val, nbits)",
+            "            return centroids.astype(val.dtype), idx.astype(np.uint8)",
+            "        config.op_name_configs[name] = attrs.evolve(config.op_name_configs[name], mode='custom',",
+            "                                                    nbits=None, lut_function=lut)",
+            "    return config"]

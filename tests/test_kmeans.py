@@ -1,0 +1,85 @@
+"""One k-means for every palettized weight (backends/kmeans.py): the search's measurement, the
+torch side and the .mlpackage's LUTs are the same clustering."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import compressadvise as ca
+from compressadvise.backends import kmeans
+from compressadvise.measure.sensitivity_eval import compress_weight
+from compressadvise.plan.setting import Setting
+from real_models.catalog import REAL_MODELS
+from test_apply import small_mlp
+from test_apply_built import _coreml, _plan
+
+
+def _ours(w: torch.Tensor, nbits: int, rows: int) -> np.ndarray:
+    flat = w.detach().reshape(w.shape[0], -1).numpy()
+    out = np.concatenate([kmeans.dequantized(flat[i:i + rows], nbits) for i in range(0, flat.shape[0], rows)])
+    return out.reshape(tuple(w.shape))
+
+
+@pytest.mark.parametrize("layer, params", [
+    ("features.17.conv.2.weight", {"nbits": 4}),  # one LUT for 320 x 960
+    ("features.6.conv.2.weight", {"nbits": 6, "granularity": "per_grouped_channel", "group_size": 4}),
+    ("features.12.conv.1.0.weight", {"nbits": 4, "granularity": "per_grouped_channel", "group_size": 16}),  # depthwise
+])
+def test_the_same_clustering_as_optimize_torch_on_pretrained_weights(layer, params):
+    spec = REAL_MODELS["mobilenet_v2"]
+    if not spec.installed():
+        pytest.skip(spec.skip_reason())
+    w = dict(spec.build()[0].named_parameters())[layer].detach()
+    lib = compress_weight(w, Setting.of("palettization", **params)).numpy()  # what the search measures
+    mine = _ours(w, params["nbits"], params.get("group_size", w.shape[0]))
+    assert np.array_equal(mine.astype(np.float32), lib.astype(np.float32))
+    assert len(np.unique(mine)) > 2 ** params["nbits"] // 2  # a real clustering, not a collapsed one
+
+
+def test_a_group_with_fewer_values_than_centroids_pads_its_lut():
+    lut, idx = kmeans.cluster(np.array([0.5, -0.25, 0.5, 0.125], dtype=np.float16), 3)
+    assert lut.shape == (8,) and list(lut[:3]) == [-0.25, 0.125, 0.5] and not lut[3:].any()
+    assert list(lut[idx]) == [0.5, -0.25, 0.5, 0.125]
+
+
+def test_the_mlpackage_holds_the_luts_the_search_measured(tmp_path):
+    """Grouped 4-bit LUTs, built by apply (memory-bounded native route): every layer's decompressed
+    .mlpackage weight is the search's measurement of it to fp16 storage, and the torch side did not
+    cluster a second time."""
+    from compressadvise.backends import coremltools_coreml as C
+    from compressadvise.backends.apply_coreml import _decompress_one, _ops_by_name
+
+    params = {"nbits": 4, "granularity": "per_grouped_channel", "group_size": 16}
+    out = ca.apply(small_mlp(), _plan("palettization", "weights", params, 18), tmp_path / "o")
+    prog = C.load_program(out.mlpackage)
+    ops = _ops_by_name(prog)
+    module = small_mlp().module
+    for name in ("fc1", "fc2"):
+        rec = _coreml(out.manifest, name)
+        assert "custom mode" in rec["lut_kmeans"] and "clustered once" in rec["parity"]
+        shipped = _decompress_one(prog, ops, C.inspect_program(prog, [rec["const"]])[rec["const"]].head)
+        w = module.get_submodule(name).weight.detach()
+        measured = compress_weight(w, Setting.of("palettization", **params)).numpy()
+        scale = float(np.abs(measured).max())
+        assert float(np.abs(shipped.reshape(measured.shape) - measured).max()) <= 1e-3 * scale
+        steps = next(x for x in out.manifest["layers"] if x["name"] == name)["steps"]
+        torch_rec = next(e["torch"] for e in steps if "torch" in e)
+        assert "the .mlpackage's weight" in torch_rec["backend"]  # taken from the LUTs, not re-clustered
+
+
+def test_coremltools_own_kmeans_ships_other_luts(tmp_path, monkeypatch):
+    """Why the custom mode: with coremltools' kmeans mode (scikit-learn's k-means++ on these small
+    groups) the .mlpackage's LUTs are not the ones the search measured."""
+    from compressadvise.backends import coremltools_coreml as C
+    from compressadvise.backends.apply_coreml import _decompress_one, _ops_by_name
+
+    monkeypatch.setattr(kmeans, "shared", lambda p, joint: False)
+    params = {"nbits": 4, "granularity": "per_grouped_channel", "group_size": 16}
+    out = ca.apply(small_mlp(), _plan("palettization", "weights", params, 18), tmp_path / "o")
+    prog = C.load_program(out.mlpackage)
+    rec = _coreml(out.manifest, "fc1")
+    shipped = _decompress_one(prog, _ops_by_name(prog), C.inspect_program(prog, [rec["const"]])[rec["const"]].head)
+    w = small_mlp().module.get_submodule("fc1").weight.detach()
+    measured = compress_weight(w, Setting.of("palettization", **params)).numpy()
+    assert float(np.abs(shipped.reshape(measured.shape) - measured).max()) > 1e-2 * float(np.abs(measured).max())
