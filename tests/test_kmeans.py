@@ -16,9 +16,32 @@ from test_apply_built import _coreml, _plan
 
 
 def _ours(w: torch.Tensor, nbits: int, rows: int) -> np.ndarray:
+    """`w` with each group of `rows` output channels replaced by its centroids."""
     flat = w.detach().reshape(w.shape[0], -1).numpy()
-    out = np.concatenate([kmeans.dequantized(flat[i:i + rows], nbits) for i in range(0, flat.shape[0], rows)])
-    return out.reshape(tuple(w.shape))
+    out = []
+    for i in range(0, flat.shape[0], rows):
+        lut, idx = kmeans.cluster(flat[i:i + rows], nbits)
+        out.append(lut[idx].reshape(flat[i:i + rows].shape))
+    return np.concatenate(out).reshape(tuple(w.shape))
+
+
+GROUPED = {"nbits": 4, "granularity": "per_grouped_channel", "group_size": 16}
+
+
+def _shipped_vs_measured(tmp_path, name: str) -> tuple[dict, dict, float]:
+    """apply of small_mlp's fc1/fc2 at GROUPED for iOS 18: (manifest, the layer's Core ML record,
+    max |decompressed .mlpackage weight - the search's measurement of it| / max |measurement|)."""
+    from compressadvise.backends import coremltools_coreml as C
+    from compressadvise.backends.apply_coreml import _decompress_one, _ops_by_name
+
+    out = ca.apply(small_mlp(), _plan("palettization", "weights", GROUPED, 18), tmp_path / "o")
+    prog = C.load_program(out.mlpackage)
+    rec = _coreml(out.manifest, name)
+    shipped = _decompress_one(prog, _ops_by_name(prog), C.inspect_program(prog, [rec["const"]])[rec["const"]].head)
+    w = small_mlp().module.get_submodule(name).weight.detach()
+    measured = compress_weight(w, Setting.of("palettization", **GROUPED)).numpy()
+    gap = float(np.abs(shipped.reshape(measured.shape) - measured).max()) / float(np.abs(measured).max())
+    return out.manifest, rec, gap
 
 
 @pytest.mark.parametrize("layer, params", [
@@ -43,43 +66,21 @@ def test_a_group_with_fewer_values_than_centroids_pads_its_lut():
     assert list(lut[idx]) == [0.5, -0.25, 0.5, 0.125]
 
 
-def test_the_mlpackage_holds_the_luts_the_search_measured(tmp_path):
-    """Grouped 4-bit LUTs, built by apply (memory-bounded native route): every layer's decompressed
+@pytest.mark.parametrize("name", ["fc1", "fc2"])
+def test_the_mlpackage_holds_the_luts_the_search_measured(tmp_path, name):
+    """Grouped 4-bit LUTs, built by apply (memory-bounded native route): the layer's decompressed
     .mlpackage weight is the search's measurement of it to fp16 storage, and the torch side did not
     cluster a second time."""
-    from compressadvise.backends import coremltools_coreml as C
-    from compressadvise.backends.apply_coreml import _decompress_one, _ops_by_name
-
-    params = {"nbits": 4, "granularity": "per_grouped_channel", "group_size": 16}
-    out = ca.apply(small_mlp(), _plan("palettization", "weights", params, 18), tmp_path / "o")
-    prog = C.load_program(out.mlpackage)
-    ops = _ops_by_name(prog)
-    module = small_mlp().module
-    for name in ("fc1", "fc2"):
-        rec = _coreml(out.manifest, name)
-        assert "custom mode" in rec["lut_kmeans"] and "clustered once" in rec["parity"]
-        shipped = _decompress_one(prog, ops, C.inspect_program(prog, [rec["const"]])[rec["const"]].head)
-        w = module.get_submodule(name).weight.detach()
-        measured = compress_weight(w, Setting.of("palettization", **params)).numpy()
-        scale = float(np.abs(measured).max())
-        assert float(np.abs(shipped.reshape(measured.shape) - measured).max()) <= 1e-3 * scale
-        steps = next(x for x in out.manifest["layers"] if x["name"] == name)["steps"]
-        torch_rec = next(e["torch"] for e in steps if "torch" in e)
-        assert "the .mlpackage's weight" in torch_rec["backend"]  # taken from the LUTs, not re-clustered
+    manifest, rec, gap = _shipped_vs_measured(tmp_path, name)
+    assert "custom mode" in rec["lut_kmeans"] and "clustered once" in rec["parity"]
+    assert gap <= 1e-3
+    steps = next(x for x in manifest["layers"] if x["name"] == name)["steps"]
+    torch_rec = next(e["torch"] for e in steps if "torch" in e)
+    assert "the .mlpackage's weight" in torch_rec["backend"]  # taken from the LUTs, not re-clustered
 
 
 def test_coremltools_own_kmeans_ships_other_luts(tmp_path, monkeypatch):
     """Why the custom mode: with coremltools' kmeans mode (scikit-learn's k-means++ on these small
     groups) the .mlpackage's LUTs are not the ones the search measured."""
-    from compressadvise.backends import coremltools_coreml as C
-    from compressadvise.backends.apply_coreml import _decompress_one, _ops_by_name
-
     monkeypatch.setattr(kmeans, "shared", lambda p, joint: False)
-    params = {"nbits": 4, "granularity": "per_grouped_channel", "group_size": 16}
-    out = ca.apply(small_mlp(), _plan("palettization", "weights", params, 18), tmp_path / "o")
-    prog = C.load_program(out.mlpackage)
-    rec = _coreml(out.manifest, "fc1")
-    shipped = _decompress_one(prog, _ops_by_name(prog), C.inspect_program(prog, [rec["const"]])[rec["const"]].head)
-    w = small_mlp().module.get_submodule("fc1").weight.detach()
-    measured = compress_weight(w, Setting.of("palettization", **params)).numpy()
-    assert float(np.abs(shipped.reshape(measured.shape) - measured).max()) > 1e-2 * float(np.abs(measured).max())
+    assert _shipped_vs_measured(tmp_path, "fc1")[2] > 1e-2

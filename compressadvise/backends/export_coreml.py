@@ -289,20 +289,21 @@ def _recipe(prep: Prepared, passes: list[CoremlPass], filename: str, example: tu
     code = ["import coremltools as ct", "import coremltools.optimize.coreml as cto", "import torch",
             *_conversion_lines(prep, example, os_major)]
     custom = [custom_ops(p) for p in passes]
-    if any(custom):
+    switch = any(custom)  # some ops take apply's k-means: the recipe defines it and switches them
+    if switch:
         code += kmeans.recipe_lines()
     if len(passes) == 1:
         code += [f"config = cto.OptimizationConfig.from_yaml({filename!r})"]
         code += [f"config = torch_kmeans(config, {custom[0]!r})"] if custom[0] else []
         code += [f"mlmodel = {passes[0].call()}"]
     else:
-        calls = ", ".join(f"({p.function!r}, {p.joint}" + (f", {c!r})" if any(custom) else ")")
+        ops = ", ops" if switch else ""
+        calls = ", ".join(f"({p.function!r}, {p.joint}" + (f", {c!r}" if switch else "") + ")"
                           for p, c in zip(passes, custom))
         code += ["import yaml", f"calls = [{calls}]", f"with open({filename!r}) as f:",
-                 f"    for ({'function, joint, ops' if any(custom) else 'function, joint'}), doc in "
-                 "zip(calls, yaml.safe_load_all(f)):",
+                 f"    for (function, joint{ops}), doc in zip(calls, yaml.safe_load_all(f)):",
                  "        config = cto.OptimizationConfig.from_dict(doc)",
-                 *(["        config = torch_kmeans(config, ops)"] if any(custom) else []),
+                 *(["        config = torch_kmeans(config, ops)"] if switch else []),
                  "        mlmodel = getattr(cto, function)(mlmodel, config, joint_compression=joint)"]
     code.append('mlmodel.save("model.mlpackage")')
     return [f"#   {line}" for line in code]

@@ -42,14 +42,6 @@ def cluster(values: Any, nbits: int) -> tuple[Any, Any]:
     return lut, np.asarray(result.clusters)
 
 
-def dequantized(values: Any, nbits: int) -> Any:
-    """The group's values replaced by their centroids (float32, the input's shape)."""
-    import numpy as np
-
-    lut, idx = cluster(values, nbits)
-    return lut[idx].reshape(np.shape(values))
-
-
 def lut_function(nbits: int) -> Callable[[Any], tuple[Any, Any]]:
     """optimize.coreml's custom-mode callback: a group's values -> (LUT in their dtype, uint8 indices)."""
     import numpy as np
@@ -70,18 +62,16 @@ def shared(p: dict[str, Any], joint: bool) -> bool:
 
 def recipe_lines() -> list[str]:
     """This k-means as code for `export --to coremltools`'s recipe (coremltools alone): `cluster`
-    from its own source, and `torch_kmeans(config, {op: nbits})` to switch those ops to it."""
+    and `lut_function` from their own source, and `torch_kmeans(config, {op: nbits})` to switch
+    those ops to it."""
     import inspect
 
-    source = [line for line in inspect.getsource(cluster).splitlines() if line.strip()]
-    return ["from typing import Any", "import attrs", "import numpy as np",
+    source = [line for f in (cluster, lut_function) for line in inspect.getsource(f).splitlines() if line.strip()]
+    return ["from typing import Any, Callable", "import attrs",
             f"ROUNDING = {ROUNDING}", f"FP16_MAX = {FP16_MAX}", *source,
             "def torch_kmeans(config, ops):",
             "    # apply's LUTs: the k-means above, through palettize_weights' custom mode",
             "    for name, nbits in ops.items():",
-            "        def lut(val, nbits=nbits):",
-            "            centroids, idx = cluster(val, nbits)",
-            "            return centroids.astype(val.dtype), idx.astype(np.uint8)",
             "        config.op_name_configs[name] = attrs.evolve(config.op_name_configs[name], mode='custom',",
-            "                                                    nbits=None, lut_function=lut)",
+            "                                                    nbits=None, lut_function=lut_function(nbits))",
             "    return config"]
