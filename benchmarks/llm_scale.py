@@ -8,6 +8,13 @@ factories below (`compressadvise apply benchmarks.llm_scale:openelm_270m ...`), 
 sees a model whose weights live in a file, as a real checkpoint does. Random weights are fine
 for time and memory: k-means, conversion and serialization do not depend on trained values.
 
+The model speaks what a transformers causal LM speaks for generation (a `config` under OpenELM's
+Hugging Face names, with query and KV heads listed per layer; a forward taking an additive 4-D
+mask, position ids and a `Cache` it updates once a layer), so on a Core ML target at iOS 18 apply
+ships its KV cache as state exactly as it does for a Hugging Face model: one pair of states per
+KV head count (OpenELM's layers have 3..5 KV heads at 270M, 4..8 at 1.1B), read back from the
+saved package.
+
     python benchmarks/llm_scale.py --size 270m                       # whole pipeline, both targets
     python benchmarks/llm_scale.py --size 1.1b --targets ane-a17 --stages apply
     python benchmarks/llm_scale.py --size tiny --json                 # a quick smoke run
@@ -49,7 +56,8 @@ class Config:
     ffn_mult: tuple[float, float] = (0.5, 4.0)
     ffn_divisor: int = 256
     vocab: int = 32000
-    seq: int = 16  # example input length (export and conversion)
+    seq: int = 16  # example input length (analysis and the fixed-window export)
+    context: int = 2048  # OpenELM's max_context_length: the KV cache's length on Core ML
 
     def query_heads(self, i: int) -> int:
         q = _divisible(self.dim * _interp(self.qkv_mult, i, self.layers), self.head_dim * self.gqa_groups)
@@ -60,7 +68,7 @@ class Config:
 
 
 SIZES = {  # OpenELM-270M and -1.1B's published shapes; tiny for tests and smoke runs
-    "tiny": Config("tiny", layers=4, dim=256, vocab=4096),
+    "tiny": Config("tiny", layers=4, dim=256, head_dim=32, gqa_groups=2, vocab=4096, context=256),
     "270m": Config("270m", layers=16, dim=1280),
     "1.1b": Config("1.1b", layers=28, dim=2048),
 }
@@ -89,11 +97,12 @@ class RMSNorm(nn.Module):
         return h.to(x.dtype) * self.weight
 
 
-def _rope(x: torch.Tensor) -> torch.Tensor:
-    """Rotary positions on (batch, heads, seq, head_dim), computed from the positions (no table)."""
-    t, d = x.shape[-2], x.shape[-1]
+def _rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Rotary positions on (batch, heads, seq, head_dim) at token positions `pos` (batch, seq), computed
+    from the positions (no table: a cached call's positions start past the prompt)."""
+    d = x.shape[-1]
     inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    ang = torch.arange(t, dtype=torch.float32)[:, None] * inv[None, :]
+    ang = pos[:, None, :, None].float() * inv
     cos, sin = torch.cat([ang, ang], -1).cos().to(x.dtype), torch.cat([ang, ang], -1).sin().to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
@@ -102,6 +111,7 @@ def _rope(x: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: Config, i: int) -> None:
         super().__init__()
+        self.layer_idx = i
         self.q_heads = cfg.query_heads(i)
         self.kv_heads = max(1, self.q_heads // cfg.gqa_groups)
         self.hd = cfg.head_dim
@@ -109,14 +119,17 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(self.hd), RMSNorm(self.hd)
         self.out_proj = nn.Linear(self.q_heads * self.hd, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, cache: Any) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.qkv_proj(x).view(b, t, self.q_heads + 2 * self.kv_heads, self.hd).transpose(1, 2)
         q, k, v = qkv.split([self.q_heads, self.kv_heads, self.kv_heads], dim=1)
-        q, k = _rope(self.q_norm(q)), _rope(self.k_norm(k))
+        q, k = _rope(self.q_norm(q), pos), _rope(self.k_norm(k), pos)
+        if cache is not None:  # transformers' Cache protocol: this call's keys and values in, all so far out
+            k, v = cache.update(k, v, self.layer_idx)
         rep = self.q_heads // self.kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        a = (nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True) if mask is None
+             else nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype)))
         return self.out_proj(a.transpose(1, 2).reshape(b, t, self.q_heads * self.hd))
 
 
@@ -138,24 +151,49 @@ class Layer(nn.Module):
         self.attn_norm, self.attn = RMSNorm(cfg.dim), Attention(cfg, i)
         self.ffn_norm, self.ffn = RMSNorm(cfg.dim), FFN(cfg, i)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, cache: Any) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), pos, mask, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
+class HFConfig:
+    """The model's sizes under OpenELM's Hugging Face config names (per-layer query and KV heads), so the
+    library reads its KV cache the way it reads a checkpoint's config.json."""
+
+    def __init__(self, cfg: Config) -> None:
+        q = [cfg.query_heads(i) for i in range(cfg.layers)]
+        self.values = {"architectures": ["OpenELMForCausalLM"], "model_type": "openelm", "vocab_size": cfg.vocab,
+                       "num_transformer_layers": cfg.layers, "model_dim": cfg.dim, "head_dim": cfg.head_dim,
+                       "num_query_heads": q, "num_kv_heads": [max(1, h // cfg.gqa_groups) for h in q],
+                       "num_gqa_groups": cfg.gqa_groups, "max_context_length": cfg.context,
+                       "share_input_output_layers": True}
+        self.vocab_size = cfg.vocab
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
 class OpenELMShaped(nn.Module):
-    """Logits for token ids; the LM head is the input embedding (tied, as in OpenELM)."""
+    """Logits for token ids; the LM head is the input embedding (tied, as in OpenELM). The forward takes
+    what a transformers causal LM takes for generation (an additive 4-D mask, positions, a Cache), so
+    the library's KV-cache export wraps it as it wraps a Hugging Face model."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
+        self.config = HFConfig(cfg)
         self.token_embeddings = nn.Embedding(cfg.vocab, cfg.dim)
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.token_embeddings(ids)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, use_cache: bool = False,
+                past_key_values: Any = None) -> torch.Tensor:
+        x = self.token_embeddings(input_ids)
+        pos = position_ids if position_ids is not None else torch.arange(input_ids.shape[-1])[None]
+        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
+        cache = past_key_values if use_cache else None
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, pos, mask, cache)
         return nn.functional.linear(self.norm(x), self.token_embeddings.weight)
 
 

@@ -1,6 +1,8 @@
 """Memory-bounded apply (issue 19): a small OpenELM-shaped decoder (benchmarks/llm_scale.py, ~3.7M
 parameters, fp16 weights memory-mapped from a safetensors file) through the layer-by-layer path
 builds the same artefact as the all-in-memory path, reports its peak RSS, and leaves the input alone.
+Its heads scale by layer (KV heads 2, 3, 3, 4), as OpenELM's do: the KV cache ships as one pair of
+Core ML states per head count, read back from the saved package.
 """
 from __future__ import annotations
 
@@ -147,3 +149,84 @@ def test_mmap_safetensors_is_copy_on_write(decoder) -> None:
     w.mul_(0)  # a write lands in this process's private pages
     assert _sha(path) == before
     assert not mmap_safetensors(path)["layers.0.ffn.proj_2.weight"].eq(0).all()
+
+
+# ---------------------------------------------------------------- its KV cache, heads scaled by layer
+def test_openelm_config_keeps_heads_per_layer() -> None:
+    """OpenELM-270M's published config: heads listed per layer (query 12..20, KV 3..5). The cache counts
+    each layer's own KV heads: 63 over 16 layers, not 16 x the largest."""
+    from compressadvise.model.decoder import from_config
+
+    q = [12] * 5 + [16] * 7 + [20] * 4
+    cfg = {"architectures": ["OpenELMForCausalLM"], "num_transformer_layers": 16, "model_dim": 1280, "head_dim": 64,
+           "num_query_heads": q, "num_kv_heads": [h // 4 for h in q], "max_context_length": 2048}
+    kv = from_config(cfg, "config.json")
+    assert (kv.layers, kv.kv_heads, kv.head_dim, kv.max_context, kv.heads) == (16, 5, 64, 2048, 20)
+    assert kv.bytes_at(2048) == 2 * 63 * 64 * 2048 * 2 < 2 * 16 * 5 * 64 * 2048 * 2
+    assert kv.query_heads_total() == sum(q) and kv.heads_per_layer == q
+    same = from_config({**cfg, "num_kv_heads": [4] * 16}, "config.json")
+    assert same.kv_heads_per_layer is None and same.kv_heads == 4  # one count for every layer: the plain form
+
+
+def _tiny_plan(context: int, os: int = 18):
+    from compressadvise.model.analysis import analyze
+    from compressadvise.plan.engine import recommend
+
+    return recommend(analyze(load_model(SPEC), stats=False), target="ane-a17", os=os, context_length=context)
+
+
+def test_states_hold_each_layer_once_and_the_cache_exactly(decoder) -> None:
+    from compressadvise.model.analysis import analyze
+
+    plan, kv = _tiny_plan(64), analyze(load_model(SPEC), stats=False).kv
+    assert kv.kv_heads_per_layer == [2, 3, 3, 4]  # the tiny decoder's layer-wise scaling
+    states = plan.decoder.states
+    assert [s.name for s in states] == [f"{n}_h{h}" for h in (2, 3, 4) for n in ("key_cache", "value_cache")]
+    held = sorted(i for s in states[0::2] for i in s.layers)
+    assert held == list(range(kv.layers))
+    assert sum(2 * s.shape[0] * s.shape[2] * s.shape[3] * s.shape[4] for s in states) == kv.bytes_at(64)
+    assert plan.memory.kv_cache_bytes == kv.bytes_at(64)
+
+
+def test_grouped_cache_wrapper_matches_the_full_sequence(decoder) -> None:
+    from compressadvise.backends import export_decoder as D
+
+    llm_scale, _ = decoder
+    model = llm_scale.openelm_tiny()[0]
+    states = _tiny_plan(64).decoder.states
+    check = D.check_wrapper(model, states, tokens=10)
+    assert check["ok"], check
+    ids = torch.arange(6).unsqueeze(0) * 31 % 4096
+    with torch.no_grad():  # the check can fail: a cache emptied between calls gives other logits
+        full = model(ids)
+        w = D.wrap(model, states)
+        w(ids[:, :5], D.causal_mask(0, 5))
+        for name, _, _ in D.layout(states):
+            getattr(w, name).zero_()
+        wrong = w(ids[:, 5:6], D.causal_mask(5, 1))
+    assert (wrong - full[:, 5:6]).abs().max() > 1e-2
+
+
+def test_bounded_apply_ships_the_planned_states(decoder, tmp_path: Path) -> None:
+    """The path the 1.1B benchmark takes: a factory loaded in place, compressed layer by layer, the
+    KV cache converted as the plan's states; the saved package's states are read back, and the
+    torch.export program's cache, run a token a call, gives the torch artefact's logits."""
+    from compressadvise.backends import export_decoder as D
+
+    plan = _tiny_plan(32)
+    result = ca.apply(SPEC, plan, tmp_path / "out")
+    record = result.manifest["coreml"]["decoder"]
+    assert result.manifest["resources"]["path"].startswith("memory-bounded")
+    want = [{"name": s.name, "shape": s.shape, "dtype": "float16"} for s in plan.decoder.states]
+    states, ops = D.states_in(result.mlpackage)
+    assert sorted(states, key=lambda s: s["name"]) == sorted(want, key=lambda s: s["name"])
+    assert ops["write_state"] >= 2 * 4 and record["wrapper_check"]["ok"]
+    assert record["torch_program"]["cache_buffers"] == [s.name for s in plan.decoder.states]
+    run = torch.export.load(str(result.out_dir / D.KV_PROGRAM)).module()
+    shipped = torch.export.load(str(result.out_dir / "model.pt2")).module()
+    ids = torch.arange(16).unsqueeze(0) * 13 % 4096  # model.pt2 takes the example's 16 tokens
+    with torch.no_grad():
+        full = shipped(ids)
+        steps = [run(ids[:, :12], D.causal_mask(0, 12))] + [run(ids[:, i:i + 1], D.causal_mask(i, 1))
+                                                             for i in range(12, 16)]
+    assert (torch.cat(steps, 1).float() - full.float()).abs().max() <= 5e-3 * full.abs().max()

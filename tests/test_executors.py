@@ -87,6 +87,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def test_address_nothing_listens_at_fails_at_once():
     from compressadvise.errors import Unavailable
 
@@ -110,10 +120,11 @@ def test_address_joins_a_loopback_cluster_and_leaves_it_running():
     try:
         root = psutil.Process(head.pid)
         deadline = time.monotonic() + 90
-        while not _gcs_servers(root) and time.monotonic() < deadline:
+        # the GCS process exists a while before it listens: wait for the port, not the process
+        while not (_gcs_servers(root) and _accepts(port)) and time.monotonic() < deadline:
             time.sleep(0.5)
         gcs = _gcs_servers(root)
-        assert gcs, "the test cluster did not start"
+        assert gcs and _accepts(port), "the test cluster did not start"
         ex = make_executor("ray", address=f"127.0.0.1:{port}")
         got: list[int] = []
         ex.run(operator.add, 1, [1, 2], lambda item, res: got.append(res))

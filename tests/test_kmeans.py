@@ -28,6 +28,18 @@ def _ours(w: torch.Tensor, nbits: int, rows: int) -> np.ndarray:
 GROUPED = {"nbits": 4, "granularity": "per_grouped_channel", "group_size": 16}
 
 
+def _library(w: torch.Tensor, params: dict) -> np.ndarray:
+    """optimize.torch's PostTrainingPalettizer on `w` (the reference: compress_weight itself now runs
+    backends/kmeans.py for scalar LUTs)."""
+    from compressadvise.backends import quiet
+    from compressadvise.measure.sensitivity_eval import _holder, _run_library
+
+    flat = w.unsqueeze(-1) if w.dim() == 3 else w
+    with quiet():
+        mod = _run_library(_holder(flat), Setting.of("palettization", **params))
+    return mod.weight.detach().reshape(w.shape).numpy()
+
+
 def _shipped_vs_measured(tmp_path, name: str) -> tuple[dict, dict, float]:
     """apply of small_mlp's fc1/fc2 at GROUPED for iOS 18: (manifest, the layer's Core ML record,
     max |decompressed .mlpackage weight - the search's measurement of it| / max |measurement|)."""
@@ -54,10 +66,30 @@ def test_the_same_clustering_as_optimize_torch_on_pretrained_weights(layer, para
     if not spec.installed():
         pytest.skip(spec.skip_reason())
     w = dict(spec.build()[0].named_parameters())[layer].detach()
-    lib = compress_weight(w, Setting.of("palettization", **params)).numpy()  # what the search measures
+    lib = _library(w, params)
     mine = _ours(w, params["nbits"], params.get("group_size", w.shape[0]))
+    searched = compress_weight(w, Setting.of("palettization", **params)).numpy()  # what the search measures
     assert np.array_equal(mine.astype(np.float32), lib.astype(np.float32))
+    assert np.array_equal(searched.astype(np.float32), lib.astype(np.float32))
     assert len(np.unique(mine)) > 2 ** params["nbits"] // 2  # a real clustering, not a collapsed one
+
+
+@pytest.mark.parametrize("shape, params", [
+    ((40, 24), {"nbits": 2}),
+    ((32, 8, 5), {"nbits": 3, "granularity": "per_grouped_channel", "group_size": 8}),  # Conv1d
+    ((16, 4, 3, 3), {"nbits": 8, "granularity": "per_grouped_channel", "group_size": 4}),
+    ((48, 64), {"nbits": 6, "granularity": "per_grouped_channel", "group_size": 16}),
+])
+def test_compress_weight_is_the_librarys_palettization(shape, params):
+    """The search's measurement of a scalar LUT setting equals PostTrainingPalettizer's weights, fp16
+    and fp32 inputs, heavy tails included."""
+    g = torch.Generator().manual_seed(len(shape) * 7 + params["nbits"])
+    w = torch.randn(shape, generator=g) * torch.rand(shape, generator=g).pow(4) * 0.1
+    for x in (w, w.half()):
+        got = compress_weight(x, Setting.of("palettization", **params))
+        assert got.dtype == x.dtype and got.shape == x.shape
+        assert np.array_equal(got.float().numpy(), _library(x, params).astype(np.float32).astype(
+            x.numpy().dtype).astype(np.float32))
 
 
 def test_a_group_with_fewer_values_than_centroids_pads_its_lut():

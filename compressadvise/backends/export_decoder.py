@@ -1,9 +1,13 @@
 """A causal LM converted for Core ML with its KV cache: as state (iOS 18 / macOS 15), else a fixed window.
 
 Stateful form (plan.decoder.kind == "stateful_kv"): the model is wrapped so that its keys and
-values live in two registered fp16 buffers, (layers, 1, KV heads, C, head dim), which a transformers
+values live in registered fp16 buffers, (layers, 1, KV heads, C, head dim), which a transformers
 `Cache` subclass updates in place each call by writing the new tokens' slice (the "slice update"
-pattern of Apple's published Llama / Mistral Core ML exports). The wrapper takes `input_ids`
+pattern of Apple's published Llama / Mistral Core ML exports). Two buffers when every layer has the
+same KV heads; one pair per head count when they differ by layer (plan.decoder's states name the
+layers each holds). The model is any module that speaks transformers' cache protocol: `config`,
+and a forward taking input_ids, an additive 4-D attention_mask, position_ids and a `Cache` whose
+`update(keys, values, layer_idx)` it calls once a layer. The wrapper takes `input_ids`
 (1, q) and an additive `causal_mask` (1, 1, q, end) whose last axis is the tokens so far, so the
 positions written are end - q .. end; it returns the logits. It is traced (torch.jit.trace: the
 coremltools torch.export frontend lacks `alias`, which the exported cache program holds) and
@@ -44,37 +48,38 @@ def _classes() -> tuple[type, type, type]:
     class SliceUpdateCache(Cache):
         """Keys and values in the wrapper's buffers: write positions past..end, read 0..end."""
 
-        def __init__(self, keys: Any, values: Any, past: Any, end: Any) -> None:
+        def __init__(self, slots: list[tuple[Any, Any, int]], past: Any, end: Any) -> None:
             super().__init__(layers=[])  # no per-layer objects: the buffers hold every layer
-            self.k, self.v, self.past, self.end = keys, values, past, end
+            self.slots, self.past, self.end = slots, past, end  # slots[layer]: (keys, values, row in them)
 
         def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple:
+            k, v, row = self.slots[layer_idx]
             if torch.compiler.is_exporting():  # functional forms: a slice view's contiguity guards end != C
-                for buf, new in ((self.k, key_states), (self.v, value_states)):
-                    buf[layer_idx] = torch.slice_scatter(buf[layer_idx], new.to(buf.dtype), dim=2,
-                                                         start=self.past, end=self.end)
+                for buf, new in ((k, key_states), (v, value_states)):
+                    buf[row] = torch.slice_scatter(buf[row], new.to(buf.dtype), dim=2, start=self.past, end=self.end)
                 idx = torch.arange(self.end, device=key_states.device)
-                return (self.k[layer_idx].index_select(2, idx).to(key_states.dtype),
-                        self.v[layer_idx].index_select(2, idx).to(value_states.dtype))
-            self.k[layer_idx, :, :, self.past:self.end, :] = key_states.to(self.k.dtype)
-            self.v[layer_idx, :, :, self.past:self.end, :] = value_states.to(self.v.dtype)
-            return (self.k[layer_idx, :, :, :self.end, :].to(key_states.dtype),
-                    self.v[layer_idx, :, :, :self.end, :].to(value_states.dtype))
+                return (k[row].index_select(2, idx).to(key_states.dtype),
+                        v[row].index_select(2, idx).to(value_states.dtype))
+            k[row, :, :, self.past:self.end, :], v[row, :, :, self.past:self.end, :] = key_states, value_states
+            return (k[row, :, :, :self.end, :].to(key_states.dtype),
+                    v[row, :, :, :self.end, :].to(value_states.dtype))
 
         def get_seq_length(self, layer_idx: int = 0) -> Any:
             return self.past
 
     class KVCacheWrapper(torch.nn.Module):
-        def __init__(self, model: Any, shape: list[int]) -> None:
+        def __init__(self, model: Any, states: list[tuple[str, list[int], list[int]]]) -> None:
             super().__init__()
             self.model = model
-            self.register_buffer("key_cache", torch.zeros(shape, dtype=torch.float16))
-            self.register_buffer("value_cache", torch.zeros(shape, dtype=torch.float16))
+            for name, shape, _ in states:
+                self.register_buffer(name, torch.zeros(shape, dtype=torch.float16))
+            self.where = _where(states)
             self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
         def forward(self, input_ids: Any, causal_mask: Any) -> Any:
             q, end = input_ids.shape[-1], causal_mask.shape[-1]
-            cache = SliceUpdateCache(self.key_cache, self.value_cache, end - q, end)  # buffers read each call
+            slots = [(getattr(self, k), getattr(self, v), row) for k, v, row in self.where]  # read each call
+            cache = SliceUpdateCache(slots, end - q, end)
             positions = torch.arange(end - q, end, device=input_ids.device).unsqueeze(0)
             dtype = next(self.model.parameters()).dtype
             out = self.model(input_ids=input_ids, attention_mask=causal_mask.to(dtype), position_ids=positions,
@@ -87,10 +92,9 @@ def _classes() -> tuple[type, type, type]:
             self.model = model
 
         def forward(self, input_ids: Any) -> Any:
-            # Positions 0..C-1 computed from the input's values, not its (fixed) shape: the converter
-            # would fold shape-derived ones into a C x C mask and the rotary tables, stored in the
-            # package. An explicit mask also skips transformers' packed-sequence check (torch.diff,
-            # which the converter lacks).
+            # Positions 0..C-1 from the input's values, not its (fixed) shape: the converter would fold
+            # shape-derived ones into a stored C x C mask and rotary tables. An explicit mask also skips
+            # transformers' packed-sequence check (torch.diff, which the converter lacks).
             pos = (input_ids * 0 + 1).cumsum(-1) - 1
             dtype = next(self.model.parameters()).dtype
             mask = (pos[:, None, :] > pos[:, :, None]).to(dtype)[:, None] * MASKED  # a later key: masked
@@ -99,8 +103,18 @@ def _classes() -> tuple[type, type, type]:
     return SliceUpdateCache, KVCacheWrapper, WindowWrapper
 
 
+def _where(states: list[tuple[str, list[int], list[int]]]) -> list[tuple[str, str, int]]:
+    """Each model layer's (keys buffer, values buffer, row in them), from (key, value) pairs of states
+    in plan.decoder's order."""
+    keys, values = states[0::2], states[1::2]
+    where = {layer: (k[0], v[0], row) for k, v in zip(keys, values) for row, layer in enumerate(k[2])}
+    return [where[i] for i in range(len(where))]
+
+
 def _logits(out: Any) -> Any:
-    return out[0] if isinstance(out, (tuple, list)) else out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out if hasattr(out, "shape") else out.logits  # a module that returns the logits tensor itself
 
 
 def causal_mask(past: int, q: int) -> Any:
@@ -110,9 +124,19 @@ def causal_mask(past: int, q: int) -> Any:
     return torch.triu(torch.full((1, 1, q, past + q), float("-inf")), diagonal=past + 1)
 
 
-def wrap(model: Any, shape: list[int]) -> Any:
-    """The model with its KV cache as two fp16 buffers of `shape` (zeros: an empty cache)."""
-    return _classes()[1](model, list(shape)).eval()
+def layout(states: Any) -> list[tuple[str, list[int], list[int]]]:
+    """(buffer name, shape, model layers it holds) for plan.decoder's states, keys then values of each
+    pair; a bare shape is the two buffers of a model whose layers share a KV head count."""
+    if states and isinstance(states[0], int):
+        every = list(range(states[0]))
+        return [("key_cache", list(states), every), ("value_cache", list(states), every)]
+    return [(s.name, list(s.shape), list(s.layers) if s.layers is not None else list(range(s.shape[0])))
+            for s in states]
+
+
+def wrap(model: Any, states: Any) -> Any:
+    """The model with its KV cache as fp16 buffers laid out as `states` (zeros: an empty cache)."""
+    return _classes()[1](model, layout(states)).eval()
 
 
 def window(model: Any) -> Any:
@@ -142,9 +166,8 @@ def convert(source: Any, decoder: Any, os_major: int) -> tuple[Any, str]:
     try:
         with quiet(), torch.no_grad():
             if decoder.kind == "stateful_kv":
-                shape = decoder.states[0].shape
                 example = (torch.zeros((1, TRACE_QUERY), dtype=torch.int32), causal_mask(0, TRACE_QUERY))
-                traced = torch.jit.trace(wrap(model, shape), example, check_trace=False)
+                traced = torch.jit.trace(wrap(model, decoder.states), example, check_trace=False)
                 q, end = ct.RangeDim(1, c, default=1), ct.RangeDim(1, c, default=1)
                 inputs = [ct.TensorType(name="input_ids", shape=(1, q), dtype=np.int32),
                           ct.TensorType(name="causal_mask", shape=(1, 1, q, end), dtype=np.float16)]
@@ -169,14 +192,14 @@ def _first_line(e: Exception) -> str:
 
 
 # ------------------------------------------------------------------ checks (Core ML cannot run here)
-def check_wrapper(model: Any, shape: list[int], tokens: int = CHECK_TOKENS) -> dict[str, Any]:
+def check_wrapper(model: Any, states: Any, tokens: int = CHECK_TOKENS) -> dict[str, Any]:
     """The wrapper's logits, a prompt then one token a call, against the model's full-sequence logits."""
     import torch
 
-    n = max(2, min(tokens, shape[3]))
+    n = max(2, min(tokens, layout(states)[0][1][3]))
     vocab = int(getattr(model.config, "vocab_size", 0) or 2)
     ids = (torch.arange(n, dtype=torch.int64) * 7919 % vocab).unsqueeze(0)
-    wrapper, first = wrap(model, shape), n // 2
+    wrapper, first = wrap(model, states), n // 2
     with quiet(), torch.no_grad():
         full = _logits(model(input_ids=ids, use_cache=False)).float()
         steps = [wrapper(ids[:, :first], causal_mask(0, first))]
@@ -187,17 +210,17 @@ def check_wrapper(model: Any, shape: list[int], tokens: int = CHECK_TOKENS) -> d
             "ok": diff <= CHECK_TOLERANCE * scale}
 
 
-def export_program(model: Any, shape: list[int]) -> Any:
+def export_program(model: Any, states: Any) -> Any:
     """The wrapper as a torch.export program: query length and tokens so far both 1..C, the cache as
     mutable buffers (each call of `.module()` writes them)."""
     import torch
     from torch.export import Dim
 
-    c = shape[3]
+    c = layout(states)[0][1][3]
     q, end = Dim("query", min=1, max=c), Dim("tokens", min=1, max=c)
     example = (torch.zeros((1, TRACE_QUERY), dtype=torch.int64), causal_mask(0, TRACE_QUERY))
     with quiet():
-        return torch.export.export(wrap(model, shape), example,
+        return torch.export.export(wrap(model, states), example,
                                    dynamic_shapes={"input_ids": {1: q}, "causal_mask": {2: q, 3: end}})
 
 
@@ -222,12 +245,16 @@ def states_in(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
     return states, counts
 
 
+def _by_name(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(states, key=lambda d: d["name"])
+
+
 def read_back(path: Path, decoder: Any, source: Any, compressed: Any, how: str) -> dict[str, Any]:
     """The manifest's decoder record: states found in the saved package against the plan's (a promised
     state missing fails), the wrapper's numerics on the weights that ship, and the torch program."""
     states, ops = states_in(path)
     want = [{"name": s.name, "shape": list(s.shape), "dtype": "float16"} for s in decoder.states]
-    if decoder.kind == "stateful_kv" and (states != want or not all(ops.values())):
+    if decoder.kind == "stateful_kv" and (_by_name(states) != _by_name(want) or not all(ops.values())):
         got = ", ".join(f"{s['name']} {s['shape']} {s['dtype']}" for s in states) or "no state"
         raise CompressionFailed(f"Core ML read-back: the plan promised the KV cache as states "
                                 f"{', '.join(s['name'] + ' ' + str(s['shape']) for s in want)} and {path.name} has {got} "
@@ -239,27 +266,28 @@ def read_back(path: Path, decoder: Any, source: Any, compressed: Any, how: str) 
                               "states": states, "state_ops": ops, "note": decoder.note}
     if decoder.kind == "stateful_kv":
         model = compressed if compressed is not None else source
-        record["wrapper_check"] = check_wrapper(model, want[0]["shape"])
+        record["wrapper_check"] = check_wrapper(model, decoder.states)
         if not record["wrapper_check"]["ok"]:
             raise CompressionFailed(f"the KV-cache wrapper's cached logits are off the model's by "
                                     f"{record['wrapper_check']['max_abs_diff']:.3g}: the converted cache would be wrong")
-        record["torch_program"] = _save_program(model, want[0]["shape"], path.parent, compressed is not None)
+        record["torch_program"] = _save_program(model, decoder.states, path.parent, compressed is not None)
     return record
 
 
-def _save_program(model: Any, shape: list[int], folder: Path, compressed: bool) -> dict[str, Any]:
+def _save_program(model: Any, states: Any, folder: Path, compressed: bool) -> dict[str, Any]:
     """The torch.export program with the cache beside the .mlpackage; why not, when it fails."""
     import torch
 
+    names = [name for name, _, _ in layout(states)]
     try:
-        ep = export_program(model, shape)
+        ep = export_program(model, states)
         with quiet():
             torch.export.save(ep, str(folder / KV_PROGRAM))
     except Exception as e:
         return {"file": None, "note": f"torch.export of the KV-cache wrapper failed: {_first_line(e)}"}
-    cache = [b for b in ep.graph_signature.buffers if b in ("key_cache", "value_cache")]
+    cache = [b for b in ep.graph_signature.buffers if b in names]
     weights = "the torch side's weights (the .mlpackage's, decompressed)" if compressed else "float weights"
     return {"file": KV_PROGRAM, "cache_buffers": cache,
             "note": f"torch.export program of the KV-cache wrapper with {weights}: input_ids (1, q) int64 and "
-                    f"causal_mask (1, 1, q, tokens so far), both 1..{shape[3]}; each call writes key_cache / "
-                    "value_cache in place (zeros on load: an empty cache)"}
+                    f"causal_mask (1, 1, q, tokens so far), both 1..{layout(states)[0][1][3]}; each call writes "
+                    f"{' / '.join(names)} in place (zeros on load: an empty cache)"}

@@ -116,8 +116,8 @@ MODEL = {
     # are known (plan/decoder_facts.py); anywhere else they are counted at the position limit
     # against the fp16 weights.
     "kv_layers": Fact("int", "layers that keep a KV cache (0: no cache known)", _kv_dim("layers")),
-    "kv_heads": Fact("int", "key/value heads per layer (fewer than query heads with grouped-query attention)",
-                     _kv_dim("kv_heads")),
+    "kv_heads": Fact("int", "key/value heads per layer (fewer than query heads with grouped-query attention; "
+                             "the most of any layer when they differ by layer)", _kv_dim("kv_heads")),
     "kv_head_dim": Fact("int", "values per key (or value) vector of one head", _kv_dim("head_dim")),
     "context_length": Fact("int", "tokens the KV cache is counted at: recommend --context-length, else the "
                            "model's position limit (0: no cache known)", _context),

@@ -487,6 +487,7 @@ class DecoderState(Strict):
     name: str
     shape: list[int]
     dtype: Literal["fp16"] = "fp16"
+    layers: list[int] | None = None  # the model's layers this buffer holds, in order (None: every layer)
 
 
 class DecoderDeployment(Strict):

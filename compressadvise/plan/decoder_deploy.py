@@ -27,6 +27,22 @@ def state_shape(kv: Any, context: int) -> list[int]:
     return [kv.layers, 1, kv.kv_heads, context, kv.head_dim]
 
 
+def states(kv: Any, context: int) -> list[DecoderState]:
+    """The cache's Core ML states: keys and values of every layer in two buffers when the layers share
+    a KV head count; else one pair per head count (OpenELM's layer-wise heads: 3..5 by layer), each
+    holding its layers in order, so the states hold exactly the cache's bytes (one buffer padded to the
+    most heads would not)."""
+    per = kv.kv_heads_of()
+    if len(set(per)) == 1:
+        return [DecoderState(name=n, shape=state_shape(kv, context)) for n in STATES]
+    out = []
+    for h in dict.fromkeys(per):  # head counts in the order the layers first use them
+        layers = [i for i, x in enumerate(per) if x == h]
+        out += [DecoderState(name=f"{n}_h{h}", shape=[len(layers), 1, h, context, kv.head_dim], layers=layers)
+                for n in STATES]
+    return out
+
+
 def weight_macs(report: Any) -> int:
     """MACs per token of the weight layers: each weight multiplies once per token (a tied head counts
     again: it is used twice, as the embedding table and as the output projection)."""
@@ -37,12 +53,14 @@ def weight_macs(report: Any) -> int:
 def macs_per_token(report: Any, kv: Any, context: int) -> tuple[int, int, str]:
     """(with a cache, for the window's last token; without one, per token; the arithmetic in words)."""
     w = weight_macs(report)
-    width = (kv.heads or kv.kv_heads) * kv.head_dim  # query heads x head dim
-    attend = 2 * kv.layers * width  # QK^T and AV per query per key
+    attend = 2 * kv.query_heads_total() * kv.head_dim  # QK^T and AV per query per key, over the layers
+    heads = (f"{kv.layers} layers x {(kv.heads or kv.kv_heads) * kv.head_dim} (heads x head dim)"
+             if not kv.heads_per_layer else
+             f"{kv.query_heads_total()} query heads over the layers x {kv.head_dim} head dim")
     cached = w + attend * context
     fixed = context * w + attend * context * context
-    basis = (f"estimate: weights {w:,} MACs a token (the linear layers' weights); attention 2 x {kv.layers} layers x "
-             f"{width} (heads x head dim) per query per key. With the cache the last token of a {context}-token "
+    basis = (f"estimate: weights {w:,} MACs a token (the linear layers' weights); attention 2 x {heads} "
+             f"per query per key. With the cache the last token of a {context}-token "
              f"window costs {w:,} + {attend:,} x {context} = {cached:,}; without it every token runs the whole "
              f"window: {context} x {w:,} + {attend:,} x {context}^2 = {fixed:,} (x{fixed / max(cached, 1):.0f})")
     return cached, fixed, basis
@@ -63,14 +81,15 @@ def decoder_deployment(plan: Plan, report: Any, context: int, knowledge: Any = N
     mode = dep.target.mode(MODE)
     os_name = f"{dep.target.os_family or 'OS'} {dep.os}"
     if dep.behaviour(MODE) != "unsupported":
-        shape = state_shape(kv, context)
+        planned = states(kv, context)
+        shapes = ", ".join(f"{s.name} {s.shape}" for s in planned)
         return DecoderDeployment(
-            kind="stateful_kv", context_length=context, states=[DecoderState(name=n, shape=shape) for n in STATES],
+            kind="stateful_kv", context_length=context, states=planned,
             inputs=[f"input_ids (1, 1..{context}) int32", f"causal_mask (1, 1, 1..{context}, 1..{context}) fp16 "
                     "(additive: 0 where a query may attend, -inf elsewhere; its last axis = tokens so far)"],
             basis=f"{dep.name} lists mode {MODE} from OS {mode.min_os if mode else '?'}; the plan's OS is {os_name}",
-            note=(f"KV cache as two fp16 Core ML states {shape}, updated in place; each call takes the new tokens "
-                  f"and a mask over all tokens so far, up to {context}. {arithmetic}"
+            note=(f"KV cache as {len(planned)} fp16 Core ML states ({shapes}), updated in place; each call takes "
+                  f"the new tokens and a mask over all tokens so far, up to {context}. {arithmetic}"
                   + (f". {RANGE_ON_NE}" if dep.target.kind == "ane" else "")),
             macs_per_token_cached=cached, macs_per_token_fixed=fixed)
     since = f"from OS {mode.min_os}" if mode else "at no OS (the target lists no such mode)"

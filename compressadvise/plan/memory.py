@@ -30,7 +30,7 @@ def with_memory(plan: Plan, report: Any, context_length: int | None = None, know
         return plan
     cache = kv.bytes_at(context)
     weights = plan.prediction.bytes_after
-    basis = (f"KV cache at fp16: 2 x {kv.layers} layers x {kv.kv_heads} KV heads x {kv.head_dim} head dim x "
+    basis = (f"KV cache at fp16: 2 x {kv.heads_words()} x {kv.head_dim} head dim x "
              f"{context} tokens x 2 bytes ({kv.source}); weights: the plan's prediction")
     memory = RuntimeMemory(context_length=context, weights_bytes=weights, kv_cache_bytes=cache,
                            total_bytes=weights + cache, basis=basis)
