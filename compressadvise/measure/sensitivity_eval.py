@@ -59,9 +59,9 @@ def compress_weight(w: "torch.Tensor", s: Setting, seed: int = 0) -> "torch.Tens
         # coremltools' PostTrainingPalettizer skips Conv1d; as a (k, 1) Conv2d its LUT groups (whole
         # tensor, or output channels) are the same weights, so the values are the Conv1d's
         flat = w.unsqueeze(-1)
-    holder = _holder(flat)  # also refuses a weight the library cannot hold (1-D)
     if (fast := _shared_kmeans(flat, s)) is not None:
         return fast.reshape(shape).to(w.dtype)
+    holder = _holder(flat)
     with quiet():  # k-means progress bars and log lines on stderr
         mod = _run_library(holder, s)
     if "_COREML_/weight/compression_type" not in dict(mod.named_buffers()):
@@ -76,14 +76,14 @@ def _shared_kmeans(w: "torch.Tensor", s: Setting) -> "torch.Tensor | None":
     library's per-module set-up and list conversions (about half of its time per layer in a profile
     of a 270M decoder: 78.5 s of k-means, 48.0 s in the C routine). None: a setting it does not cover
     (vectors, per-channel scales, an int8 LUT, groups that do not divide the channels) goes to the
-    library."""
+    library, and so does a 1-D weight, which the library refuses."""
     import numpy as np
     import torch
 
     from compressadvise.backends import kmeans
 
     p = s.p
-    if (s.technique != "palettization" or p.get("lut_dtype") or not kmeans.shared(p, False)
+    if (s.technique != "palettization" or w.dim() < 2 or p.get("lut_dtype") or not kmeans.shared(p, False)
             or p.get("granularity", "per_tensor") not in ("per_tensor", "per_grouped_channel")):
         return None
     flat = w.detach().reshape(w.shape[0], -1).float().numpy()
