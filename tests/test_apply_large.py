@@ -201,8 +201,8 @@ def test_grouped_cache_wrapper_matches_the_full_sequence(decoder) -> None:
         full = model(ids)
         w = D.wrap(model, states)
         w(ids[:, :5], D.causal_mask(0, 5))
-        for name, _, _ in D.layout(states):
-            getattr(w, name).zero_()
+        for s in states:
+            getattr(w, s.name).zero_()
         wrong = w(ids[:, 5:6], D.causal_mask(5, 1))
     assert (wrong - full[:, 5:6]).abs().max() > 1e-2
 

@@ -73,8 +73,15 @@ def test_no_decoder_form_off_core_ml(model):
     assert recommend(analyze(model, stats=False), target="x86-cpu").decoder is None
 
 
+def _states():
+    """The tiny Llama's cache as plan.decoder lays it out: keys and values, (2, 1, 2, C, 32) each."""
+    from compressadvise.knowledge.schema import DecoderState
+
+    return [DecoderState(name=n, shape=[2, 1, 2, CONTEXT, 32]) for n in ("key_cache", "value_cache")]
+
+
 def test_wrapper_cached_logits_equal_the_full_sequence(model):
-    shape = [2, 1, 2, CONTEXT, 32]
+    shape = _states()
     check = D.check_wrapper(model.module, shape, tokens=12)
     assert check["ok"] and check["max_abs_diff"] < 5e-3 * check["max_abs_logit"], check
     ids = torch.arange(6).unsqueeze(0) * 31 % 8192
@@ -87,8 +94,7 @@ def test_wrapper_cached_logits_equal_the_full_sequence(model):
 
 
 def test_torch_export_program_with_the_cache(model):
-    shape = [2, 1, 2, CONTEXT, 32]
-    ep = D.export_program(model.module, shape)
+    ep = D.export_program(model.module, _states())
     mutated = set(ep.run_decompositions({}).graph_signature.buffers_to_mutate.values())
     assert mutated == {"key_cache", "value_cache"}
     ids = torch.arange(CONTEXT).unsqueeze(0) * 17 % 8192

@@ -124,19 +124,21 @@ def causal_mask(past: int, q: int) -> Any:
     return torch.triu(torch.full((1, 1, q, past + q), float("-inf")), diagonal=past + 1)
 
 
-def layout(states: Any) -> list[tuple[str, list[int], list[int]]]:
+def _layout(states: Any) -> list[tuple[str, list[int], list[int]]]:
     """(buffer name, shape, model layers it holds) for plan.decoder's states, keys then values of each
-    pair; a bare shape is the two buffers of a model whose layers share a KV head count."""
-    if states and isinstance(states[0], int):
-        every = list(range(states[0]))
-        return [("key_cache", list(states), every), ("value_cache", list(states), every)]
+    pair (a state without `layers` holds every layer)."""
     return [(s.name, list(s.shape), list(s.layers) if s.layers is not None else list(range(s.shape[0])))
             for s in states]
 
 
+def _window(states: Any) -> int:
+    """The cache's length in tokens: axis 3 of every state."""
+    return int(states[0].shape[3])
+
+
 def wrap(model: Any, states: Any) -> Any:
     """The model with its KV cache as fp16 buffers laid out as `states` (zeros: an empty cache)."""
-    return _classes()[1](model, layout(states)).eval()
+    return _classes()[1](model, _layout(states)).eval()
 
 
 def window(model: Any) -> Any:
@@ -192,11 +194,11 @@ def _first_line(e: Exception) -> str:
 
 
 # ------------------------------------------------------------------ checks (Core ML cannot run here)
-def check_wrapper(model: Any, states: Any, tokens: int = CHECK_TOKENS) -> dict[str, Any]:
+def check_wrapper(model: Any, states: list[Any], tokens: int = CHECK_TOKENS) -> dict[str, Any]:
     """The wrapper's logits, a prompt then one token a call, against the model's full-sequence logits."""
     import torch
 
-    n = max(2, min(tokens, layout(states)[0][1][3]))
+    n = max(2, min(tokens, _window(states)))
     vocab = int(getattr(model.config, "vocab_size", 0) or 2)
     ids = (torch.arange(n, dtype=torch.int64) * 7919 % vocab).unsqueeze(0)
     wrapper, first = wrap(model, states), n // 2
@@ -216,7 +218,7 @@ def export_program(model: Any, states: Any) -> Any:
     import torch
     from torch.export import Dim
 
-    c = layout(states)[0][1][3]
+    c = _window(states)
     q, end = Dim("query", min=1, max=c), Dim("tokens", min=1, max=c)
     example = (torch.zeros((1, TRACE_QUERY), dtype=torch.int64), causal_mask(0, TRACE_QUERY))
     with quiet():
@@ -278,7 +280,7 @@ def _save_program(model: Any, states: Any, folder: Path, compressed: bool) -> di
     """The torch.export program with the cache beside the .mlpackage; why not, when it fails."""
     import torch
 
-    names = [name for name, _, _ in layout(states)]
+    names = [s.name for s in states]
     try:
         ep = export_program(model, states)
         with quiet():
@@ -289,5 +291,5 @@ def _save_program(model: Any, states: Any, folder: Path, compressed: bool) -> di
     weights = "the torch side's weights (the .mlpackage's, decompressed)" if compressed else "float weights"
     return {"file": KV_PROGRAM, "cache_buffers": cache,
             "note": f"torch.export program of the KV-cache wrapper with {weights}: input_ids (1, q) int64 and "
-                    f"causal_mask (1, 1, q, tokens so far), both 1..{layout(states)[0][1][3]}; each call writes "
+                    f"causal_mask (1, 1, q, tokens so far), both 1..{_window(states)}; each call writes "
                     f"{' / '.join(names)} in place (zeros on load: an empty cache)"}
