@@ -2,7 +2,7 @@
 
     python benchmarks/search_vs_sweep.py [--models digits,transformer] [--workers 2] [--lessons apply,advise]
                                          [--out results.json]
-    python benchmarks/search_vs_sweep.py --models mobilenet_v2 [--measure-all] [--write]
+    python benchmarks/search_vs_sweep.py --models mobilenet_v2 [--measure-all] [--repeat N] [--write]
 
 `--models mobilenet_v2` is the real pretrained CNN with BatchNorm, on real photos, with the sweep
 and the search timed in one run (search_vs_sweep_cnn.py; issue 23's benchmark).
@@ -295,6 +295,7 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="sensitivity cache root (default: a fresh temp folder)")
     ap.add_argument("--measure-all", action="store_true", help="mobilenet_v2: also run the search measuring every pair")
     ap.add_argument("--write", action="store_true", help="mobilenet_v2: put the table in docs/benchmarks.md")
+    ap.add_argument("--repeat", type=int, default=1, help="mobilenet_v2: run sweep and search N times, interleaved")
     args = ap.parse_args()
     import logging
     import warnings
@@ -324,7 +325,7 @@ def _real_cnn(args: argparse.Namespace, env: dict[str, Any], write_text_atomic: 
     import search_vs_sweep_cnn as cnn
     from doc_section import write_section
 
-    res = cnn.bench(args.workers, args.measure_all)
+    res = cnn.bench(args.workers, args.measure_all, args.repeat)
     table, text = cnn.markdown(res), cnn.summary(res)
     print("\n" + table + "\n\n" + text + f"\n\nenvironment: {env}")
     if args.out:

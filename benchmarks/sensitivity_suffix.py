@@ -1,12 +1,12 @@
-"""Sensitivity with the unchanged prefix run once per layer vs full passes, on a real pretrained CNN.
+"""Sensitivity with the unchanged prefix run once vs full passes, on a real pretrained CNN.
 
     python benchmarks/sensitivity_suffix.py [--samples 24] [--settings 6] [--write]
 
 MobileNetV2 (tests/real_models: ImageNet weights, BatchNorm folded as it ships) on N random
 224x224 inputs (the package ships no images; this measures cost, and checks that both modes give
 the same figures). The same single-layer evaluations run twice in one process, one worker, no
-cache: full passes (every evaluation runs the whole model) and suffix passes (each layer's
-prefix once, then only what depends on the layer). Reported: wall time, forward-pass
+cache: full passes (every evaluation runs the whole model) and suffix passes (one pass computes
+every layer's prefix, then each evaluation runs only what depends on its layer). Reported: wall time, forward-pass
 equivalents (a pass over all samples = 1, a suffix pass its share of the MACs) and the largest
 difference between the two modes' PSNR. --write puts the table in docs/benchmarks.md.
 """

@@ -170,3 +170,21 @@ def test_a_pair_the_library_leaves_alone_is_left_out_and_said(monkeypatch):
     assert res.pruning.predicted < res.pruning.candidates
     assert all("2-bit palettization" not in c.setting for c in res.layers)
     assert any("2-bit palettization" in n and "left out of the search" in n for n in res.notes)
+
+
+def test_the_latency_memo_gives_the_same_table_and_estimates_each_pair_once(prep, monkeypatch):
+    from compressadvise.measure import estimate
+    from compressadvise.plan.search_space import _latency_table
+
+    k = builtin()
+    x = next(x for x in candidate_layers(prep.report) if x.macs)
+    grid = [Setting.of("palettization", nbits=4, granularity="per_tensor"),
+            Setting.of("linear_quantization", nbits=8, granularity="per_channel")]
+    plain = _latency_table(prep.report, k, "ane-a17", 18, x, grid, 2.0)
+    calls = []
+    real = estimate.estimate_layer
+    monkeypatch.setattr(estimate, "estimate_layer", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    memo: dict = {}
+    assert _latency_table(prep.report, k, "ane-a17", 18, x, grid, 2.0, memo=memo) == plain
+    assert _latency_table(prep.report, k, "ane-a17", 18, x, grid[:1], 2.0, memo=memo) == {grid[0]: plain[grid[0]]}
+    assert len(calls) == len(grid)  # the second table came from the memo

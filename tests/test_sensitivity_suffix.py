@@ -68,15 +68,49 @@ def test_the_suffix_of_a_layer_is_what_depends_on_it(prep):
     assert 0 < body.share < runner.suffix("stem.weight").share == 1.0
 
 
-def test_cost_counts_one_prefix_per_layer_and_suffix_shares(prep):
+def test_cost_counts_one_prefix_pass_for_the_run_and_suffix_shares(prep):
     items = settings(prep)
     results, ran, _ = measure(prep, items, executor=make_executor("serial"), proxies=False)
     passes = sum(r["cost"]["passes"] for r in results)
-    layers = len(prep.weights)
-    assert ran == len(items) == 2 * layers
-    # each layer: one full pass for its prefix, then each setting a share of a pass (< 1 but for the stem)
-    assert layers < passes < layers + len(items)
+    runner = SuffixRunner(prep.model, prep.context(proxies=False).macs)
+    shares = [runner.suffix(prep.weights[next(iter(item))]).share for item in items]
+    assert ran == len(items) == 2 * len(prep.weights)
+    # one pass computes every layer's prefix (up to the deepest one: 1 - its suffix share), then
+    # each setting costs its layer's suffix share; one prefix pass per layer would cost more
+    assert passes == pytest.approx(1.0 - min(shares) + sum(shares))
+    per_layer = sum(1.0 - runner.suffix(w).share for w in prep.weights.values())
+    assert passes < per_layer + sum(shares)
     assert all(r["cost"]["suffix"] == 1.0 for r in results)
+
+
+def test_one_pass_keeps_every_frontier_and_each_suffix_matches_its_own_prefix(prep):
+    weights = list(prep.weights.values())
+    batches = [tuple(t[i:i + 5] for t in prep.samples.inputs) for i in range(0, 16, 5)]  # 4 batches, last short
+    together = SuffixRunner(prep.model, prep.context(proxies=False).macs)
+    cost = together.prefixes(weights, batches)
+    assert cost == pytest.approx(1.0 - min(together.suffix(w).share for w in weights))
+    assert together.prefixes(weights, batches) == 0.0  # kept: nothing runs again
+    alone = SuffixRunner(prep.model, prep.context(proxies=False).macs)
+    params = dict(prep.model.named_parameters())
+    for w in weights:
+        assert together.has(w) and alone.prefix(w, batches)
+        saved = params[w].detach().clone()
+        with torch.no_grad():
+            params[w].mul_(0.5)  # what a compressed weight does: the suffix sees it, the prefix not
+            expected = torch.cat([prep.model(*b) for b in batches])
+        try:
+            for got in (torch.cat(together.run_suffix(w)), torch.cat(alone.run_suffix(w))):
+                assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), w
+        finally:
+            with torch.no_grad():
+                params[w].copy_(saved)
+
+
+def test_frontiers_over_the_bound_are_not_kept_together(prep):
+    runner = SuffixRunner(prep.model, prep.context(proxies=False).macs, max_bytes=16)
+    batches = [tuple(t[:4] for t in prep.samples.inputs)]
+    assert runner.prefixes(list(prep.weights.values()), batches) > 0.0  # the pass ran (and is counted)
+    assert not any(runner.has(w) for w in prep.weights.values())
 
 
 def test_an_untraceable_model_runs_full_passes():
@@ -102,3 +136,10 @@ def test_a_frontier_over_the_memory_bound_falls_back(prep):
     assert runner.prefix("head.weight", batches) is False
     with pytest.raises(LookupError):
         runner.run_suffix("head.weight")
+
+
+def test_an_in_process_run_keeps_no_frontier_after_it_ends(prep):
+    from compressadvise.measure import sensitivity_eval
+
+    measure(prep, settings(prep)[:2], executor=make_executor("serial"), proxies=False)
+    assert "runner" not in sensitivity_eval._STATE  # up to the memory bound of activations, released

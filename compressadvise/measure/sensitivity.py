@@ -32,7 +32,7 @@ from compressadvise.knowledge.base import Knowledge
 from compressadvise.measure.sensitivity_cache import (CACHE_ENV, CACHE_VERSION, Cache, default_cache_dir,  # re-exported
                                 item_key, samples_hash)
 from compressadvise.measure.sensitivity_eval import (FISHER_SAMPLES, HESSIAN_PROBES, PROXY_SAMPLES, EvalContext,  # re-exported
-                               compress_weight, evaluate, evaluate_group, flat_outputs, gradient_proxies, output_metrics,
+                               compress_weight, evaluate, evaluate_group, flat_outputs, gradient_proxies, output_metrics, release,
                                run_model, seed_of)
 from compressadvise.measure.sensitivity_grid import (applicable, backend_skips, candidate_layers, default_grid,  # re-exported
                                grid_techniques, normalise, parse_settings, setting_bytes)
@@ -245,6 +245,7 @@ def measure(prep: Prepared, items: list[dict[str, Setting]], *, cache: Cache | N
     ex = None
     if todo:
         ctx = prep.context(proxies=proxies, n=samples)
+        ctx.prefetch = list(dict.fromkeys(layer for i in todo if len(items[i]) == 1 for layer in items[i]))
         ex = executor or make_executor("process", items=len(todo))
         tasks = _tasks(items, todo, GROUP if ex.workers > 1 else 1)
         for t in tasks:
@@ -263,7 +264,10 @@ def measure(prep: Prepared, items: list[dict[str, Setting]], *, cache: Cache | N
             if progress:
                 progress(done, len(items))
 
-        ex.run(evaluate_group, ctx, tasks, on_result)
+        try:
+            ex.run(evaluate_group, ctx, tasks, on_result)
+        finally:
+            release(ctx)  # an in-process run's kept frontiers must not outlive it
     return [r for r in results if r is not None], len(todo), ex
 
 

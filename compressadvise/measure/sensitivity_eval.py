@@ -156,6 +156,8 @@ class EvalContext:
     sha256: str = ""
     archive: tuple[str, bytes] | None = None  # ("torchscript" | "exported", bytes): these do not pickle
     pass_fraction: float = 1.0  # these samples' share of all samples: a pass over them costs this much
+    prefetch: list[str] = field(default_factory=list)  # the run's single-layer items' layers: their
+    # prefixes computed together, in one pass, by the first evaluation that needs one
 
     def runnable(self) -> Any:
         if self.model is None and self.archive is not None:
@@ -189,6 +191,13 @@ def _worker_state(ctx: EvalContext) -> dict[str, Any]:
     return _STATE
 
 
+def release(ctx: EvalContext) -> None:
+    """Drop what this process keeps for `ctx` (weight copies, the frontier values of a run's
+    layers: up to the suffix runner's memory bound): a later context builds its own anyway."""
+    if _STATE.get("ctx") is ctx:
+        _STATE.clear()
+
+
 def _runner(ctx: EvalContext, params: dict[str, Any]) -> Any:
     """A suffix runner over the model's fx graph, or None (not traceable, or its weights are copies)."""
     if not ctx.suffix:
@@ -210,17 +219,26 @@ def _suffix_outputs(ctx: EvalContext, st: dict[str, Any], layer: str, cost: dict
     name = ctx.weights[layer]
     if runner is None or name in st.get("no_suffix", set()):
         return None
-    if runner._cached is None or runner._cached[0] != name:
-        n = int(ctx.inputs[0].shape[0])
-        batches = [tuple(t[i:i + ctx.batch_size] for t in ctx.inputs) for i in range(0, n, ctx.batch_size)]
+    if runner.has(name):
+        return runner, name
+    n = int(ctx.inputs[0].shape[0])
+    batches = [tuple(t[i:i + ctx.batch_size] for t in ctx.inputs) for i in range(0, n, ctx.batch_size)]
+    if not st.get("prefetched") and ctx.prefetch:  # the run's first prefix: every layer's frontier in one pass
+        st["prefetched"] = True
         try:
-            ok = runner.prefix(name, batches)
+            cost["passes"] += runner.prefixes([ctx.weights[x] for x in ctx.prefetch if x in ctx.weights], batches)
         except Exception:
-            ok = False
-        cost["passes"] += 1.0 - runner.suffix(name).share if ok else 1.0
-        if not ok:
-            st.setdefault("no_suffix", set()).add(name)
-            return None
+            pass  # a node the interpreter cannot run: each layer tries its own prefix below
+        if runner.has(name):
+            return runner, name
+    try:
+        ok = runner.prefix(name, batches)
+    except Exception:
+        ok = False
+    cost["passes"] += 1.0 - runner.suffix(name).share if ok else 1.0
+    if not ok:
+        st.setdefault("no_suffix", set()).add(name)
+        return None
     return runner, name
 
 
@@ -386,10 +404,11 @@ def gradient_proxies(model: Any, inputs: list["torch.Tensor"], weights: dict[str
         elements = 0
         for i in range(0, n, batch):
             xb = tuple(t[i:i + batch] for t in sub)
-            for _ in range(probes):
-                out = _flatten(_float_outputs(model(*xb)))
+            out = _flatten(_float_outputs(model(*xb)))  # one forward: every probe's backward reuses its graph
+            for probe in range(probes):
                 r = torch.randn(out.shape, generator=gen, dtype=out.dtype)
-                grads = torch.autograd.grad((out * r).sum(), list(targets.values()), allow_unused=True)
+                grads = torch.autograd.grad((out * r).sum(), list(targets.values()), allow_unused=True,
+                                            retain_graph=probe < probes - 1)
                 for layer, g in zip(targets, grads):
                     if g is not None:
                         hess[layer] += g.double() ** 2 / probes

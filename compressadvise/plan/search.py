@@ -140,14 +140,14 @@ def search(
     notes += grid_notes
     layers = candidate_layers(report)
     allowed, lesson_notes = _allowed(k, report, target, os_major, limits, layers, grid, lessons, baseline)
-    pruning, guesses = None, None
+    pruning, guesses, memo = None, None, {}
     if measure_all:
         sens = _sensitivities(prep, k, allowed, grid, cache, executor, progress)
     else:
         scope = Scope(prep, k, layers, target, os_major, baseline, budget, buckets, grid, cache, executor, progress,
-                      latency_fit=fit)
+                      latency_fit=fit, latency_memo=memo)
         sens, guesses, pruning = adaptive_sensitivities(scope, allowed)
-    space = _space(k, report, sens, layers, target, os_major, baseline, guesses, fit)
+    space = _space(k, report, sens, layers, target, os_major, baseline, guesses, fit, memo)
     notes += _latency_notes(space, layers, budget, tgt.name) + _accuracy_notes(prep, budget)
     plans = _plans(space, budget, prep.logits, buckets)
     candidates, ran_full, chosen, picks = _confirm_best(prep, space, plans, budget, cache, executor, confirm, progress)

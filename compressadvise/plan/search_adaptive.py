@@ -65,6 +65,7 @@ class Scope:
     executor: "Executor | None"
     progress: Callable[[str, int, int], None] | None
     latency_fit: "ProfileFit | None" = None  # a device profile's factors: calibrated latency costs
+    latency_memo: dict = field(default_factory=dict)  # search_space.LatencyMemo: every round's space reuses it
 
 
 @dataclass
@@ -178,7 +179,7 @@ def _rounds(scope: Scope, st: _State, first: int) -> tuple[_Space, list[tuple[st
 
 def _space_of(scope: Scope, st: _State) -> _Space:
     return _space(scope.k, scope.prep.report, _report(scope, st), scope.layers, scope.target, scope.os,
-                  scope.baseline, estimates(scope, st), scope.latency_fit)
+                  scope.baseline, estimates(scope, st), scope.latency_fit, scope.latency_memo)
 
 
 def _unmeasured_picks(space: _Space, plans: list[tuple[str, str, list[int]]], st: _State) -> set[tuple[str, str]]:

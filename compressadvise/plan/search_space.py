@@ -28,11 +28,27 @@ class Option:
     measured: bool = True  # False: damage from the calibrated prediction (the adaptive search left it unmeasured)
 
 
+LatencyMemo = dict[tuple[str, Setting], "float | None"]  # (layer, setting) -> ms, for one model, target, OS and fit
+
+
 def _latency_table(report: ModelReport, k: Knowledge, target: str, os: int, layer: LayerInfo,
-                   settings: list[Setting], baseline: float, fit: ProfileFit | None = None
-                   ) -> dict[Setting, float] | None:
+                   settings: list[Setting], baseline: float, fit: ProfileFit | None = None,
+                   memo: LatencyMemo | None = None) -> dict[Setting, float] | None:
     """Roofline ms per setting for one layer (estimate), times its op type's factor when a device
-    profile calibrates it; None when the layer has no MACs."""
+    profile calibrates it; None when the layer has no MACs. `memo` keeps the figures across the
+    spaces one search builds (every round solves again over the same layers)."""
+    if memo is None:
+        return _latency_rows(k, target, os, layer, settings, baseline, fit)
+    for s in settings:
+        if (layer.name, s) not in memo:
+            row = _latency_rows(k, target, os, layer, [s], baseline, fit)
+            memo[(layer.name, s)] = None if row is None else row[s]
+    got = {s: memo[(layer.name, s)] for s in settings}
+    return None if any(v is None for v in got.values()) else got  # type: ignore[return-value]
+
+
+def _latency_rows(k: Knowledge, target: str, os: int, layer: LayerInfo, settings: list[Setting], baseline: float,
+                  fit: ProfileFit | None) -> dict[Setting, float] | None:
     from compressadvise.measure.estimate import LayerCompression, estimate_layer
 
     tgt = k.target(target)
@@ -97,8 +113,9 @@ Estimates = dict[str, dict[str, tuple[Setting, dict[str, float]]]]  # layer -> k
 
 
 def _space(k: Knowledge, report: ModelReport, sens: SensitivityReport, layers: list[LayerInfo], target: str,
-           os: int, baseline: float, estimates: Estimates | None = None, fit: ProfileFit | None = None) -> _Space:
-    options = _options(k, report, sens, layers, target, os, baseline, estimates or {}, fit)
+           os: int, baseline: float, estimates: Estimates | None = None, fit: ProfileFit | None = None,
+           memo: LatencyMemo | None = None) -> _Space:
+    options = _options(k, report, sens, layers, target, os, baseline, estimates or {}, fit, memo)
     fixed = int(round(report.stored() * baseline)) - sum(setting_bytes(k, x, FP16, baseline) for x in layers)
     lat_ok = any(o.latency_ms == o.latency_ms for opts in options.values() for o in opts)
     fixed_ms = _fixed_latency(report, k, target, os, {x.name for x in layers}, fit) if lat_ok else 0.0
@@ -108,7 +125,7 @@ def _space(k: Knowledge, report: ModelReport, sens: SensitivityReport, layers: l
 
 def _options(k: Knowledge, report: ModelReport, sens: SensitivityReport, layers: list[LayerInfo],
              target: str, os: int, baseline: float, estimates: Estimates,
-             fit: ProfileFit | None = None) -> dict[str, list[Option]]:
+             fit: ProfileFit | None = None, memo: LatencyMemo | None = None) -> dict[str, list[Option]]:
     """fp16 plus every measured setting (and every estimated one not measured), per layer, with cost and damage."""
     table = sens.table()
     out: dict[str, list[Option]] = {}
@@ -117,7 +134,7 @@ def _options(k: Knowledge, report: ModelReport, sens: SensitivityReport, layers:
         guessed = {key: (s, metrics, False) for key, (s, metrics) in estimates.get(x.name, {}).items()
                    if key not in measured}
         rows = [(FP16, {}, True)] + list(measured.values()) + list(guessed.values())
-        lat = _latency_table(report, k, target, os, x, [r[0] for r in rows], baseline, fit) or {}
+        lat = _latency_table(report, k, target, os, x, [r[0] for r in rows], baseline, fit, memo) or {}
         opts = []
         for s, metrics, was_measured in rows:
             mse = metrics.get("output_mse", 0.0)
