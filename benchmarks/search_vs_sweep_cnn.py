@@ -111,8 +111,12 @@ def plans_floor(prep, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     from compressadvise.measure.sensitivity import Setting, compress_weight, seed_of
 
-    pairs = {(layer, Setting.from_dict(d).key): Setting.from_dict(d)
-             for row in rows if row["budget"] in RATIO_BUDGETS for layer, d in row["settings"].items()}
+    pairs: dict[tuple[str, str], Setting] = {}
+    for row in rows:
+        if row["budget"] in RATIO_BUDGETS:
+            for layer, d in row["settings"].items():
+                s = Setting.from_dict(d)
+                pairs[(layer, s.key)] = s
     params = dict(prep.model.named_parameters())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

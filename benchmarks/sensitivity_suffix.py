@@ -6,9 +6,9 @@ MobileNetV2 (tests/real_models: ImageNet weights, BatchNorm folded as it ships) 
 224x224 inputs (the package ships no images; this measures cost, and checks that both modes give
 the same figures). The same single-layer evaluations run twice in one process, one worker, no
 cache: full passes (every evaluation runs the whole model) and suffix passes (one pass computes
-every layer's prefix, then each evaluation runs only what depends on its layer). Reported: wall time, forward-pass
-equivalents (a pass over all samples = 1, a suffix pass its share of the MACs) and the largest
-difference between the two modes' PSNR. --write puts the table in docs/benchmarks.md.
+every layer's prefix, then each evaluation runs only what depends on its layer). Reported: wall
+time, forward-pass equivalents (a pass over all samples = 1, a suffix pass its share of the MACs)
+and the largest difference between the two modes' PSNR. --write puts the table in docs/benchmarks.md.
 """
 from __future__ import annotations
 

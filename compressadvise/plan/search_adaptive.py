@@ -29,7 +29,7 @@ from compressadvise.errors import CompressionFailed
 from compressadvise.measure.sensitivity import FP16, Measurement, Prepared, SensitivityReport, Setting, sensitivity
 from compressadvise.measure.sensitivity_results import proxy_quality, rank_layers, spearman
 from compressadvise.plan.search_results import Budget, Pruning
-from compressadvise.plan.search_space import Estimates, Option, _candidate_plans, _space, _Space
+from compressadvise.plan.search_space import Estimates, LatencyMemo, Option, _candidate_plans, _space, _Space
 
 if TYPE_CHECKING:
     from compressadvise.knowledge.base import Knowledge
@@ -65,7 +65,7 @@ class Scope:
     executor: "Executor | None"
     progress: Callable[[str, int, int], None] | None
     latency_fit: "ProfileFit | None" = None  # a device profile's factors: calibrated latency costs
-    latency_memo: dict = field(default_factory=dict)  # search_space.LatencyMemo: every round's space reuses it
+    latency_memo: LatencyMemo = field(default_factory=dict)  # every round's space reuses the roofline figures
 
 
 @dataclass
