@@ -226,7 +226,7 @@ def _suffix_outputs(ctx: EvalContext, st: dict[str, Any], layer: str, cost: dict
     if not st.get("prefetched") and ctx.prefetch:  # the run's first prefix: every layer's frontier in one pass
         st["prefetched"] = True
         try:
-            cost["passes"] += runner.prefixes([ctx.weights[x] for x in ctx.prefetch if x in ctx.weights], batches)
+            cost["passes"] += runner.prefixes([ctx.weights[x] for x in ctx.prefetch], batches)
         except Exception:
             pass  # a node the interpreter cannot run: each layer tries its own prefix below
         if runner.has(name):

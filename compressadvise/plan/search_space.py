@@ -35,37 +35,31 @@ def _latency_table(report: ModelReport, k: Knowledge, target: str, os: int, laye
                    settings: list[Setting], baseline: float, fit: ProfileFit | None = None,
                    memo: LatencyMemo | None = None) -> dict[Setting, float] | None:
     """Roofline ms per setting for one layer (estimate), times its op type's factor when a device
-    profile calibrates it; None when the layer has no MACs. `memo` keeps the figures across the
-    spaces one search builds (every round solves again over the same layers)."""
-    if memo is None:
-        return _latency_rows(k, target, os, layer, settings, baseline, fit)
+    profile calibrates it; None when the layer has no MACs (or a setting has no estimate). `memo`
+    keeps the figures across the spaces one search builds (every round solves again over the
+    same layers)."""
+    memo = {} if memo is None else memo
     for s in settings:
         if (layer.name, s) not in memo:
-            row = _latency_rows(k, target, os, layer, [s], baseline, fit)
-            memo[(layer.name, s)] = None if row is None else row[s]
+            memo[(layer.name, s)] = _latency_ms(k, target, os, layer, s, baseline, fit)
     got = {s: memo[(layer.name, s)] for s in settings}
     return None if any(v is None for v in got.values()) else got  # type: ignore[return-value]
 
 
-def _latency_rows(k: Knowledge, target: str, os: int, layer: LayerInfo, settings: list[Setting], baseline: float,
-                  fit: ProfileFit | None) -> dict[Setting, float] | None:
+def _latency_ms(k: Knowledge, target: str, os: int, layer: LayerInfo, s: Setting, baseline: float,
+                fit: ProfileFit | None) -> float | None:
+    """One setting's roofline ms on this layer (calibrated by the fit), None without an estimate."""
     from compressadvise.measure.estimate import LayerCompression, estimate_layer
 
-    tgt = k.target(target)
     if not layer.macs:
         return None
-    out = {}
-    for s in settings:
-        comp = None
-        if not s.is_fp16:
-            norm = Setting.normalised(k, s.technique, s.p)  # modes from the technique's requires
-            comp = LayerCompression(bytes=float(setting_bytes(k, layer, s, baseline)), setting=s.label,
-                                    mode=norm.primary_mode(k), modes=norm.modes(k))
-        est = estimate_layer(layer, tgt, os, comp, baseline)
-        if est is None:
-            return None
-        out[s] = est.ms * (fit.factor(layer.type) if fit is not None else 1.0)
-    return out
+    comp = None
+    if not s.is_fp16:
+        norm = Setting.normalised(k, s.technique, s.p)  # modes from the technique's requires
+        comp = LayerCompression(bytes=float(setting_bytes(k, layer, s, baseline)), setting=s.label,
+                                mode=norm.primary_mode(k), modes=norm.modes(k))
+    est = estimate_layer(layer, k.target(target), os, comp, baseline)
+    return None if est is None else est.ms * (fit.factor(layer.type) if fit is not None else 1.0)
 
 
 def _fixed_latency(report: ModelReport, k: Knowledge, target: str, os: int, searched: set[str],
